@@ -1,0 +1,34 @@
+# Airlock developer entry points. Every target bootstraps .venv when it is missing or stale.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test protos lint typecheck bench venv clean
+
+venv:
+	@./scripts/bootstrap.sh
+
+## Start gateway + one worker per demo tenant, send one demo request per tenant, keep serving.
+run: venv
+	$(VENV)/bin/airlock up --demo
+
+## Run the whole test suite (real processes, real TLS, the real bundled model).
+test: venv
+	$(PY) -m pytest -ra
+
+## Regenerate the gRPC code in airlock/v1 from protos/.
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+## Gateway overhead benchmark (EchoEngine; direct-to-worker vs through the gateway).
+bench: venv
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

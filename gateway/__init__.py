@@ -1,0 +1,1 @@
+"""Airlock gateway: authenticates callers and relays their requests to their own tenant's workers."""

@@ -1,0 +1,251 @@
+"""The one TOML configuration file, parsed once at start-up into a frozen `Config`.
+
+Every key has a documented default (docs/config.md, airlock.example.toml). A bad file raises
+`ConfigError` naming the file, the key and the reason; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from airlock.types import Limits
+
+__all__ = ["AuthConfig", "Config", "ConfigError", "GatewayConfig", "ModelConfig", "TenantConfig", "load"]
+
+ENGINES = ("transformers", "echo")
+ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source, self.key, self.reason = source, key, reason
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    engine: str = "transformers"
+    path: str = "bundled"
+    tokens_per_second: float = 0.0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str = "127.0.0.1:7443"
+    max_message_bytes: int = 1 << 20
+    grace_seconds: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    issuer: str = "airlock-dev"
+    audience: str = "airlock"
+    jwks_file: Path | None = None  # None: the dev JWKS in the state directory
+    algorithms: tuple[str, ...] = ("EdDSA", "ES256")
+    leeway_seconds: int = 30
+    max_token_bytes: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    state_dir: Path
+    gateway: GatewayConfig
+    auth: AuthConfig
+    models: dict[str, ModelConfig]
+    tenants: dict[str, TenantConfig]
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "airlock"
+
+
+DEFAULT_TOML = """
+[models.smollm2]
+engine = "transformers"
+path = "bundled"
+
+[tenants.acme]
+models = ["smollm2"]
+
+[tenants.globex]
+models = ["smollm2"]
+"""
+
+
+def load(path: Path | None = None, *, state_dir: Path | None = None) -> Config:
+    """Parse `path` (or the built-in defaults: two demo tenants on the bundled model)."""
+    if path is None:
+        source, raw = "<defaults>", tomllib.loads(DEFAULT_TOML)
+    else:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read file ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "-", f"not valid TOML ({exc})") from None
+    return _Parser(source).config(raw, state_dir)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, key, reason)
+
+    def table(self, raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+        value = raw.get(key.rsplit(".", 1)[-1], {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+        for unknown in sorted(set(value) - allowed):
+            raise self.fail(f"{key}.{unknown}", "unknown key")
+        return value
+
+    def get(self, table: dict[str, Any], key: str, kind: type[T], default: T) -> T:
+        name = key.rsplit(".", 1)[-1]
+        if name not in table:
+            return default
+        value = table[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(key, f"must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def positive(self, table: dict[str, Any], key: str, default: int) -> int:
+        value = self.get(table, key, int, default)
+        if value <= 0:
+            raise self.fail(key, f"must be a positive integer, got {value}")
+        return value
+
+    def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
+        top = {"state_dir", "gateway", "auth", "models", "tenants"}
+        for unknown in sorted(set(raw) - top):
+            raise self.fail(unknown, "unknown key")
+        configured_state = self.get(raw, "state_dir", str, "")
+        state = state_dir or (Path(configured_state).expanduser() if configured_state else None)
+        models = self.models(raw)
+        return Config(
+            source=self.source,
+            state_dir=(state or default_state_dir()).absolute(),
+            gateway=self.gateway(raw),
+            auth=self.auth(raw),
+            models=models,
+            tenants=self.tenants(raw, models),
+        )
+
+    def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
+        keys = {"listen", "max_message_bytes", "grace_seconds", "max_tokens", "default_max_tokens"}
+        t = self.table(raw, "gateway", keys)
+        d, dl = GatewayConfig(), Limits()
+        listen = self.get(t, "gateway.listen", str, d.listen)
+        if not re.fullmatch(r".+:\d{1,5}", listen):
+            raise self.fail("gateway.listen", f"must be HOST:PORT, got {listen!r}")
+        max_tokens = self.positive(t, "gateway.max_tokens", dl.max_tokens)
+        default_max = self.positive(t, "gateway.default_max_tokens", dl.default_max_tokens)
+        if default_max > max_tokens:
+            raise self.fail("gateway.default_max_tokens", "must not exceed gateway.max_tokens")
+        grace = self.get(t, "gateway.grace_seconds", float, d.grace_seconds)
+        if grace < 0:
+            raise self.fail("gateway.grace_seconds", "must be >= 0")
+        return GatewayConfig(
+            listen=listen,
+            max_message_bytes=self.positive(t, "gateway.max_message_bytes", d.max_message_bytes),
+            grace_seconds=grace,
+            limits=Limits(max_tokens=max_tokens, default_max_tokens=default_max),
+        )
+
+    def auth(self, raw: dict[str, Any]) -> AuthConfig:
+        keys = {"issuer", "audience", "jwks_file", "algorithms", "leeway_seconds", "max_token_bytes"}
+        t = self.table(raw, "auth", keys)
+        d = AuthConfig()
+        algorithms = tuple(self.get(t, "auth.algorithms", list, list(d.algorithms)))
+        for alg in algorithms:
+            if alg not in ALLOWED_ALGORITHMS:
+                raise self.fail(
+                    "auth.algorithms",
+                    f"{alg!r} is not allowed (asymmetric only: {', '.join(ALLOWED_ALGORITHMS)})",
+                )
+        if not algorithms:
+            raise self.fail("auth.algorithms", "must list at least one algorithm")
+        jwks = self.get(t, "auth.jwks_file", str, "")
+        leeway = self.get(t, "auth.leeway_seconds", int, d.leeway_seconds)
+        if not 0 <= leeway <= 300:
+            raise self.fail("auth.leeway_seconds", "must be between 0 and 300")
+        return AuthConfig(
+            issuer=self.get(t, "auth.issuer", str, d.issuer),
+            audience=self.get(t, "auth.audience", str, d.audience),
+            jwks_file=Path(jwks).expanduser() if jwks else None,
+            algorithms=algorithms,
+            leeway_seconds=leeway,
+            max_token_bytes=self.positive(t, "auth.max_token_bytes", d.max_token_bytes),
+        )
+
+    def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
+        t = raw.get("models", {})
+        if not isinstance(t, dict) or not t:
+            raise self.fail("models", "must define at least one [models.NAME] table")
+        out = {}
+        for name in t:
+            key = f"models.{name}"
+            if not _NAME.fullmatch(name):
+                raise self.fail(key, "name must be lowercase letters, digits and '-'")
+            m = self.table(t, key, {"engine", "path", "tokens_per_second", "threads"})
+            engine = self.get(m, f"{key}.engine", str, "transformers")
+            if engine not in ENGINES:
+                raise self.fail(f"{key}.engine", f"must be one of {', '.join(ENGINES)}")
+            rate = self.get(m, f"{key}.tokens_per_second", float, 0.0)
+            if rate < 0:
+                raise self.fail(f"{key}.tokens_per_second", "must be >= 0")
+            threads = self.get(m, f"{key}.threads", int, 0)
+            if threads < 0:
+                raise self.fail(f"{key}.threads", "must be >= 0")
+            path = self.get(m, f"{key}.path", str, "bundled")
+            if engine == "transformers" and path != "bundled" and not Path(path).expanduser().is_dir():
+                raise self.fail(f"{key}.path", f"{path!r} is not a directory")
+            out[name] = ModelConfig(name, engine, path, rate, threads)
+        return out
+
+    def tenants(self, raw: dict[str, Any], models: dict[str, ModelConfig]) -> dict[str, TenantConfig]:
+        t = raw.get("tenants", {})
+        if not isinstance(t, dict) or not t:
+            raise self.fail("tenants", "must define at least one [tenants.NAME] table")
+        out = {}
+        for name in t:
+            key = f"tenants.{name}"
+            if not _NAME.fullmatch(name):
+                raise self.fail(key, "name must be lowercase letters, digits and '-'")
+            tt = self.table(t, key, {"models"})
+            names = self.get(tt, f"{key}.models", list, [])
+            if not names:
+                raise self.fail(f"{key}.models", "must list at least one model")
+            for model in names:
+                if model not in models:
+                    raise self.fail(f"{key}.models", f"unknown model {model!r}")
+            if len(set(names)) != len(names):
+                raise self.fail(f"{key}.models", "lists a model twice")
+            out[name] = TenantConfig(name, tuple(names))
+        return out

@@ -1,0 +1,183 @@
+"""Development PKI made on first start: a CA, TLS certificates and the JWT signing key with its JWKS.
+
+Production deployments bring their own CA and issuer; these files only make a laptop or CI stack
+real (real TLS, real signatures) without any setup. Private keys are written mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from jwt.algorithms import OKPAlgorithm
+
+__all__ = ["DevPki", "ensure_dev_pki"]
+
+GATEWAY_NAME = "airlock-gateway"
+WORKER_NAME = "airlock-worker"
+_VALID_DAYS = 365
+
+
+@dataclass(frozen=True)
+class DevPki:
+    dir: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def gateway_cert(self) -> Path:
+        return self.dir / "gateway.crt"
+
+    @property
+    def gateway_key(self) -> Path:
+        return self.dir / "gateway.key"
+
+    @property
+    def worker_cert(self) -> Path:
+        return self.dir / "worker.crt"
+
+    @property
+    def worker_key(self) -> Path:
+        return self.dir / "worker.key"
+
+    @property
+    def jwt_key(self) -> Path:
+        return self.dir / "jwt-signing.key"
+
+    @property
+    def jwks(self) -> Path:
+        return self.dir / "jwks.json"
+
+    @property
+    def jwt_kid(self) -> str:
+        return str(json.loads(self.jwks.read_text())["keys"][0]["kid"])
+
+
+def ensure_dev_pki(state_dir: Path) -> DevPki:
+    """Create whatever part of the dev PKI is missing under `state_dir/pki`; return its paths."""
+    pki = DevPki(state_dir / "pki")
+    pki.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(pki.dir, 0o700)
+    if not (pki.ca_cert.exists() and pki.ca_key.exists()):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        _write_key(pki.ca_key, ca_key)
+        _write_public(pki.ca_cert, _ca_certificate(ca_key))
+        for stale in (pki.gateway_cert, pki.worker_cert):
+            stale.unlink(missing_ok=True)  # leaf certificates of an old CA are useless
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{pki.ca_key}: not an EC private key")
+    for name, cert, key in (
+        (GATEWAY_NAME, pki.gateway_cert, pki.gateway_key),
+        (WORKER_NAME, pki.worker_cert, pki.worker_key),
+    ):
+        if not (cert.exists() and key.exists()):
+            leaf_key = ec.generate_private_key(ec.SECP256R1())
+            _write_key(key, leaf_key)
+            _write_public(cert, _leaf_certificate(name, leaf_key, ca_key, ca_cert))
+    if not (pki.jwt_key.exists() and pki.jwks.exists()):
+        signing = ed25519.Ed25519PrivateKey.generate()
+        _write_key(pki.jwt_key, signing)
+        jwk = json.loads(OKPAlgorithm.to_jwk(signing.public_key()))
+        raw = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk.update(kid=f"dev-{raw.hex()[:16]}", alg="EdDSA", use="sig")
+        _write_public(pki.jwks, json.dumps({"keys": [jwk]}, indent=2).encode())
+    return pki
+
+
+def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Airlock development CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf_certificate(
+    common_name: str,
+    key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+) -> bytes:
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o644)

@@ -1,0 +1,185 @@
+"""The gateway's gRPC server: authenticated `Inference` relayed to the caller's tenant workers.
+
+The servicer is thin: validate, pick the route from the verified principal's tenant (never from
+the request), call the worker with the caller's remaining deadline, relay the answer.
+A caller that goes away cancels the worker call, which aborts generation in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airlock.errors import (
+    AirlockError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    UnavailableError,
+)
+from airlock.rpcstatus import ErrorInterceptor, from_rpc_error
+from airlock.types import Limits, validate_request
+from airlock.v1 import inference_pb2 as pb
+from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from gateway.identity import AuthInterceptor, JwtVerifier, current_principal
+
+__all__ = ["InferenceService", "Route", "Router", "create_server"]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclass(frozen=True)
+class Route:
+    tenant: str
+    model: str
+    engine: str
+    address: str
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What the gateway presents to workers (mTLS) and trusts them with."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class Router:
+    """Maps (tenant, model) to one worker channel; a tenant's first model is its default."""
+
+    def __init__(self, routes: list[Route], tls: ClientTls) -> None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes(),
+            private_key=tls.key.read_bytes(),
+            certificate_chain=tls.cert.read_bytes(),
+        )
+        self.routes = routes
+        self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self._defaults: dict[str, str] = {}
+        for route in routes:
+            channel = grpc.aio.secure_channel(route.address, credentials)
+            self._channels.append(channel)
+            self._stubs[(route.tenant, route.model)] = worker_pb2_grpc.WorkerStub(channel)
+            self._defaults.setdefault(route.tenant, route.model)
+
+    def models(self, tenant: str) -> list[Route]:
+        return [r for r in self.routes if r.tenant == tenant]
+
+    def resolve(self, tenant: str, model: str) -> tuple[str, worker_pb2_grpc.WorkerStub]:
+        if tenant not in self._defaults:
+            raise PermissionDeniedError("tenant is not served here", reason="TENANT_NOT_SERVED")
+        name = model or self._defaults[tenant]
+        stub = self._stubs.get((tenant, name))
+        if stub is None:
+            raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
+        return name, stub
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, router: Router, limits: Limits) -> None:
+        self.router = router
+        self.limits = limits
+
+    def _dispatch(
+        self, request: pb.GenerateRequest
+    ) -> tuple[worker_pb2.WorkerRequest, worker_pb2_grpc.WorkerStub]:
+        tenant = current_principal().tenant
+        spec = validate_request(request, self.limits)
+        model, stub = self.router.resolve(tenant, spec.model)
+        request.request_id = spec.request_id
+        request.model = model
+        return worker_pb2.WorkerRequest(tenant=tenant, request=request), stub
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        work, stub = self._dispatch(request)
+        try:
+            return await stub.Generate(work, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error(exc) from None
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        work, stub = self._dispatch(request)
+        call = stub.GenerateStream(work, timeout=context.time_remaining())
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error(exc) from None
+        finally:
+            call.cancel()  # no-op when finished; aborts the engine when the caller went away
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        routes = self.router.models(current_principal().tenant)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(name=r.model, engine=r.engine, is_default=i == 0) for i, r in enumerate(routes)
+            ]
+        )
+
+
+_PASS_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _worker_error(exc: grpc.aio.AioRpcError) -> AirlockError:
+    """Translate a worker failure for the caller: keep what is theirs to know, hide the rest."""
+    code = exc.code()
+    if code in _PASS_THROUGH:
+        return from_rpc_error(exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError("deadline exceeded")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return UnavailableError("no healthy worker for this model; retry later", reason="WORKER_UNAVAILABLE")
+    return AirlockError("the worker failed to answer", reason="WORKER_FAILED")
+
+
+def create_server(
+    service: InferenceService,
+    verifier: JwtVerifier,
+    listen: str,
+    *,
+    cert: Path,
+    key: Path,
+    max_message_bytes: int,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Build (not start) the gateway server over TLS; returns it, its port and its health servicer."""
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), AuthInterceptor(verifier)],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port, health_servicer

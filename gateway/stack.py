@@ -1,0 +1,226 @@
+"""Start and stop a whole stack as processes: one worker per (tenant, model), then the gateway.
+
+Used by `airlock up` and by the end-to-end tests. Children run in their own process groups with a
+parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import Config
+from gateway.pki import DevPki, ensure_dev_pki
+
+__all__ = ["Child", "Stack", "StackError"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(Exception):
+    """A part of the stack failed to start; the message says which and quotes its log."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.info["port"])  # type: ignore[call-overload]
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Stack:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        run_dir: Path | None = None,
+        listen: str | None = None,
+        python: str = sys.executable,
+        log_level: str = "info",
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir or config.state_dir / "run"
+        self.listen = listen or config.gateway.listen
+        self.python = python
+        self.log_level = log_level
+        self.pki: DevPki | None = None
+        self.workers: dict[tuple[str, str], Child] = {}
+        self.gateway: Child | None = None
+
+    @property
+    def address(self) -> str:
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.gateway.port}"
+
+    def start(self, *, timeout: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> None:
+        try:
+            self._start(timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
+        self.pki = pki = ensure_dev_pki(self.config.state_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        limits = self.config.gateway.limits
+        for tenant in self.config.tenants.values():
+            for model_name in tenant.models:
+                model = self.config.models[model_name]
+                name = f"worker-{tenant.name}-{model.name}"
+                args = [
+                    "-m", "worker",
+                    "--tenant", tenant.name,
+                    "--model", model.name,
+                    "--engine", model.engine,
+                    "--model-path", model.path,
+                    "--cache-dir", str(self.config.model_cache_dir),
+                    "--tls-cert", str(pki.worker_cert),
+                    "--tls-key", str(pki.worker_key),
+                    "--client-ca", str(pki.ca_cert),
+                    "--max-tokens", str(limits.max_tokens),
+                    "--default-max-tokens", str(limits.default_max_tokens),
+                    "--echo-tokens-per-second", str(model.tokens_per_second),
+                    "--threads", str(model.threads),
+                    "--max-message-bytes", str(self.config.gateway.max_message_bytes),
+                ]  # fmt: skip
+                # A CPU isolation domain: the worker must not see any GPU.
+                self.workers[(tenant.name, model.name)] = self._spawn(
+                    name, args, {"CUDA_VISIBLE_DEVICES": ""}
+                )
+        deadline = time.monotonic() + timeout
+        self._wait_ready(list(self.workers.values()), deadline, progress)
+        routes = [
+            f"--route={tenant}/{model}/{self.config.models[model].engine}=127.0.0.1:{child.port}"
+            for (tenant, model), child in self.workers.items()
+        ]
+        gateway_args = ["-m", "gateway", "--listen", self.listen, "--state-dir", str(self.config.state_dir)]
+        if self.config.source != "<defaults>":
+            gateway_args += ["--config", self.config.source]
+        self.gateway = self._spawn("gateway", gateway_args + routes, {})
+        self._wait_ready([self.gateway], deadline, progress)
+        self._check_health(deadline)
+        info = {"address": self.address, "pid": os.getpid(), "ca": str(pki.ca_cert)}
+        (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:
+        log = self.run_dir / f"{name}.log"
+        ready = self.run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
+        with log.open("ab") as fh:
+            process = subprocess.Popen(
+                [self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        return Child(name, process, log, ready)
+
+    def _wait_ready(self, children: list[Child], deadline: float, progress: Callable[[str], None]) -> None:
+        pending = list(children)
+        last_note = time.monotonic()
+        while pending:
+            for child in list(pending):
+                if child.ready_file.exists():
+                    child.info = json.loads(child.ready_file.read_text())
+                    pending.remove(child)
+                    progress(f"{child.name} ready on port {child.port}")
+                elif child.process.poll() is not None:
+                    raise StackError(
+                        f"{child.name} exited with code {child.process.returncode} before it was ready; "
+                        f"its log ({child.log}) ends with:\n{child.log_tail()}"
+                    )
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out waiting for {', '.join(c.name for c in pending)}")
+            if time.monotonic() - last_note > 10:
+                last_note = time.monotonic()
+                progress(f"still starting: {', '.join(c.name for c in pending)} (model load)")
+            time.sleep(0.05)
+
+    def _check_health(self, deadline: float) -> None:
+        if self.pki is None or self.gateway is None:
+            raise StackError("health check before start")
+        credentials = grpc.ssl_channel_credentials(self.pki.ca_cert.read_bytes())
+        with grpc.secure_channel(self.address, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise StackError(f"gateway health check failed: {exc.code().name}") from None
+                time.sleep(0.1)
+
+    def children(self) -> list[Child]:
+        return ([self.gateway] if self.gateway else []) + list(self.workers.values())
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers."""
+        grace = self.config.gateway.grace_seconds if timeout is None else timeout
+        if self.gateway is not None:
+            _terminate([self.gateway], grace + 5)
+        _terminate(list(self.workers.values()), 15)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _terminate(children: list[Child], timeout: float) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(child, signal.SIGKILL)
+            child.process.wait()
+        # Anything the child itself started lives in its group; make sure none outlives it.
+        _signal_group(child, signal.SIGKILL)
+
+
+def _signal_group(child: Child, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, sig)

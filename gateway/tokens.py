@@ -1,0 +1,43 @@
+"""Mint development tokens with the dev signing key (what `airlock token` prints).
+
+Production tokens come from the site's identity provider; these exist so a laptop or CI stack can
+be called with real, verifiable JWTs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from gateway.config import AuthConfig
+from gateway.pki import DevPki
+
+__all__ = ["mint_dev_token"]
+
+
+def mint_dev_token(
+    pki: DevPki,
+    auth: AuthConfig,
+    *,
+    tenant: str,
+    subject: str,
+    ttl_seconds: int = 3600,
+    roles: tuple[str, ...] = ("user",),
+) -> str:
+    key = serialization.load_pem_private_key(pki.jwt_key.read_bytes(), password=None)
+    now = int(time.time())
+    claims = {
+        "iss": auth.issuer,
+        "aud": auth.audience,
+        "sub": subject,
+        "tenant": tenant,
+        "roles": list(roles),
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": pki.jwt_kid})  # type: ignore[arg-type]

@@ -1,0 +1,149 @@
+"""Worker process entry point: `python -m worker --tenant T --model M ...` (started by `airlock up`).
+
+Settings arrive as explicit arguments from the launcher; nothing is read from the environment
+except what the launcher put there for the isolation domain (CUDA_VISIBLE_DEVICES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc_health.v1 import health_pb2
+
+from airlock import logs
+from airlock.types import Limits
+from worker.engine import Engine
+from worker.server import SERVICE, WorkerService, WorkerTls, create_server
+
+_log = logging.getLogger("airlock.worker")
+
+# Set by the worker itself, not left to the operator: nothing is fetched from a hub, nothing reported.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    tenant: str
+    model: str
+    engine: str
+    model_path: str
+    cache_dir: Path
+    listen: str
+    tls: WorkerTls
+    limits: Limits
+    ready_file: Path | None = None
+    echo_tokens_per_second: float = 0.0
+    threads: int = 0
+    device: str = "cpu"
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 4 << 20
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerSettings:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--model", required=True, help="model name callers use")
+    p.add_argument("--engine", choices=("transformers", "echo"), default="transformers")
+    p.add_argument("--model-path", default="bundled", help="'bundled' or a local HF model directory")
+    p.add_argument("--cache-dir", type=Path, required=True, help="where converted models are kept")
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--tls-cert", type=Path, required=True)
+    p.add_argument("--tls-key", type=Path, required=True)
+    p.add_argument("--client-ca", type=Path, required=True)
+    p.add_argument("--allowed-peer", default="airlock-gateway")
+    p.add_argument("--ready-file", type=Path)
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens)
+    p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens)
+    p.add_argument("--echo-tokens-per-second", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--grace-seconds", type=float, default=10.0)
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    logs.configure("worker", a.log_level)
+    return WorkerSettings(
+        tenant=a.tenant,
+        model=a.model,
+        engine=a.engine,
+        model_path=a.model_path,
+        cache_dir=a.cache_dir,
+        listen=a.listen,
+        tls=WorkerTls(a.tls_cert, a.tls_key, a.client_ca, a.allowed_peer),
+        limits=Limits(max_tokens=a.max_tokens, default_max_tokens=a.default_max_tokens),
+        ready_file=a.ready_file,
+        echo_tokens_per_second=a.echo_tokens_per_second,
+        threads=a.threads,
+        device=a.device,
+        grace_seconds=a.grace_seconds,
+        max_message_bytes=a.max_message_bytes,
+    )
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    if settings.engine == "echo":
+        from worker.echo import EchoEngine
+
+        return EchoEngine(settings.echo_tokens_per_second)
+    from worker.models import resolve_model
+    from worker.transformers_engine import TransformersEngine
+
+    model_dir = resolve_model(settings.model_path, settings.cache_dir)
+    return TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
+
+
+async def serve(settings: WorkerSettings) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    engine = await asyncio.to_thread(build_engine, settings)
+    service = WorkerService(settings.tenant, settings.model, engine, settings.limits)
+    server, port, health = await create_server(
+        service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes
+    )
+    await server.start()
+    await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    if settings.ready_file is not None:
+        _write_ready(settings.ready_file, {"port": port, "pid": os.getpid(), "tenant": settings.tenant})
+    _log.info("worker ready", extra={"tenant": settings.tenant, "model": settings.model, "port": port})
+    await stopping.wait()
+    _log.info("worker stopping", extra={"tenant": settings.tenant})
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.grace_seconds)
+    await engine.close()
+
+
+def _write_ready(path: Path, info: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.update(OFFLINE_ENV)
+    settings = parse_args(argv)
+    try:
+        asyncio.run(serve(settings))
+    except Exception:
+        _log.exception("worker failed", extra={"tenant": settings.tenant})
+        return 1
+    return 0

@@ -1,0 +1,151 @@
+"""The worker's gRPC server: the `Worker` service for the gateway, plus health and reflection.
+
+Only the gateway may call it: TLS requires a client certificate from the deployment's CA, and the
+peer interceptor admits only the gateway's certificate name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airlock.errors import InvalidRequestError, PermissionDeniedError
+from airlock.rpcstatus import ErrorInterceptor, guard_handler
+from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
+from airlock.v1 import inference_pb2 as pb
+from airlock.v1 import worker_pb2, worker_pb2_grpc
+from worker.engine import Engine
+
+__all__ = ["WorkerService", "WorkerTls", "create_server"]
+
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_HEALTH = "/grpc.health.v1.Health/"
+
+
+@dataclass(frozen=True)
+class WorkerTls:
+    cert: Path
+    key: Path
+    client_ca: Path
+    allowed_peer: str = "airlock-gateway"
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, tenant: str, model: str, engine: Engine, limits: Limits) -> None:
+        self.tenant = tenant
+        self.model = model
+        self.engine = engine
+        self.limits = limits
+        self.requests_started = 0
+
+    def _admit(self, request: worker_pb2.WorkerRequest) -> GenerationSpec:
+        # Defence in depth: the gateway routes by tenant; the worker still refuses any other.
+        if request.tenant != self.tenant:
+            raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
+        spec = validate_request(request.request, self.limits)
+        if spec.model not in ("", self.model):
+            raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
+        self.requests_started += 1
+        return spec
+
+    async def Generate(
+        self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        spec = self._admit(request)
+        parts: list[str] = []
+        response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
+        async for out in self.engine.generate(spec):
+            parts.append(out.text)
+            if out.finish_reason is not None:
+                response.finish_reason = FINISH_CODES[out.finish_reason]
+                response.usage.prompt_tokens = out.prompt_tokens
+                response.usage.completion_tokens = out.completion_tokens
+        response.text = "".join(parts)
+        return response
+
+    async def GenerateStream(
+        self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        spec = self._admit(request)
+        outputs = self.engine.generate(spec)
+        try:
+            async for out in outputs:
+                chunk = pb.GenerateChunk(request_id=spec.request_id, text=out.text, tokens=out.tokens)
+                if out.finish_reason is not None:
+                    chunk.finish_reason = FINISH_CODES[out.finish_reason]
+                    chunk.usage.prompt_tokens = out.prompt_tokens
+                    chunk.usage.completion_tokens = out.completion_tokens
+                yield chunk
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def Info(
+        self, request: worker_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            tenant=self.tenant,
+            model=self.model,
+            engine=self.engine.kind,
+            pid=os.getpid(),
+            requests_started=self.requests_started,
+            produced_tokens=self.engine.produced_tokens,
+            active=self.engine.active,
+        )
+
+
+class PeerInterceptor(grpc.aio.ServerInterceptor):
+    """Admit only the gateway's certificate (health checks excepted: they reveal nothing)."""
+
+    def __init__(self, allowed_peer: str) -> None:
+        self.allowed = allowed_peer.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_HEALTH):
+            return handler
+        return guard_handler(handler, self._check)
+
+    def _check(self, context: grpc.aio.ServicerContext) -> None:
+        names = context.auth_context().get("x509_common_name", [])
+        if self.allowed not in names:
+            raise PermissionDeniedError("only the gateway may call a worker", reason="PEER_NOT_ALLOWED")
+
+
+async def create_server(
+    service: WorkerService, listen: str, tls: WorkerTls, *, max_message_bytes: int = 4 << 20
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Build (not start) the worker server; returns it, the bound port and its health servicer."""
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), PeerInterceptor(tls.allowed_peer)],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port, health_servicer
