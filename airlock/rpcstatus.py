@@ -100,20 +100,23 @@ def wrap_handler(
     unary: Callable[[Behavior], Behavior],
     stream: Callable[[Behavior], Behavior],
 ) -> grpc.RpcMethodHandler:
-    """Return `handler` with its behaviour wrapped (unary-unary and unary-stream methods only)."""
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
+    """Return `handler` with its behaviour wrapped: `unary` for single responses, `stream` for
+    streamed ones (whatever the request side). An unknown handler shape is refused, never passed."""
+    kinds = (
+        ("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
+        ("stream_unary", unary, grpc.stream_unary_rpc_method_handler),
+        ("unary_stream", stream, grpc.unary_stream_rpc_method_handler),
+        ("stream_stream", stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for attr, wrap, make in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(  # type: ignore[no-any-return]
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise TypeError("unsupported RPC handler shape")
 
 
 def guard_handler(

@@ -89,9 +89,11 @@ class TransformersEngine:
             finally:
                 stop.set()
                 self._stops.pop(spec.request_id, None)
-                self.active -= 1
                 # Hold the slot until the thread really stopped computing for this request.
-                await asyncio.wait([future])
+                try:
+                    await asyncio.wait([future])
+                finally:
+                    self.active -= 1
 
     def _count(self, n: int) -> None:
         self.produced_tokens += n

@@ -1,0 +1,105 @@
+"""Fixtures: real stacks (worker and gateway processes, real TLS) in temporary state directories.
+
+One state directory serves the whole session, so the dev PKI is made once and the bundled model
+is converted once; each stack gets its own run directory (logs, ready files) and port 0.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import config as config_mod
+from gateway.stack import Stack
+from tests.support import LiveStack
+
+ECHO_TOML = """
+[gateway]
+max_tokens = 512
+default_max_tokens = 64
+max_message_bytes = 65536
+grace_seconds = 10
+
+[models.echo]
+engine = "echo"
+
+[models.slow]
+engine = "echo"
+tokens_per_second = 20
+
+[tenants.acme]
+models = ["echo", "slow"]
+
+[tenants.globex]
+models = ["echo"]
+"""
+
+MODEL_TOML = """
+[gateway]
+max_tokens = 512
+
+[models.smollm2]
+engine = "transformers"
+path = "bundled"
+
+[tenants.acme]
+models = ["smollm2"]
+
+[tenants.globex]
+models = ["smollm2"]
+"""
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+def _start(state_dir: Path, run_dir: Path, toml: str) -> Stack:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "airlock.toml"
+    path.write_text(textwrap.dedent(toml))
+    cfg = config_mod.load(path, state_dir=state_dir)
+    stack = Stack(cfg, run_dir=run_dir, listen="127.0.0.1:0")
+    stack.start(timeout=600)
+    return stack
+
+
+@pytest.fixture(scope="session")
+def echo_stack(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    stack = _start(state_dir, tmp_path_factory.mktemp("echo-run"), ECHO_TOML)
+    yield LiveStack(stack)
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def model_stack(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    stack = _start(state_dir, tmp_path_factory.mktemp("model-run"), MODEL_TOML)
+    yield LiveStack(stack)
+    stack.stop()
+
+
+@pytest.fixture
+def make_stack(state_dir: Path, tmp_path: Path) -> Iterator[Callable[[str], LiveStack]]:
+    """Start a private stack for a test that breaks it (kills a worker, stops the gateway)."""
+    stacks: list[Stack] = []
+
+    def make(toml: str = ECHO_TOML) -> LiveStack:
+        stack = _start(state_dir, tmp_path / f"run{len(stacks)}", toml)
+        stacks.append(stack)
+        return LiveStack(stack)
+
+    yield make
+    for stack in stacks:
+        stack.stop(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir(state_dir: Path) -> Path:
+    """The converted bundled model (the same copy the model stack's workers use)."""
+    from worker.models import resolve_model
+
+    return resolve_model("bundled", state_dir / "models")
