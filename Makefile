@@ -11,8 +11,10 @@ venv:
 run: venv
 	$(VENV)/bin/airlock up --demo
 
-## Run the whole test suite (real processes, real TLS, the real bundled model).
+## Lint, type-check and run the whole test suite (real processes, real TLS, the real bundled model).
 test: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -ra
 
 ## Regenerate the gRPC code in airlock/v1 from protos/.

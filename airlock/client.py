@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,7 +126,7 @@ class AsyncClient:
 
     async def stream(
         self, prompt: Prompt, *, timeout: float | None = None, **params: Any
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream the answer chunk by chunk; leaving the loop early cancels the call."""
         call = self._stub.GenerateStream(
             self._request(prompt, **params),

@@ -47,8 +47,8 @@ def to_status(err: AirlockError, *, request_id: str = "") -> grpc.Status:
 
 def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:
     """Decode a failed call into the matching AirlockError, keeping reason and retry delay."""
-    code = call.code()  # type: ignore[union-attr]
-    message = call.details() or code.name  # type: ignore[union-attr]
+    code = call.code()
+    message = call.details() or code.name
     reason: str | None = None
     retry_after: float | None = None
     field = ""
@@ -77,7 +77,7 @@ def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:
 
 
 def _rich_status(call: grpc.aio.AioRpcError | grpc.RpcError) -> status_pb2.Status | None:
-    trailing = call.trailing_metadata() or ()  # type: ignore[union-attr]
+    trailing = call.trailing_metadata() or ()
     for key, value in trailing:
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status()
@@ -111,7 +111,7 @@ def wrap_handler(
     for attr, wrap, make in kinds:
         behavior = getattr(handler, attr)
         if behavior is not None:
-            return make(  # type: ignore[no-any-return]
+            return make(
                 wrap(behavior),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,

@@ -63,7 +63,8 @@ class JwtVerifier:
             raise AuthenticationError("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
         if any(h in header for h in _FORBIDDEN_HEADERS) or "crit" in header:
             raise AuthenticationError("token header not allowed", reason="TOKEN_HEADER_NOT_ALLOWED")
-        key = self._keys.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise AuthenticationError("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
         if key.algorithm_name != alg:

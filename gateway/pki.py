@@ -78,10 +78,11 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
         _write_public(pki.ca_cert, _ca_certificate(ca_key))
         for stale in (pki.gateway_cert, pki.worker_cert):
             stale.unlink(missing_ok=True)  # leaf certificates of an old CA are useless
-    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+    loaded = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{pki.ca_key}: not an EC private key")
+    ca_key = loaded
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     for name, cert, key in (
         (GATEWAY_NAME, pki.gateway_cert, pki.gateway_key),
         (WORKER_NAME, pki.worker_cert, pki.worker_key),

@@ -106,9 +106,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> pb.GenerateResponse:
         work, stub = self._dispatch(request)
         try:
-            return await stub.Generate(work, timeout=context.time_remaining())
+            response: pb.GenerateResponse = await stub.Generate(work, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc) from None
+        return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

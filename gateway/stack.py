@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,11 +45,11 @@ class Child:
     process: subprocess.Popen[bytes]
     log: Path
     ready_file: Path
-    info: dict[str, object] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
-        return int(self.info["port"])  # type: ignore[call-overload]
+        return int(self.info["port"])
 
     def log_tail(self, lines: int = 15) -> str:
         try:

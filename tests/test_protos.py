@@ -22,4 +22,6 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
     committed = sorted(p.relative_to(ROOT) for p in (ROOT / "airlock" / "v1").glob("*_pb2*.py*"))
     assert committed == generated, "generated file set differs: run `make protos`"
     for rel in generated:
-        assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale: run `make protos`"
+        assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), (
+            f"{rel} is stale: run `make protos`"
+        )

@@ -56,7 +56,9 @@ async def test_cancel_stops_the_model_generating(model_stack: LiveStack) -> None
 
 
 def test_sync_client_generate_and_stream(model_stack: LiveStack) -> None:
-    with Client(model_stack.address, token=model_stack.token("acme"), ca_cert=model_stack.pki.ca_cert) as client:
+    with Client(
+        model_stack.address, token=model_stack.token("acme"), ca_cert=model_stack.pki.ca_cert
+    ) as client:
         answer = client.generate("Reply with one word.", max_tokens=8)
         chunks = list(client.stream("Count to five.", max_tokens=16))
     assert answer.completion_tokens > 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-import grpc
 from airlock import AsyncClient, AuthenticationError
 from airlock.types import Limits
 from airlock.v1 import inference_pb2 as pb
@@ -23,7 +23,9 @@ class SpyService(InferenceService):
         super().__init__(router, Limits())
         self.calls: list[tuple[str, str]] = []
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         self.calls.append(("Generate", current_principal().tenant))
         return pb.GenerateResponse(request_id="spy", text="ok")
 

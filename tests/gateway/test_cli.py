@@ -31,11 +31,15 @@ def test_bad_config_names_file_key_and_reason_and_exits_2(tmp_path: Path) -> Non
 
 
 def test_token_command_mints_a_verifiable_token(tmp_path: Path) -> None:
-    result = airlock("token", "--tenant", "acme", "--subject", "alice", "--ttl", "60", "--state-dir", str(tmp_path))
+    result = airlock(
+        "token", "--tenant", "acme", "--subject", "alice", "--ttl", "60", "--state-dir", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     jwks = jwt.PyJWKSet.from_json((tmp_path / "pki" / "jwks.json").read_text())
-    claims = jwt.decode(token, jwks.keys[0].key, algorithms=["EdDSA"], audience="airlock", issuer="airlock-dev")
+    claims = jwt.decode(
+        token, jwks.keys[0].key, algorithms=["EdDSA"], audience="airlock", issuer="airlock-dev"
+    )
     assert (claims["tenant"], claims["sub"]) == ("acme", "alice")
     assert claims["exp"] - claims["iat"] == 60
 

@@ -50,7 +50,9 @@ async def test_tiny_llama4_moe_generates_tokens(tmp_path: Path, bundled_model_di
     build_tiny_llama4(tmp_path / "llama4-tiny", bundled_model_dir)
     engine = TransformersEngine(tmp_path / "llama4-tiny")
     assert type(engine.model).__name__ == "Llama4ForCausalLM"
-    spec = GenerationSpec("r", "llama4-tiny", (Message("user", "hello"),), Sampling(max_tokens=8, temperature=0.0))
+    spec = GenerationSpec(
+        "r", "llama4-tiny", (Message("user", "hello"),), Sampling(max_tokens=8, temperature=0.0)
+    )
     outs = [o async for o in engine.generate(spec)]
     assert outs[-1].finish_reason in ("stop", "length")
     assert outs[-1].completion_tokens == sum(o.tokens for o in outs) > 0

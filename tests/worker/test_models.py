@@ -55,5 +55,5 @@ def test_verify_rejects_a_copy_of_another_source(tmp_path: Path) -> None:
 
 
 def test_local_directory_must_be_a_model(tmp_path: Path) -> None:
-    with pytest.raises(models.ModelError, match="no config.json"):
+    with pytest.raises(models.ModelError, match=r"no config\.json"):
         models.resolve_model(str(tmp_path), tmp_path / "cache")

@@ -43,14 +43,18 @@ async def test_max_tokens_gives_length(engine: TransformersEngine) -> None:
 
 async def test_same_seed_same_text(engine: TransformersEngine) -> None:
     runs = [
-        "".join(o.text for o in await collect(engine.generate(spec("Invent a word.", temperature=1.0, seed=3))))
+        "".join(
+            o.text for o in await collect(engine.generate(spec("Invent a word.", temperature=1.0, seed=3)))
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
 
 
 async def test_stop_string_ends_generation_and_is_not_returned(engine: TransformersEngine) -> None:
-    free = "".join(o.text for o in await collect(engine.generate(spec("Count from 1 to 9.", temperature=0.0))))
+    free = "".join(
+        o.text for o in await collect(engine.generate(spec("Count from 1 to 9.", temperature=0.0)))
+    )
     marker = next((ch for ch in "3579" if ch in free), None)
     if marker is None:
         pytest.skip(f"model output had no digit to stop on: {free!r}")
