@@ -104,6 +104,8 @@ def load(path: Path | None = None, *, state_dir: Path | None = None) -> Config:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(source, "-", f"cannot read file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(source, "-", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "-", f"not valid TOML ({exc})") from None
     return _Parser(source).config(raw, state_dir)
@@ -162,10 +164,12 @@ class _Parser:
         t = self.table(raw, "gateway", keys)
         d, dl = GatewayConfig(), Limits()
         listen = self.get(t, "gateway.listen", str, d.listen)
-        if not re.fullmatch(r".+:\d{1,5}", listen):
-            raise self.fail("gateway.listen", f"must be HOST:PORT, got {listen!r}")
+        port = re.fullmatch(r".+:(\d{1,5})", listen)
+        if not port or int(port.group(1)) > 65535:
+            raise self.fail("gateway.listen", f"must be HOST:PORT with a port up to 65535, got {listen!r}")
         max_tokens = self.positive(t, "gateway.max_tokens", dl.max_tokens)
-        default_max = self.positive(t, "gateway.default_max_tokens", dl.default_max_tokens)
+        # Unset, the default follows a lowered limit instead of contradicting it.
+        default_max = self.positive(t, "gateway.default_max_tokens", min(dl.default_max_tokens, max_tokens))
         if default_max > max_tokens:
             raise self.fail("gateway.default_max_tokens", "must not exceed gateway.max_tokens")
         grace = self.get(t, "gateway.grace_seconds", float, d.grace_seconds)
@@ -243,6 +247,8 @@ class _Parser:
             if not names:
                 raise self.fail(f"{key}.models", "must list at least one model")
             for model in names:
+                if not isinstance(model, str):
+                    raise self.fail(f"{key}.models", "entries must be model names (strings)")
                 if model not in models:
                     raise self.fail(f"{key}.models", f"unknown model {model!r}")
             if len(set(names)) != len(names):

@@ -8,10 +8,11 @@ principal from `current_principal()`. Error messages carry a stable reason, neve
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,13 @@ import grpc
 import jwt
 
 from airlock.errors import AuthenticationError
-from airlock.rpcstatus import guard_handler
+from airlock.serving import GuardInterceptor
 from gateway.config import AuthConfig
 
 __all__ = ["AuthInterceptor", "JwtVerifier", "Principal", "current_principal"]
 
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _FORBIDDEN_HEADERS = ("jku", "x5u", "x5c", "jwk")
-_PUBLIC_METHODS = ("/grpc.health.v1.Health/",)
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,9 @@ class JwtVerifier:
         self._keys = _load_jwks(jwks_file)
 
     def verify(self, token: str) -> Principal:
-        if len(token) > self.config.max_token_bytes:
+        if len(token.encode()) > self.config.max_token_bytes:
             raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED") from None
+        header = _header(token)
         alg = header.get("alg")
         if alg not in self.config.algorithms:
             raise AuthenticationError("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
@@ -106,6 +103,18 @@ class JwtVerifier:
         return Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
 
 
+def _header(token: str) -> dict[str, Any]:
+    """The JOSE header, parsed by us so header policy runs before any library interprets it."""
+    try:
+        first, _, _ = token.split(".")
+        header = json.loads(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)))
+    except (ValueError, binascii.Error):  # json and unicode errors are ValueErrors too
+        raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED") from None
+    if not isinstance(header, dict):
+        raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED")
+    return header
+
+
 def _load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
     try:
         data = json.loads(path.read_text())
@@ -132,22 +141,12 @@ def bearer_token(metadata: Any) -> str:
     raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(GuardInterceptor):
     """Authenticates every call except health checks before its servicer runs."""
 
     def __init__(self, verifier: JwtVerifier) -> None:
         self.verifier = verifier
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_PUBLIC_METHODS):
-            return handler
-        return guard_handler(handler, self._authenticate)
-
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+    def check(self, context: grpc.aio.ServicerContext) -> None:
         token = bearer_token(context.invocation_metadata())
         _principal.set(self.verifier.verify(token))

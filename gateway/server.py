@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from airlock.errors import (
     AirlockError,
@@ -22,7 +21,8 @@ from airlock.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from airlock.rpcstatus import ErrorInterceptor, from_rpc_error
+from airlock.rpcstatus import from_rpc_error
+from airlock.serving import ErrorInterceptor, bind, new_server
 from airlock.types import Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -164,23 +164,9 @@ def create_server(
     max_message_bytes: int,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the gateway server over TLS; returns it, its port and its health servicer."""
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), AuthInterceptor(verifier)],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+    server, health_servicer = new_server(
+        [ErrorInterceptor(), AuthInterceptor(verifier)], [SERVICE], max_message_bytes=max_message_bytes
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    port = server.add_secure_port(listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return server, port, health_servicer
+    return server, bind(server, listen, credentials), health_servicer

@@ -7,16 +7,15 @@ peer interceptor admits only the gateway's certificate name.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from airlock.errors import InvalidRequestError, PermissionDeniedError
-from airlock.rpcstatus import ErrorInterceptor, guard_handler
+from airlock.serving import ErrorInterceptor, GuardInterceptor, bind, new_server
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
@@ -25,7 +24,6 @@ from worker.engine import Engine
 __all__ = ["WorkerService", "WorkerTls", "create_server"]
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
-_HEALTH = "/grpc.health.v1.Health/"
 
 
 @dataclass(frozen=True)
@@ -99,23 +97,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
 
-class PeerInterceptor(grpc.aio.ServerInterceptor):
+class PeerInterceptor(GuardInterceptor):
     """Admit only the gateway's certificate (health checks excepted: they reveal nothing)."""
 
     def __init__(self, allowed_peer: str) -> None:
         self.allowed = allowed_peer.encode()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_HEALTH):
-            return handler
-        return guard_handler(handler, self._check)
-
-    def _check(self, context: grpc.aio.ServicerContext) -> None:
+    def check(self, context: grpc.aio.ServicerContext) -> None:
         names = context.auth_context().get("x509_common_name", [])
         if self.allowed not in names:
             raise PermissionDeniedError("only the gateway may call a worker", reason="PEER_NOT_ALLOWED")
@@ -125,27 +113,15 @@ async def create_server(
     service: WorkerService, listen: str, tls: WorkerTls, *, max_message_bytes: int = 4 << 20
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the worker server; returns it, the bound port and its health servicer."""
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), PeerInterceptor(tls.allowed_peer)],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+    server, health_servicer = new_server(
+        [ErrorInterceptor(), PeerInterceptor(tls.allowed_peer)],
+        [SERVICE],
+        max_message_bytes=max_message_bytes,
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
     credentials = grpc.ssl_server_credentials(
         [(tls.key.read_bytes(), tls.cert.read_bytes())],
         root_certificates=tls.client_ca.read_bytes(),
         require_client_auth=True,
     )
-    port = server.add_secure_port(listen, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return server, port, health_servicer
+    return server, bind(server, listen, credentials), health_servicer

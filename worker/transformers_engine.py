@@ -11,10 +11,11 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from airlock.errors import InvalidRequestError
 from airlock.types import GenerationSpec, Sampling
 from worker.engine import EngineOutput
 
@@ -43,6 +44,7 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
         self.model.to(device).eval()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.produced_tokens = 0
         self.active = 0
         self._slot = asyncio.Semaphore(1)
@@ -51,13 +53,25 @@ class TransformersEngine:
 
     async def generate(self, spec: GenerationSpec) -> AsyncIterator[EngineOutput]:
         loop = asyncio.get_running_loop()
-        inputs = self.tokenizer.apply_chat_template(
+        # Templating and tokenizing a long prompt takes a while: keep it off the event loop.
+        inputs = await asyncio.to_thread(
+            self.tokenizer.apply_chat_template,
             [{"role": m.role, "content": m.content} for m in spec.messages],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
         )
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        if prompt_tokens >= self.context_length:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_tokens} tokens; this model's context is {self.context_length}",
+                reason="PROMPT_TOO_LONG",
+                field="messages",
+            )
+        # Like max_tokens, the context bounds the answer; reaching either ends it with "length".
+        sampling = replace(
+            spec.sampling, max_tokens=min(spec.sampling.max_tokens, self.context_length - prompt_tokens)
+        )
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
         streamer = _Streamer(
@@ -70,15 +84,13 @@ class TransformersEngine:
         async with self._slot:
             self._stops[spec.request_id] = stop
             self.active += 1
-            future = loop.run_in_executor(self._executor, self._run, inputs, spec.sampling, streamer, stop)
+            future = loop.run_in_executor(self._executor, self._run, inputs, sampling, streamer, stop)
             try:
                 while (item := await queue.get()) is not _END:
                     yield EngineOutput(text=item.text, tokens=item.tokens)
                 await future  # re-raises a failure in the generation thread
                 completion = len(streamer.token_ids)
-                finish = (
-                    "length" if not streamer.hit_stop and completion >= spec.sampling.max_tokens else "stop"
-                )
+                finish = "length" if not streamer.hit_stop and completion >= sampling.max_tokens else "stop"
                 yield EngineOutput(
                     text="",
                     tokens=0,

@@ -74,3 +74,20 @@ async def test_abort_stops_promptly(engine: TransformersEngine) -> None:
     produced = engine.produced_tokens
     await asyncio.sleep(0.5)
     assert engine.produced_tokens == produced and engine.active == 0
+
+
+async def test_prompt_longer_than_the_context_is_invalid(bundled_model_dir: Path) -> None:
+    from airlock.errors import InvalidRequestError
+
+    engine = TransformersEngine(bundled_model_dir)
+    engine.context_length = 64  # as if the model had a 64-token context
+    with pytest.raises(InvalidRequestError) as err:
+        await collect(engine.generate(spec("word " * 100)))
+    assert err.value.reason == "PROMPT_TOO_LONG" and err.value.field == "messages"
+    # A prompt that fits gets an answer cut at the context, reported as "length".
+    outs = await collect(engine.generate(spec("Say hello.", max_tokens=200, temperature=0.0)))
+    prompt = outs[-1].prompt_tokens
+    if outs[-1].completion_tokens == 64 - prompt:
+        assert outs[-1].finish_reason == "length"
+    assert prompt + outs[-1].completion_tokens <= 64
+    await engine.close()

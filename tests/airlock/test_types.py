@@ -1,0 +1,147 @@
+"""`validate_request`: every refusal names the field at fault; defaults are applied once, here."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+
+from airlock.errors import InvalidRequestError
+from airlock.types import GenerationSpec, Limits, Message, Sampling, validate_request
+from airlock.v1 import inference_pb2 as pb
+
+LIMITS = Limits()
+
+
+def request(
+    messages: list[tuple[str, str]] | None = None, *, request_id: str = "req-1", **params: Any
+) -> pb.GenerateRequest:
+    if messages is None:
+        messages = [("user", "hello")]
+    return pb.GenerateRequest(
+        request_id=request_id,
+        model="echo",
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+        params=pb.SamplingParams(**params),
+    )
+
+
+def refused(req: pb.GenerateRequest, limits: Limits = LIMITS) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        validate_request(req, limits)
+    return info.value
+
+
+def test_a_valid_request_becomes_a_spec_with_defaults_applied() -> None:
+    spec = validate_request(request([("system", "be brief"), ("user", "hi"), ("assistant", "")]), LIMITS)
+    assert spec == GenerationSpec(
+        request_id="req-1",
+        model="echo",
+        messages=(Message("system", "be brief"), Message("user", "hi"), Message("assistant", "")),
+        sampling=Sampling(
+            max_tokens=LIMITS.default_max_tokens, temperature=0.7, top_p=1.0, seed=None, stop=()
+        ),
+    )
+
+
+def test_explicit_sampling_parameters_are_kept() -> None:
+    spec = validate_request(
+        request(max_tokens=12, temperature=0.5, top_p=0.25, seed=0, stop=["\n\n", "END"]), LIMITS
+    )
+    assert spec.sampling == Sampling(max_tokens=12, temperature=0.5, top_p=0.25, seed=0, stop=("\n\n", "END"))
+
+
+def test_default_max_tokens_comes_from_the_limits() -> None:
+    spec = validate_request(request(), Limits(max_tokens=100, default_max_tokens=7))
+    assert spec.sampling.max_tokens == 7
+
+
+def test_empty_messages_are_refused() -> None:
+    assert refused(request([])).field == "messages"
+
+
+def test_too_many_messages_are_refused() -> None:
+    limits = Limits(max_messages=2)
+    assert validate_request(request([("user", "a"), ("user", "b")]), limits).messages
+    assert refused(request([("user", "a")] * 3), limits).field == "messages"
+
+
+@pytest.mark.parametrize("role", ["tool", "", "User", "system "])
+def test_an_unknown_role_is_refused_naming_its_index(role: str) -> None:
+    err = refused(request([("user", "hi"), (role, "x")]))
+    assert err.field == "messages[1].role"
+    assert err.reason == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("contents", [[""], ["   "], ["", " \n\t "]])
+def test_messages_without_any_content_are_refused(contents: list[str]) -> None:
+    assert refused(request([("user", c) for c in contents])).field == "messages"
+
+
+@pytest.mark.parametrize("max_tokens", [0, -1, LIMITS.max_tokens + 1, 2**31 - 1])
+def test_max_tokens_out_of_range_is_refused(max_tokens: int) -> None:
+    assert refused(request(max_tokens=max_tokens)).field == "params.max_tokens"
+
+
+def test_max_tokens_at_the_limit_is_accepted() -> None:
+    assert validate_request(request(max_tokens=LIMITS.max_tokens), LIMITS).sampling.max_tokens == 1024
+    assert validate_request(request(max_tokens=1), LIMITS).sampling.max_tokens == 1
+
+
+@pytest.mark.parametrize("temperature", [-0.5, 2.5, math.inf, math.nan])
+def test_temperature_out_of_range_is_refused(temperature: float) -> None:
+    assert refused(request(temperature=temperature)).field == "params.temperature"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 2.0])
+def test_temperature_bounds_are_inclusive(temperature: float) -> None:
+    assert validate_request(request(temperature=temperature), LIMITS).sampling.temperature == temperature
+
+
+@pytest.mark.parametrize("top_p", [0.0, -0.25, 1.5, math.nan])
+def test_top_p_out_of_range_is_refused(top_p: float) -> None:
+    assert refused(request(top_p=top_p)).field == "params.top_p"
+
+
+def test_top_p_of_one_is_accepted() -> None:
+    assert validate_request(request(top_p=1.0), LIMITS).sampling.top_p == 1.0
+
+
+def test_too_many_stop_strings_are_refused() -> None:
+    ok = ["a", "b", "c", "d"]
+    assert validate_request(request(stop=ok), LIMITS).sampling.stop == tuple(ok)
+    assert refused(request(stop=[*ok, "e"])).field == "params.stop"
+
+
+@pytest.mark.parametrize("stop", ["", "x" * (LIMITS.max_stop_chars + 1)])
+def test_empty_or_overlong_stop_strings_are_refused(stop: str) -> None:
+    assert refused(request(stop=["fine", stop])).field == "params.stop"
+
+
+def test_a_stop_string_at_the_length_limit_is_accepted() -> None:
+    stop = "x" * LIMITS.max_stop_chars
+    assert validate_request(request(stop=[stop]), LIMITS).sampling.stop == (stop,)
+
+
+def test_an_empty_request_id_is_generated_fresh_each_time() -> None:
+    first = validate_request(request(request_id=""), LIMITS).request_id
+    second = validate_request(request(request_id=""), LIMITS).request_id
+    assert re.fullmatch(r"[0-9a-f]{32}", first)
+    assert first != second
+
+
+@pytest.mark.parametrize("request_id", ["a", "A.b_c-9", "x" * 64])
+def test_well_formed_request_ids_are_kept(request_id: str) -> None:
+    assert validate_request(request(request_id=request_id), LIMITS).request_id == request_id
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["x" * 65, "a/b", "../etc", "a\nb", "abc\n", "a b", "é", "id;drop", "\x00"],
+)
+def test_malformed_request_ids_are_refused(request_id: str) -> None:
+    err = refused(request(request_id=request_id))
+    assert err.field == "request_id"
+    assert err.message.startswith("request_id must be")

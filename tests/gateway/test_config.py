@@ -1,0 +1,270 @@
+"""`config.load`: documented defaults, a full file, and every refusal naming file, key and reason."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from airlock.types import Limits
+from gateway.config import (
+    AuthConfig,
+    ConfigError,
+    GatewayConfig,
+    ModelConfig,
+    TenantConfig,
+    load,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "airlock.example.toml"
+
+MINIMAL = """
+[models.echo]
+engine = "echo"
+
+[tenants.acme]
+models = ["echo"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "airlock.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def refused(tmp_path: Path, text: str) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, state_dir=tmp_path / "state")
+    err = info.value
+    assert err.source == str(path)
+    assert str(err) == f"{path}: {err.key}: {err.reason}"
+    return err
+
+
+def test_defaults_are_two_demo_tenants_on_the_bundled_model(tmp_path: Path) -> None:
+    cfg = load(None, state_dir=tmp_path)
+    assert cfg.source == "<defaults>"
+    assert cfg.state_dir == tmp_path.absolute()
+    assert cfg.models == {"smollm2": ModelConfig("smollm2", engine="transformers", path="bundled")}
+    assert cfg.tenants == {
+        "acme": TenantConfig("acme", ("smollm2",)),
+        "globex": TenantConfig("globex", ("smollm2",)),
+    }
+    assert cfg.gateway == GatewayConfig()
+    assert cfg.auth == AuthConfig()
+    assert cfg.model_cache_dir == tmp_path.absolute() / "models"
+
+
+def test_the_default_auth_algorithms_are_asymmetric() -> None:
+    assert AuthConfig().algorithms == ("EdDSA", "ES256")
+
+
+def test_a_full_file_is_parsed(tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    path = write(
+        tmp_path,
+        f"""
+        state_dir = "{tmp_path / "configured-state"}"
+
+        [gateway]
+        listen = "0.0.0.0:9443"
+        max_message_bytes = 65536
+        grace_seconds = 3
+        max_tokens = 512
+        default_max_tokens = 64
+
+        [auth]
+        issuer = "https://idp.example"
+        audience = "airlock-prod"
+        jwks_file = "{tmp_path / "jwks.json"}"
+        algorithms = ["ES256", "RS256"]
+        leeway_seconds = 5
+        max_token_bytes = 4096
+
+        [models.local]
+        engine = "transformers"
+        path = "{weights}"
+        threads = 4
+
+        [models.echo]
+        engine = "echo"
+        tokens_per_second = 20
+
+        [tenants.acme]
+        models = ["local", "echo"]
+
+        [tenants.globex-2]
+        models = ["echo"]
+        """,
+    )
+    cfg = load(path)
+    assert cfg.source == str(path)
+    assert cfg.state_dir == tmp_path / "configured-state"
+    assert cfg.gateway == GatewayConfig(
+        listen="0.0.0.0:9443",
+        max_message_bytes=65536,
+        grace_seconds=3.0,
+        limits=Limits(max_tokens=512, default_max_tokens=64),
+    )
+    assert isinstance(cfg.gateway.grace_seconds, float)
+    assert cfg.auth == AuthConfig(
+        issuer="https://idp.example",
+        audience="airlock-prod",
+        jwks_file=tmp_path / "jwks.json",
+        algorithms=("ES256", "RS256"),
+        leeway_seconds=5,
+        max_token_bytes=4096,
+    )
+    assert cfg.models == {
+        "local": ModelConfig("local", "transformers", str(weights), 0.0, 4),
+        "echo": ModelConfig("echo", "echo", "bundled", 20.0, 0),
+    }
+    assert cfg.tenants == {
+        "acme": TenantConfig("acme", ("local", "echo")),
+        "globex-2": TenantConfig("globex-2", ("echo",)),
+    }
+
+
+def test_the_state_dir_argument_wins_over_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, f'state_dir = "{tmp_path / "from-file"}"\n' + MINIMAL)
+    assert load(path, state_dir=tmp_path / "from-cli").state_dir == tmp_path / "from-cli"
+
+
+def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, MINIMAL), state_dir=tmp_path)
+    assert cfg.gateway == GatewayConfig()
+    assert cfg.auth == AuthConfig()
+    assert cfg.models == {"echo": ModelConfig("echo", engine="echo")}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("colour = 'blue'\n" + MINIMAL, "colour", "unknown key"),
+        ("[gateway]\ncolour = 'blue'\n" + MINIMAL, "gateway.colour", "unknown key"),
+        ("[auth]\nissuers = 'x'\n" + MINIMAL, "auth.issuers", "unknown key"),
+        (MINIMAL + "[models.echo2]\nengine = 'echo'\nthread = 2\n", "models.echo2.thread", "unknown key"),
+        (
+            MINIMAL.replace('models = ["echo"]', 'models = ["echo"]\nmodel = "echo"'),
+            "tenants.acme.model",
+            "unknown key",
+        ),
+        ("gateway = 5\n" + MINIMAL, "gateway", "must be a table"),
+        ("[gateway]\nmax_tokens = 'many'\n" + MINIMAL, "gateway.max_tokens", "must be int, got str"),
+        ("[gateway]\nmax_tokens = true\n" + MINIMAL, "gateway.max_tokens", "must be int, got bool"),
+        ("[gateway]\nmax_tokens = 1.5\n" + MINIMAL, "gateway.max_tokens", "must be int, got float"),
+        ("[gateway]\ngrace_seconds = true\n" + MINIMAL, "gateway.grace_seconds", "must be float, got bool"),
+        ("[gateway]\nlisten = 7443\n" + MINIMAL, "gateway.listen", "must be str, got int"),
+        ("[auth]\nalgorithms = 'EdDSA'\n" + MINIMAL, "auth.algorithms", "must be list, got str"),
+        (
+            "[gateway]\nmax_tokens = -5\n" + MINIMAL,
+            "gateway.max_tokens",
+            "must be a positive integer, got -5",
+        ),
+        ("[gateway]\nmax_tokens = 0\n" + MINIMAL, "gateway.max_tokens", "must be a positive integer, got 0"),
+        ("[gateway]\nmax_message_bytes = -1\n" + MINIMAL, "gateway.max_message_bytes", "must be a positive"),
+        ("[auth]\nmax_token_bytes = 0\n" + MINIMAL, "auth.max_token_bytes", "must be a positive"),
+        (
+            "[gateway]\nmax_tokens = 100\ndefault_max_tokens = 200\n" + MINIMAL,
+            "gateway.default_max_tokens",
+            "must not exceed gateway.max_tokens",
+        ),
+        ("[gateway]\ngrace_seconds = -1\n" + MINIMAL, "gateway.grace_seconds", "must be >= 0"),
+        ("[gateway]\nlisten = 'localhost'\n" + MINIMAL, "gateway.listen", "must be HOST:PORT"),
+        (
+            "[auth]\nalgorithms = ['HS256']\n" + MINIMAL,
+            "auth.algorithms",
+            "'HS256' is not allowed (asymmetric only",
+        ),
+        ("[auth]\nalgorithms = ['EdDSA', 'HS512']\n" + MINIMAL, "auth.algorithms", "'HS512' is not allowed"),
+        ("[auth]\nalgorithms = ['none']\n" + MINIMAL, "auth.algorithms", "'none' is not allowed"),
+        ("[auth]\nalgorithms = []\n" + MINIMAL, "auth.algorithms", "must list at least one algorithm"),
+        ("[auth]\nleeway_seconds = 301\n" + MINIMAL, "auth.leeway_seconds", "must be between 0 and 300"),
+        ("[auth]\nleeway_seconds = -1\n" + MINIMAL, "auth.leeway_seconds", "must be between 0 and 300"),
+        ("[tenants.acme]\nmodels = ['echo']\n", "models", "must define at least one"),
+        ("[models.echo]\nengine = 'echo'\n", "tenants", "must define at least one"),
+        (
+            "[models.Echo]\nengine = 'echo'\n[tenants.acme]\nmodels = ['Echo']\n",
+            "models.Echo",
+            "name must be",
+        ),
+        ("[models.m]\nengine = 'vllm'\n[tenants.a]\nmodels = ['m']\n", "models.m.engine", "must be one of"),
+        (
+            "[models.m]\npath = '/no/such/dir'\n[tenants.a]\nmodels = ['m']\n",
+            "models.m.path",
+            "'/no/such/dir' is not a directory",
+        ),
+        (
+            "[models.m]\nengine = 'echo'\nthreads = -1\n[tenants.a]\nmodels = ['m']\n",
+            "models.m.threads",
+            ">= 0",
+        ),
+        (
+            "[models.m]\nengine = 'echo'\ntokens_per_second = -1\n[tenants.a]\nmodels = ['m']\n",
+            "models.m.tokens_per_second",
+            ">= 0",
+        ),
+        (MINIMAL.replace('["echo"]', '["echo", "gpt"]'), "tenants.acme.models", "unknown model 'gpt'"),
+        (MINIMAL.replace('["echo"]', "[]"), "tenants.acme.models", "must list at least one model"),
+        (MINIMAL.replace('["echo"]', '["echo", "echo"]'), "tenants.acme.models", "lists a model twice"),
+        (MINIMAL.replace("tenants.acme", "tenants.Acme"), "tenants.Acme", "name must be lowercase"),
+        (MINIMAL.replace("tenants.acme", "tenants.-acme"), "tenants.-acme", "name must be lowercase"),
+        (
+            MINIMAL.replace("tenants.acme", 'tenants."acme corp"'),
+            "tenants.acme corp",
+            "name must be lowercase",
+        ),
+        (MINIMAL + "[tenants.globex]\n", "tenants.globex.models", "must list at least one model"),
+    ],
+)
+def test_bad_files_name_the_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    err = refused(tmp_path, text)
+    assert err.key == key
+    assert reason in err.reason
+
+
+@pytest.mark.parametrize(
+    "text", ["[gateway\nlisten = 1", "a = ", "[models.m]\n[models.m]\n", "x = 'unterminated"]
+)
+def test_invalid_toml_is_refused(tmp_path: Path, text: str) -> None:
+    err = refused(tmp_path, text)
+    assert err.key == "-"
+    assert err.reason.startswith("not valid TOML")
+
+
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load(path, state_dir=tmp_path)
+    assert (info.value.source, info.value.key) == (str(path), "-")
+    assert info.value.reason == "cannot read file (No such file or directory)"
+
+
+def test_a_directory_is_refused_as_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, state_dir=tmp_path)
+    assert info.value.reason.startswith("cannot read file")
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n" + MINIMAL.encode())
+    with pytest.raises(ConfigError) as info:
+        load(path, state_dir=tmp_path)
+    assert info.value.key == "-"
+
+
+@pytest.mark.parametrize("entry", ["{ name = 'echo' }", "['echo']"])
+def test_a_tenant_model_that_is_not_a_string_is_refused(tmp_path: Path, entry: str) -> None:
+    err = refused(tmp_path, MINIMAL.replace('["echo"]', f"[{entry}]"))
+    assert err.key == "tenants.acme.models"
+
+
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="airlock.example.toml is not in the repository yet")
+def test_the_example_file_parses(tmp_path: Path) -> None:
+    cfg = load(EXAMPLE, state_dir=tmp_path)
+    assert cfg.models and cfg.tenants
