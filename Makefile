@@ -28,9 +28,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-## Gateway overhead benchmark (EchoEngine; direct-to-worker vs through the gateway).
+## Benchmarks: gateway overhead (EchoEngine, direct vs through the gateway) and bundled-model
+## tokens/s (engine alone vs through the stack). Tables on stdout, JSON in bench/results/.
 bench: venv
 	$(PY) bench/overhead.py
+	$(PY) bench/model_tokens.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
