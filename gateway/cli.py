@@ -31,6 +31,10 @@ def _err(message: str) -> None:
     print(f"airlock: {message}", file=sys.stderr, flush=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _load(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(args.config, state_dir=args.state_dir)
 
@@ -38,9 +42,10 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = _load(args)
     stack = Stack(cfg, listen=args.listen, log_level=args.log_level)
-    stop = threading.Event()
+    # While starting, Ctrl-C or SIGTERM interrupts the start (which stops what it started);
+    # once up, they ask the loop below to stop everything in order.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, _interrupt)
     _err(
         f"starting {sum(len(t.models) for t in cfg.tenants.values())} worker(s) and the gateway "
         f"(state: {cfg.state_dir}); the first start converts the bundled model, ~30 s"
@@ -50,6 +55,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     except StackError as exc:
         _err(f"failed to start: {exc}")
         return 1
+    except KeyboardInterrupt:
+        _err("interrupted while starting; everything started was stopped")
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         ca = stack.pki.ca_cert if stack.pki else "?"
         print(f"Airlock is up: gateway on {stack.address} (TLS; CA certificate {ca})")

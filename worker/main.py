@@ -110,11 +110,12 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def serve(settings: WorkerSettings) -> None:
+    # Until the engine is loaded there is nothing to drain: SIGTERM keeps its default (exit now).
+    engine = await asyncio.to_thread(build_engine, settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    engine = await asyncio.to_thread(build_engine, settings)
     service = WorkerService(settings.tenant, settings.model, engine, settings.limits)
     server, port, health = await create_server(
         service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes

@@ -69,6 +69,8 @@ def _prepare_bundled(cache_dir: Path) -> Path:
     # Several workers may start at once; one converts while the others wait on the lock.
     with (cache_dir / f"{BUNDLED_DIR}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in cache_dir.glob(f".{BUNDLED_DIR}-*"):  # a conversion that was killed midway
+            shutil.rmtree(stale, ignore_errors=True)
         source_digest = sha256_file(source)
         if target.exists():
             problem = _verify(target, source_digest)
