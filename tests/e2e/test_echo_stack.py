@@ -281,7 +281,7 @@ async def test_sigterm_drains_streams_and_refuses_new_calls(make_stack) -> None:
         stream = client.stream(" ".join(["word"] * 30), model="slow", max_tokens=30)
         first = await stream.__anext__()
         gateway.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await _wait_until_refusing(live)
         with pytest.raises(UnavailableError):
             await client.generate("new call", model="echo", timeout=5)
         rest = [c async for c in stream]
@@ -289,3 +289,18 @@ async def test_sigterm_drains_streams_and_refuses_new_calls(make_stack) -> None:
     assert rest[-1].completion_tokens == 30
     assert first.text + "".join(c.text for c in rest) == " ".join(["word"] * 30)
     assert gateway.process.wait(timeout=15) == 0
+
+
+async def _wait_until_refusing(live: LiveStack, limit: float = 10.0) -> None:
+    """Poll the health service until the draining gateway refuses new calls outright."""
+    creds = grpc.ssl_channel_credentials(live.pki.ca_cert.read_bytes())
+    end = time.monotonic() + limit
+    async with grpc.aio.secure_channel(live.address, creds) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            try:
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError("the gateway kept accepting calls after SIGTERM")
