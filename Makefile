@@ -15,6 +15,8 @@ run: venv
 test: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/airlock policy lint --dir policy
+	$(VENV)/bin/airlock policy test --dir policy
 	$(PY) -m pytest -ra
 
 ## Regenerate the gRPC code in airlock/v1 from protos/.

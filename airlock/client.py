@@ -25,7 +25,9 @@ from airlock.types import FINISH_REASONS, Chunk, Completion, Message
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["TENANT_HEADER", "AsyncClient", "Client"]
+
+TENANT_HEADER = "x-airlock-tenant"  # act in this tenant instead of the identity's own
 
 TokenSource = str | Callable[[], str] | None
 Prompt = str | Sequence[Message] | Sequence[tuple[str, str]]
@@ -57,12 +59,25 @@ class AsyncClient:
         *,
         token: TokenSource = None,
         ca_cert: bytes | str | Path | None = None,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
+        tenant: str | None = None,
         timeout: float | None = 120.0,
         max_message_bytes: int = 4 << 20,
     ) -> None:
+        """`token` for users (a string, or a callable returning a fresh one); `client_cert` and
+        `client_key` for services (mTLS, on the gateway's service port). `tenant` acts in another
+        tenant than the identity's own, which the policy must grant explicitly."""
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
         self._token = token
+        self._tenant = tenant
         self._timeout = timeout
-        credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca_cert))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca_cert),
+            private_key=_read(client_key),
+            certificate_chain=_read(client_cert),
+        )
         self._channel = grpc.aio.secure_channel(
             target,
             credentials,
@@ -75,7 +90,10 @@ class AsyncClient:
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._token() if callable(self._token) else self._token
-        return (("authorization", f"Bearer {token}"),) if token else ()
+        metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        if self._tenant:
+            metadata += ((TENANT_HEADER, self._tenant),)
+        return metadata
 
     @staticmethod
     def _request(

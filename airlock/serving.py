@@ -88,21 +88,24 @@ def wrap_handler(
     raise TypeError("unsupported RPC handler shape")
 
 
-def guard_handler(
-    handler: grpc.RpcMethodHandler, check: Callable[[grpc.aio.ServicerContext], None]
-) -> grpc.RpcMethodHandler:
-    """Return `handler` with `check(context)` run first; `check` refuses the call by raising."""
+Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
+
+
+def guard_handler(handler: grpc.RpcMethodHandler, method: str, check: Check) -> grpc.RpcMethodHandler:
+    """Return `handler` with `check(method, request, context)` run first; `check` refuses by raising.
+
+    For client-streaming methods `request` is the request iterator, not a message."""
 
     def unary(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            check(context)
+            check(method, request, context)
             return await behavior(request, context)
 
         return run
 
     def stream(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            check(context)
+            check(method, request, context)
             async for item in behavior(request, context):
                 yield item
 
@@ -112,18 +115,19 @@ def guard_handler(
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Runs `check(context)` before every method except health checks; `check` raises to refuse."""
+    """Runs `check` before every method except health checks; `check` raises to refuse the call."""
 
-    def check(self, context: grpc.aio.ServicerContext) -> None:
+    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         raise NotImplementedError
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        return guard_handler(handler, self.check)
+        return guard_handler(handler, method, self.check)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: AirlockError, request_id: str) -> None:

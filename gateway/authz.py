@@ -19,6 +19,7 @@ import watchfiles
 from gateway.audit import AuditLog
 from gateway.metrics import Metrics
 from gateway.policy import Decision, Policy, PolicyError, load_policy
+from gateway.policy_lint import lint
 
 __all__ = ["Authorizer", "load_checked"]
 
@@ -33,8 +34,12 @@ class _Generation:
 
 
 def load_checked(directory: Path, required_tenants: Iterable[str] = ()) -> Policy:
-    """Load a policy directory and refuse it unless it covers `required_tenants` and its cases pass."""
+    """Load a policy directory and refuse it unless it covers `required_tenants`, has no lint
+    errors (e.g. a tenant pattern that reaches other tenants) and its cases pass."""
     policy = load_policy(directory)
+    errors = [f for f in lint(policy) if f.severity == "error"]
+    if errors:
+        raise PolicyError(f"{len(errors)} lint error(s); first: {errors[0]}")
     missing = sorted(set(required_tenants) - set(policy.tenants))
     if missing:
         raise PolicyError(f"{directory / 'tenants.toml'}: served tenants missing: {', '.join(missing)}")
@@ -44,7 +49,8 @@ def load_checked(directory: Path, required_tenants: Iterable[str] = ()) -> Polic
         got = "allow" if decision.allowed else "deny"
         raise PolicyError(
             f"{directory / 'tests.yaml'}: {len(failing)} case(s) fail; case {case.index} "
-            f"({case.subject} {case.action} {case.resource} in {case.tenant}) expects {case.expect}, got {got}"
+            f"({case.subject} {case.action} {case.resource} in {case.tenant}) "
+            f"expects {case.expect}, got {got}"
         )
     return policy
 

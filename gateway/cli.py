@@ -3,8 +3,12 @@
     airlock up [--config FILE] [--demo]     gateway + one worker per tenant model, in the foreground
     airlock token --tenant T --subject S    print a development JWT signed with the dev key
     airlock generate --tenant T "prompt"    stream an answer, then token counts and latency
+    airlock policy lint [--dir DIR]         find risky or mistaken lines in a policy directory
+    airlock policy test [--dir DIR]         run the policy's tests.yaml cases, list every failure
+    airlock policy explain --subject S --tenant T --resource R --action A [--dir DIR]
+                                            the decision for one request and the rules behind it
 
-Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+Exit codes: 0 success, 1 runtime failure (lint errors, failing cases), 2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 from airlock import AirlockError, Client
 from gateway import config as config_mod
 from gateway.pki import ensure_dev_pki
+from gateway.policy import ACTIONS, Decision, Policy, PolicyError, Rule, load_policy
+from gateway.policy_lint import home_tenant, lint_directory
 from gateway.stack import Stack, StackError
 from gateway.tokens import mint_dev_token
 
@@ -147,6 +153,119 @@ def _running_address(cfg: config_mod.Config) -> str | None:
         return None
 
 
+def _load_policy(directory: Path) -> Policy | None:
+    try:
+        return load_policy(directory)
+    except PolicyError as exc:
+        _err(f"policy error: {exc}")
+        return None
+
+
+def _where(policy: Policy, rule: Rule) -> str:
+    return f"{policy.directory / 'policy.csv'}:{rule.line}: {rule}"
+
+
+def _why(decision: Decision) -> str:
+    if decision.rule is None:
+        return "no rule matched: default deny"
+    if decision.allowed:
+        return "an allow matched and no deny did"
+    allows = sum(r.effect == "allow" for r in decision.matched)
+    if allows:
+        return f"deny overrides allow ({allows} allow rule(s) also matched)"
+    return "an explicit deny matched (deny overrides allow)"
+
+
+def cmd_policy_lint(args: argparse.Namespace) -> int:
+    findings = lint_directory(args.dir)
+    for finding in findings:
+        print(finding)
+    errors = sum(f.severity == "error" for f in findings)
+    warnings = len(findings) - errors
+    failed = errors > 0 or (args.strict and warnings > 0)
+    print(f"{args.dir}: {errors} error(s), {warnings} warning(s){' (--strict)' if args.strict else ''}")
+    return 1 if failed else 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    policy = _load_policy(args.dir)
+    if policy is None:
+        return 2
+    failing = policy.failing_cases()
+    tests = policy.directory / "tests.yaml"
+    for case, decision in failing:
+        got = "allow" if decision.allowed else "deny"
+        rule = _where(policy, decision.rule) if decision.rule else "no rule matched: default deny"
+        roles = ", ".join(decision.roles) or "none"
+        print(
+            f"FAIL {tests} case {case.index}: {case.subject} {case.action} {case.resource} in tenant "
+            f"{case.tenant}: expected {case.expect}, got {got}\n"
+            f"     decided by {rule}\n     roles of {case.subject} in {case.tenant}: {roles}"
+        )
+    if not policy.cases:
+        _err(f"warning: {tests} has no cases")
+    print(f"{len(policy.cases) - len(failing)} passed, {len(failing)} failed")
+    return 1 if failing else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    policy = _load_policy(args.dir)
+    if policy is None:
+        return 2
+    subject, tenant, resource, action = args.subject, args.tenant, args.resource, args.action
+    decision = policy.decide(subject, tenant, resource, action)
+    verdict = "allow" if decision.allowed else "deny"
+    print(f"request: {subject} {action} {resource} in tenant {tenant}")
+    print(f"decision: {verdict}")
+    if tenant not in policy.tenants:
+        print(f"note: tenant {tenant!r} is not in {policy.directory / 'tenants.toml'}")
+    print(f"roles of {subject} in {tenant}: {', '.join(decision.roles) or 'none'}")
+    home = home_tenant(subject)
+    if home is not None and home != tenant and not decision.roles:
+        print(f"note: {subject} belongs to tenant {home}; acting in {tenant} needs a g line in {tenant}")
+    print("matching rules:" if decision.matched else "matching rules: none")
+    for rule in decision.matched:
+        via = "" if rule.subject == subject else f"  (through role {rule.subject})"
+        print(f"  {_where(policy, rule)}{via}")
+    decided = _where(policy, decision.rule) if decision.rule else "default deny (no line)"
+    print(f"decided by: {decided}")
+    print(f"why: {_why(decision)}")
+    casbin_allows = bool(policy.casbin_enforcer().enforce(subject, tenant, resource, action))
+    if casbin_allows == decision.allowed:
+        print(f"casbin: {verdict} (agrees)")
+        return 0
+    print(
+        f"WARNING: CASBIN DISAGREES: Casbin answers {'allow' if casbin_allows else 'deny'}, Airlock "
+        f"decides {verdict}. The gateway serves Airlock's answer; report this as a bug.",
+        flush=True,
+    )
+    _err("policy explain: Airlock's decision and Casbin's differ")
+    return 1
+
+
+def _add_policy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy = sub.add_parser("policy", help="lint, test and explain a policy directory offline")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--dir", type=Path, default=Path("policy"), help="policy directory (default: ./policy)"
+    )
+
+    lint = psub.add_parser("lint", parents=[where], help="find risky or mistaken policy lines")
+    lint.add_argument("--strict", action="store_true", help="fail on warnings too")
+    lint.set_defaults(func=cmd_policy_lint)
+
+    test = psub.add_parser("test", parents=[where], help="run every case in tests.yaml")
+    test.set_defaults(func=cmd_policy_test)
+
+    explain = psub.add_parser("explain", parents=[where], help="explain the decision for one request")
+    explain.add_argument("--subject", required=True, help="TENANT/NAME, or a service's SPIFFE ID")
+    explain.add_argument("--tenant", required=True)
+    explain.add_argument("--resource", required=True, help="e.g. model:NAME, models, admin:OPERATION")
+    explain.add_argument("--action", required=True, choices=[a for a in ACTIONS if a != "*"])
+    explain.set_defaults(func=cmd_policy_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--timeout", type=float, default=120.0)
     gen.set_defaults(func=cmd_generate)
+
+    _add_policy_commands(sub)
     return parser
 
 

@@ -15,7 +15,18 @@ from typing import Any, TypeVar
 
 from airlock.types import Limits
 
-__all__ = ["AuthConfig", "Config", "ConfigError", "GatewayConfig", "ModelConfig", "TenantConfig", "load"]
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "GatewayConfig",
+    "IssuerConfig",
+    "LockoutConfig",
+    "ModelConfig",
+    "MtlsConfig",
+    "TenantConfig",
+    "load",
+]
 
 ENGINES = ("transformers", "echo")
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -47,19 +58,51 @@ class TenantConfig:
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: str = "127.0.0.1:7443"
+    mtls_listen: str = "127.0.0.1:7444"  # "" disables the service (mTLS) port
+    metrics_listen: str = ""  # "" disables the Prometheus endpoint
     max_message_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
-class AuthConfig:
+class IssuerConfig:
+    """A trusted token issuer: its keys (a local JWKS) and the algorithms it may sign with."""
+
     issuer: str = "airlock-dev"
-    audience: str = "airlock"
     jwks_file: Path | None = None  # None: the dev JWKS in the state directory
     algorithms: tuple[str, ...] = ("EdDSA", "ES256")
+
+
+@dataclass(frozen=True)
+class MtlsConfig:
+    """Service identities: client certificates from `ca_file` with a SPIFFE URI SAN in `trust_domain`."""
+
+    ca_file: Path | None = None  # None: the dev service CA in the state directory
+    trust_domain: str = "airlock.local"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    audience: str = "airlock"
+    issuers: tuple[IssuerConfig, ...] = (IssuerConfig(),)
     leeway_seconds: int = 30
     max_token_bytes: int = 8192
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)
+
+    @property
+    def dev_issuer(self) -> IssuerConfig | None:
+        """The issuer whose keys are the dev JWKS (what `airlock token` signs for), if any."""
+        return next((i for i in self.issuers if i.jwks_file is None), None)
+
+
+@dataclass(frozen=True)
+class LockoutConfig:
+    """`max_failures` refusals within `window_seconds` lock that identity out for `lockout_seconds`."""
+
+    max_failures: int = 10  # 0 disables lockout
+    window_seconds: float = 60.0
+    lockout_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +113,8 @@ class Config:
     auth: AuthConfig
     models: dict[str, ModelConfig]
     tenants: dict[str, TenantConfig]
+    policy_dir: Path = field(default_factory=lambda: default_policy_dir())
+    lockout: LockoutConfig = field(default_factory=LockoutConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -79,6 +124,11 @@ class Config:
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "airlock"
+
+
+def default_policy_dir() -> Path:
+    """The `policy/` directory of this installation (the checkout the packages run from)."""
+    return Path(__file__).resolve().parent.parent / "policy"
 
 
 DEFAULT_TOML = """
@@ -144,12 +194,16 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
-        top = {"state_dir", "gateway", "auth", "models", "tenants"}
+        top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
         state = state_dir or (Path(configured_state).expanduser() if configured_state else None)
         models = self.models(raw)
+        policy = self.get(raw, "policy_dir", str, "")
+        policy_dir = Path(policy).expanduser().absolute() if policy else default_policy_dir()
+        if not policy_dir.is_dir():
+            raise self.fail("policy_dir", f"{str(policy_dir)!r} is not a directory")
         return Config(
             source=self.source,
             state_dir=(state or default_state_dir()).absolute(),
@@ -157,16 +211,18 @@ class _Parser:
             auth=self.auth(raw),
             models=models,
             tenants=self.tenants(raw, models),
+            policy_dir=policy_dir,
+            lockout=self.lockout(raw),
         )
 
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
-        keys = {"listen", "max_message_bytes", "grace_seconds", "max_tokens", "default_max_tokens"}
+        keys = {
+            "listen", "mtls_listen", "metrics_listen", "max_message_bytes", "grace_seconds", "max_tokens",
+            "default_max_tokens",
+        }  # fmt: skip
         t = self.table(raw, "gateway", keys)
         d, dl = GatewayConfig(), Limits()
-        listen = self.get(t, "gateway.listen", str, d.listen)
-        port = re.fullmatch(r".+:(\d{1,5})", listen)
-        if not port or int(port.group(1)) > 65535:
-            raise self.fail("gateway.listen", f"must be HOST:PORT with a port up to 65535, got {listen!r}")
+        listen = self.address(t, "gateway.listen", d.listen, optional=False)
         max_tokens = self.positive(t, "gateway.max_tokens", dl.max_tokens)
         # Unset, the default follows a lowered limit instead of contradicting it.
         default_max = self.positive(t, "gateway.default_max_tokens", min(dl.default_max_tokens, max_tokens))
@@ -177,36 +233,82 @@ class _Parser:
             raise self.fail("gateway.grace_seconds", "must be >= 0")
         return GatewayConfig(
             listen=listen,
+            mtls_listen=self.address(t, "gateway.mtls_listen", d.mtls_listen, optional=True),
+            metrics_listen=self.address(t, "gateway.metrics_listen", d.metrics_listen, optional=True),
             max_message_bytes=self.positive(t, "gateway.max_message_bytes", d.max_message_bytes),
             grace_seconds=grace,
             limits=Limits(max_tokens=max_tokens, default_max_tokens=default_max),
         )
 
+    def address(self, table: dict[str, Any], key: str, default: str, *, optional: bool) -> str:
+        value = self.get(table, key, str, default)
+        if optional and value == "":
+            return value
+        port = re.fullmatch(r".+:(\d{1,5})", value)
+        if not port or int(port.group(1)) > 65535:
+            blank = ' (or "" to disable)' if optional else ""
+            raise self.fail(key, f"must be HOST:PORT with a port up to 65535{blank}, got {value!r}")
+        return value
+
     def auth(self, raw: dict[str, Any]) -> AuthConfig:
-        keys = {"issuer", "audience", "jwks_file", "algorithms", "leeway_seconds", "max_token_bytes"}
+        keys = {"audience", "issuers", "leeway_seconds", "max_token_bytes", "mtls"}
         t = self.table(raw, "auth", keys)
         d = AuthConfig()
-        algorithms = tuple(self.get(t, "auth.algorithms", list, list(d.algorithms)))
-        for alg in algorithms:
-            if alg not in ALLOWED_ALGORITHMS:
-                raise self.fail(
-                    "auth.algorithms",
-                    f"{alg!r} is not allowed (asymmetric only: {', '.join(ALLOWED_ALGORITHMS)})",
-                )
-        if not algorithms:
-            raise self.fail("auth.algorithms", "must list at least one algorithm")
-        jwks = self.get(t, "auth.jwks_file", str, "")
         leeway = self.get(t, "auth.leeway_seconds", int, d.leeway_seconds)
         if not 0 <= leeway <= 300:
             raise self.fail("auth.leeway_seconds", "must be between 0 and 300")
+        entries = self.get(t, "auth.issuers", list, [])
+        issuers = tuple(self.issuer(entry, f"auth.issuers[{i}]") for i, entry in enumerate(entries))
+        names = [i.issuer for i in issuers]
+        if len(set(names)) != len(names):
+            raise self.fail("auth.issuers", "lists an issuer twice")
+        m = self.table(t, "auth.mtls", {"ca_file", "trust_domain"})
+        ca = self.get(m, "auth.mtls.ca_file", str, "")
+        domain = self.get(m, "auth.mtls.trust_domain", str, MtlsConfig().trust_domain)
+        if not re.fullmatch(r"[a-z0-9._-]+", domain):
+            raise self.fail("auth.mtls.trust_domain", "must be lowercase letters, digits, '.', '-' and '_'")
         return AuthConfig(
-            issuer=self.get(t, "auth.issuer", str, d.issuer),
             audience=self.get(t, "auth.audience", str, d.audience),
-            jwks_file=Path(jwks).expanduser() if jwks else None,
-            algorithms=algorithms,
+            issuers=issuers or d.issuers,
             leeway_seconds=leeway,
             max_token_bytes=self.positive(t, "auth.max_token_bytes", d.max_token_bytes),
+            mtls=MtlsConfig(ca_file=Path(ca).expanduser() if ca else None, trust_domain=domain),
         )
+
+    def issuer(self, raw: Any, key: str) -> IssuerConfig:
+        if not isinstance(raw, dict):
+            raise self.fail(key, "must be a table ([[auth.issuers]])")
+        for unknown in sorted(set(raw) - {"issuer", "jwks_file", "algorithms"}):
+            raise self.fail(f"{key}.{unknown}", "unknown key")
+        d = IssuerConfig()
+        name = self.get(raw, f"{key}.issuer", str, "")
+        if not name:
+            raise self.fail(f"{key}.issuer", "is required (the tokens' `iss`)")
+        algorithms = tuple(self.get(raw, f"{key}.algorithms", list, list(d.algorithms)))
+        for alg in algorithms:
+            if alg not in ALLOWED_ALGORITHMS:
+                raise self.fail(
+                    f"{key}.algorithms",
+                    f"{alg!r} is not allowed (asymmetric only: {', '.join(ALLOWED_ALGORITHMS)})",
+                )
+        if not algorithms:
+            raise self.fail(f"{key}.algorithms", "must list at least one algorithm")
+        jwks = self.get(raw, f"{key}.jwks_file", str, "")
+        return IssuerConfig(issuer=name, jwks_file=Path(jwks).expanduser() if jwks else None,
+                            algorithms=algorithms)  # fmt: skip
+
+    def lockout(self, raw: dict[str, Any]) -> LockoutConfig:
+        t = self.table(raw, "lockout", {"max_failures", "window_seconds", "lockout_seconds"})
+        d = LockoutConfig()
+        failures = self.get(t, "lockout.max_failures", int, d.max_failures)
+        if failures < 0:
+            raise self.fail("lockout.max_failures", "must be >= 0 (0 disables lockout)")
+        window = self.get(t, "lockout.window_seconds", float, d.window_seconds)
+        duration = self.get(t, "lockout.lockout_seconds", float, d.lockout_seconds)
+        for key, value in (("lockout.window_seconds", window), ("lockout.lockout_seconds", duration)):
+            if value <= 0:
+                raise self.fail(key, "must be > 0")
+        return LockoutConfig(failures, window, duration)
 
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})

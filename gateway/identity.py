@@ -1,80 +1,147 @@
-"""Who is calling: bearer JWTs verified against a local JWKS file, turned into a `Principal`.
+"""Who is calling: a bearer JWT or an mTLS service certificate, turned into a `Principal`.
 
-Keys come only from the local JWKS (never `jku`/`x5u`/embedded keys), chosen by `kid`; only
-asymmetric algorithms on the allow-list are accepted; `exp`, `iss`, `aud`, `sub` and `tenant` are
-required. The interceptor rejects a call before any servicer code runs; servicers read the
-principal from `current_principal()`. Error messages carry a stable reason, never the token.
+JWTs: each trusted issuer has its own local JWKS (reloaded when the file changes; never `jku`,
+`x5u`, `x5c` or embedded keys) and its own asymmetric algorithm allow-list; keys are chosen by `kid`
+among that issuer's keys only. `exp`, `iat`, `iss`, `aud`, `sub` and `tenant` are required, and the
+issuer must be one the policy lets speak for that tenant. Services: the identity is the SPIFFE URI
+SAN (`spiffe://<trust-domain>/tenant/<t>/svc/<name>`) of a client certificate that TLS verified,
+read only from the TLS auth context. Error messages carry a stable reason, never the token.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextvars
 import json
+import logging
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import jwt
+from cryptography import x509
 
 from airlock.errors import AuthenticationError
-from airlock.serving import GuardInterceptor
-from gateway.config import AuthConfig
+from gateway.config import AuthConfig, IssuerConfig
 
-__all__ = ["AuthInterceptor", "JwtVerifier", "Principal", "current_principal"]
+__all__ = ["JwtVerifier", "Principal", "ServiceIdentity", "bearer_token", "load_jwks"]
 
+_log = logging.getLogger("airlock.identity")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_SERVICE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FORBIDDEN_HEADERS = ("jku", "x5u", "x5c", "jwk")
+_REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
 
 
 @dataclass(frozen=True)
 class Principal:
-    subject: str
-    tenant: str
-    roles: tuple[str, ...]
-    method: str  # how the identity was proven: "jwt"
+    subject: str  # the token's `sub`, or a service's SPIFFE ID
+    tenant: str  # the home tenant, from the verified identity only
+    roles: tuple[str, ...]  # roles the issuer asserted (audited; the policy's g lines grant roles)
+    method: str  # how the identity was proven: "jwt" or "mtls"
+
+    @property
+    def policy_subject(self) -> str:
+        """The name policy.csv uses: `TENANT/sub` for token users, the SPIFFE ID for services.
+
+        Qualifying users by tenant means one tenant's `alice` never matches a line written for
+        another tenant's `alice`."""
+        return self.subject if self.method == "mtls" else f"{self.tenant}/{self.subject}"
 
 
-_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("airlock_principal")
-
-
-def current_principal() -> Principal:
-    """The verified caller of the current RPC (set by AuthInterceptor before the servicer runs)."""
-    return _principal.get()
+MaySpeakFor = Callable[[str, str], bool]  # (issuer, tenant) -> allowed
 
 
 class JwtVerifier:
-    def __init__(self, config: AuthConfig, jwks_file: Path) -> None:
+    """Verifies bearer tokens from the configured issuers; `may_speak_for` comes from the policy."""
+
+    def __init__(
+        self, config: AuthConfig, jwks_files: Mapping[str, Path], may_speak_for: MaySpeakFor
+    ) -> None:
         self.config = config
-        self._keys = _load_jwks(jwks_file)
+        self.may_speak_for = may_speak_for
+        self.issuers: dict[str, IssuerConfig] = {i.issuer: i for i in config.issuers}
+        missing = sorted(set(self.issuers) - set(jwks_files))
+        if missing:
+            raise ValueError(f"no JWKS file for issuer(s) {', '.join(missing)}")
+        self.jwks_files = {name: jwks_files[name] for name in self.issuers}
+        self._keys = {name: load_jwks(path) for name, path in self.jwks_files.items()}
+
+    def reload(self, path: Path) -> bool:
+        """Load the JWKS at `path` again for every issuer using it; keep the old keys if it is bad."""
+        ok = True
+        for name, file in self.jwks_files.items():
+            if file == path:
+                try:
+                    self._keys[name] = load_jwks(path)
+                    _log.info("JWKS reloaded", extra={"issuer": name, "keys": len(self._keys[name])})
+                except ValueError as exc:
+                    ok = False
+                    _log.error("JWKS reload rejected; the old keys stay in use: %s", exc)
+        return ok
+
+    @staticmethod
+    def claimed_identity(token: str) -> str:
+        """Who an (unverified) token claims to be, for lockout bookkeeping only; never trusted."""
+        try:
+            payload = _segment(token.split(".")[1])
+        except (IndexError, AuthenticationError):
+            return "-"
+        parts = (payload.get("iss"), payload.get("tenant"), payload.get("sub"))
+        return "|".join(str(p)[:128] for p in parts)
 
     def verify(self, token: str) -> Principal:
         if len(token.encode()) > self.config.max_token_bytes:
             raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
-        header = _header(token)
-        alg = header.get("alg")
-        if alg not in self.config.algorithms:
-            raise AuthenticationError("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED")
+        header, payload = _segment(parts[0]), _segment(parts[1])
+        # Header policy runs before any library interprets the token.
         if any(h in header for h in _FORBIDDEN_HEADERS) or "crit" in header:
             raise AuthenticationError("token header not allowed", reason="TOKEN_HEADER_NOT_ALLOWED")
+        iss = payload.get("iss")
+        if iss is None:
+            raise AuthenticationError("token lacks the 'iss' claim", reason="TOKEN_CLAIM_MISSING")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthenticationError("token issuer not trusted", reason="TOKEN_BAD_ISSUER")
+        alg = header.get("alg")
+        if alg not in issuer.algorithms:
+            raise AuthenticationError("token algorithm not allowed", reason="TOKEN_ALGORITHM_NOT_ALLOWED")
         kid = header.get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
+        key = self._keys[issuer.issuer].get(kid) if isinstance(kid, str) else None
         if key is None:
             raise AuthenticationError("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
         if key.algorithm_name != alg:
             raise AuthenticationError("token algorithm does not match its key", reason="TOKEN_KEY_MISMATCH")
+        claims = self._decode(token, key, alg, issuer.issuer)
+        tenant, subject = claims.get("tenant"), claims.get("sub")
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise AuthenticationError("token lacks a valid 'tenant' claim", reason="TOKEN_CLAIM_MISSING")
+        if not isinstance(subject, str) or not subject or len(subject) > 256:
+            raise AuthenticationError("token lacks a valid 'sub' claim", reason="TOKEN_CLAIM_MISSING")
+        roles = claims.get("roles", [])
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise AuthenticationError("token 'roles' claim must be a list", reason="TOKEN_INVALID")
+        if not self.may_speak_for(issuer.issuer, tenant):
+            raise AuthenticationError(
+                "token issuer may not speak for this tenant", reason="TOKEN_ISSUER_NOT_ALLOWED"
+            )
+        return Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
+
+    def _decode(self, token: str, key: jwt.PyJWK, alg: str, issuer: str) -> dict[str, Any]:
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key.key,
                 algorithms=[alg],
                 audience=self.config.audience,
-                issuer=self.config.issuer,
+                issuer=issuer,
                 leeway=self.config.leeway_seconds,
-                options={"require": ["exp", "iss", "aud", "sub"]},
+                options={"require": _REQUIRED},
             )
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("token expired", reason="TOKEN_EXPIRED") from None
@@ -86,44 +153,78 @@ class JwtVerifier:
             raise AuthenticationError(
                 f"token lacks the {exc.claim!r} claim", reason="TOKEN_CLAIM_MISSING"
             ) from None
-        except jwt.ImmatureSignatureError:
+        except (jwt.ImmatureSignatureError, jwt.InvalidIssuedAtError):
             raise AuthenticationError("token not valid yet", reason="TOKEN_NOT_YET_VALID") from None
         except jwt.InvalidSignatureError:
             raise AuthenticationError("token signature invalid", reason="TOKEN_BAD_SIGNATURE") from None
         except jwt.PyJWTError:
             raise AuthenticationError("token invalid", reason="TOKEN_INVALID") from None
-        tenant, subject = claims.get("tenant"), claims.get("sub")
-        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
-            raise AuthenticationError("token lacks a valid 'tenant' claim", reason="TOKEN_CLAIM_MISSING")
-        if not isinstance(subject, str) or not subject:
-            raise AuthenticationError("token lacks a valid 'sub' claim", reason="TOKEN_CLAIM_MISSING")
-        roles = claims.get("roles", [])
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise AuthenticationError("token 'roles' claim must be a list", reason="TOKEN_INVALID")
-        return Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
+        return claims
 
 
-def _header(token: str) -> dict[str, Any]:
-    """The JOSE header, parsed by us so header policy runs before any library interprets it."""
+class ServiceIdentity:
+    """Turns the verified client certificate of an mTLS call into a service `Principal`."""
+
+    def __init__(self, trust_domain: str) -> None:
+        self.prefix = f"spiffe://{trust_domain}/"
+
+    def principal(self, auth_context: Mapping[str, Any]) -> Principal | None:
+        """None when the call carries no client certificate (it was made on the token port).
+
+        gRPC puts a peer certificate in the auth context only after the TLS handshake verified it
+        against the service CA, and only on the port that requires one."""
+        pems = auth_context.get("x509_pem_cert") or []
+        if not pems:
+            return None
+        try:
+            cert = x509.load_pem_x509_certificate(pems[0])
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        except (ValueError, x509.ExtensionNotFound):
+            uris = []
+        spiffe = [u for u in uris if u.startswith("spiffe://")]
+        if len(spiffe) != 1:
+            raise AuthenticationError(
+                "client certificate needs exactly one SPIFFE URI SAN", reason="CERT_NO_SPIFFE_ID"
+            )
+        spiffe_id = spiffe[0]
+        if not spiffe_id.startswith(self.prefix):
+            raise AuthenticationError("client certificate from another trust domain",
+                                      reason="CERT_BAD_TRUST_DOMAIN")  # fmt: skip
+        match = re.fullmatch(r"tenant/([^/]+)/svc/([^/]+)", spiffe_id[len(self.prefix) :])
+        if not match or not _TENANT.fullmatch(match[1]) or not _SERVICE.fullmatch(match[2]):
+            raise AuthenticationError(
+                "SPIFFE ID must be spiffe://<trust-domain>/tenant/<tenant>/svc/<name>",
+                reason="CERT_BAD_SPIFFE_ID",
+            )
+        return Principal(subject=spiffe_id, tenant=match[1], roles=(), method="mtls")
+
+
+def _segment(text: str) -> dict[str, Any]:
     try:
-        first, _, _ = token.split(".")
-        header = json.loads(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)))
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
     except (ValueError, binascii.Error):  # json and unicode errors are ValueErrors too
         raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED") from None
-    if not isinstance(header, dict):
+    if not isinstance(value, dict):
         raise AuthenticationError("malformed token", reason="TOKEN_MALFORMED")
-    return header
+    return value
 
 
-def _load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
+def load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
+    """The asymmetric public keys of a local JWKS file, by `kid`; refuses symmetric or private keys."""
     try:
         data = json.loads(path.read_text())
         keys = {}
         for entry in data["keys"]:
-            jwk = jwt.PyJWK(entry)
-            if not entry.get("kid"):
+            if not isinstance(entry, dict) or not entry.get("kid") or not isinstance(entry["kid"], str):
                 raise ValueError("a key has no 'kid'")
-            keys[entry["kid"]] = jwk
+            if entry.get("kty") not in ("OKP", "EC", "RSA"):
+                raise ValueError(f"key {entry['kid']!r}: only asymmetric keys (OKP, EC, RSA) are accepted")
+            if "d" in entry:
+                raise ValueError(f"key {entry['kid']!r} is a private key; a JWKS holds public keys only")
+            if entry["kid"] in keys:
+                raise ValueError(f"two keys have kid {entry['kid']!r}")
+            keys[entry["kid"]] = jwt.PyJWK(entry)
     except (OSError, ValueError, KeyError, TypeError, jwt.PyJWTError) as exc:
         raise ValueError(f"{path}: cannot load JWKS ({type(exc).__name__}: {exc})") from None
     if not keys:
@@ -131,22 +232,12 @@ def _load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
     return keys
 
 
-def bearer_token(metadata: Any) -> str:
+def bearer_token(metadata: Any) -> str | None:
+    """The bearer token of the call, None when there is no authorization header."""
     for key, value in metadata or ():
         if key == "authorization":
             scheme, _, token = str(value).partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise AuthenticationError("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
             return token.strip()
-    raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
-
-
-class AuthInterceptor(GuardInterceptor):
-    """Authenticates every call except health checks before its servicer runs."""
-
-    def __init__(self, verifier: JwtVerifier) -> None:
-        self.verifier = verifier
-
-    def check(self, context: grpc.aio.ServicerContext) -> None:
-        token = bearer_token(context.invocation_metadata())
-        _principal.set(self.verifier.verify(token))
+    return None

@@ -13,15 +13,25 @@ import json
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
+import watchfiles
 from grpc_health.v1 import health_pb2
 
 from airlock import logs
 from gateway import config as config_mod
-from gateway.identity import JwtVerifier
+from gateway.audit import AuditLog
+from gateway.authz import Authorizer
+from gateway.guard import CallGuard
+from gateway.identity import JwtVerifier, ServiceIdentity
+from gateway.lockout import Lockout
+from gateway.metrics import Metrics
 from gateway.pki import ensure_dev_pki
-from gateway.server import SERVICE, ClientTls, InferenceService, Route, Router, create_server
+from gateway.policy import PolicyError
+from gateway.server import SERVICE, ClientTls, InferenceService, Route, Router, ServerTls, create_server
 
 _log = logging.getLogger("airlock.gateway")
 
@@ -35,36 +45,105 @@ def parse_route(text: str) -> Route:
     return Route(parts[0], parts[1], parts[2], address)
 
 
-async def serve(cfg: config_mod.Config, routes: list[Route], listen: str, ready_file: Path | None) -> None:
+@dataclass(frozen=True)
+class Gateway:
+    """The wired parts of one gateway process."""
+
+    authorizer: Authorizer
+    verifier: JwtVerifier
+    metrics: Metrics
+    audit: AuditLog
+    router: Router
+    server: grpc.aio.Server
+    health: Any
+    port: int
+    mtls_port: int | None
+
+
+def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
+    """Wire the gateway from its configuration: PKI, policy, identities, guard, server."""
+    pki = ensure_dev_pki(cfg.state_dir)
+    metrics = Metrics()
+    audit = AuditLog(cfg.state_dir / "audit" / "gateway.jsonl")
+    authorizer = Authorizer.from_directory(
+        cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
+    )
+
+    def may_speak_for(issuer: str, tenant: str) -> bool:
+        settings = authorizer.policy.tenants.get(tenant)  # the policy in service, reloaded with it
+        return settings is not None and issuer in settings.issuers
+
+    jwks = {i.issuer: (i.jwks_file or pki.jwks) for i in cfg.auth.issuers}
+    verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
+    router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
+    service = InferenceService(router, cfg.gateway.limits, authorizer)
+    guard = CallGuard(
+        verifier,
+        ServiceIdentity(cfg.auth.mtls.trust_domain),
+        authorizer,
+        Lockout(cfg.lockout),
+        service.resources,
+        metrics=metrics,
+        audit=audit,
+    )
+    tls = ServerTls(pki.gateway_cert, pki.gateway_key, cfg.auth.mtls.ca_file or pki.service_ca_cert)
+    server, port, mtls_port, health = create_server(
+        service,
+        guard,
+        listen,
+        tls=tls,
+        max_message_bytes=cfg.gateway.max_message_bytes,
+        mtls_listen=mtls_listen,
+    )
+    return Gateway(authorizer, verifier, metrics, audit, router, server, health, port, mtls_port)
+
+
+async def watch_jwks(verifier: JwtVerifier, metrics: Metrics, stop: asyncio.Event) -> None:
+    """Reload a JWKS file when it changes (key rotation without a restart)."""
+    files = {path.resolve() for path in verifier.jwks_files.values()}
+    dirs = {path.parent for path in files}
+    async for changes in watchfiles.awatch(
+        *dirs, stop_event=stop, debounce=300, watch_filter=lambda _c, p: Path(p).resolve() in files
+    ):
+        for changed in {Path(p).resolve() for _, p in changes}:
+            for path in verifier.jwks_files.values():
+                if path.resolve() == changed and changed.exists():
+                    ok = verifier.reload(path)
+                    metrics.jwks_reloads.labels("accepted" if ok else "rejected").inc()
+
+
+async def serve(
+    cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str, ready_file: Path | None
+) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    pki = ensure_dev_pki(cfg.state_dir)
-    verifier = JwtVerifier(cfg.auth, cfg.auth.jwks_file or pki.jwks)
-    router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
-    service = InferenceService(router, cfg.gateway.limits)
-    server, port, health = create_server(
-        service,
-        verifier,
-        listen,
-        cert=pki.gateway_cert,
-        key=pki.gateway_key,
-        max_message_bytes=cfg.gateway.max_message_bytes,
-    )
-    await server.start()
-    await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    gw = build(cfg, routes, listen, mtls_listen)
+    metrics_port = None
+    if cfg.gateway.metrics_listen:
+        host, _, mport = cfg.gateway.metrics_listen.rpartition(":")
+        metrics_port = gw.metrics.serve(host, int(mport))
+    watchers = [
+        asyncio.create_task(gw.authorizer.watch(stopping)),
+        asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping)),
+    ]
+    await gw.server.start()
+    await gw.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await gw.health.set("", health_pb2.HealthCheckResponse.SERVING)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+        info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid()}
+        tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
-    _log.info("gateway ready", extra={"port": port})
+    _log.info("gateway ready", extra={"port": gw.port, "mtls_port": gw.mtls_port})
     await stopping.wait()
     _log.info("gateway draining", extra={"elapsed_s": cfg.gateway.grace_seconds})
-    await health.enter_graceful_shutdown()
-    await server.stop(cfg.gateway.grace_seconds)
-    await router.close()
+    await gw.health.enter_graceful_shutdown()
+    await gw.server.stop(cfg.gateway.grace_seconds)
+    await asyncio.gather(*watchers, return_exceptions=True)
+    await gw.router.close()
+    gw.audit.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path)
     p.add_argument("--route", type=parse_route, action="append", default=[], required=True)
     p.add_argument("--listen", help="override gateway.listen (e.g. 127.0.0.1:0 in tests)")
+    p.add_argument("--mtls-listen", help='override gateway.mtls_listen ("" disables it)')
     p.add_argument("--ready-file", type=Path)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -83,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         _log.error("bad configuration: %s", exc)
         return 2
     try:
-        asyncio.run(serve(cfg, args.route, args.listen or cfg.gateway.listen, args.ready_file))
+        mtls = cfg.gateway.mtls_listen if args.mtls_listen is None else args.mtls_listen
+        asyncio.run(serve(cfg, args.route, args.listen or cfg.gateway.listen, mtls, args.ready_file))
+    except PolicyError as exc:
+        _log.error("policy refused: %s", exc)
+        return 2
     except Exception:
         _log.exception("gateway failed")
         return 1

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import OKPAlgorithm
 
-__all__ = ["DevPki", "ensure_dev_pki"]
+__all__ = ["DevPki", "ServiceCert", "ensure_dev_pki", "issue_service_cert"]
 
 GATEWAY_NAME = "airlock-gateway"
 WORKER_NAME = "airlock-worker"
@@ -55,6 +55,15 @@ class DevPki:
         return self.dir / "worker.key"
 
     @property
+    def service_ca_cert(self) -> Path:
+        """The CA of service (mTLS client) identities: separate from the one workers and gateway use."""
+        return self.dir / "service-ca.crt"
+
+    @property
+    def service_ca_key(self) -> Path:
+        return self.dir / "service-ca.key"
+
+    @property
     def jwt_key(self) -> Path:
         return self.dir / "jwt-signing.key"
 
@@ -75,13 +84,14 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
     if not (pki.ca_cert.exists() and pki.ca_key.exists()):
         ca_key = ec.generate_private_key(ec.SECP256R1())
         _write_key(pki.ca_key, ca_key)
-        _write_public(pki.ca_cert, _ca_certificate(ca_key))
+        _write_public(pki.ca_cert, _ca_certificate(ca_key, "Airlock development CA"))
         for stale in (pki.gateway_cert, pki.worker_cert):
             stale.unlink(missing_ok=True)  # leaf certificates of an old CA are useless
-    loaded = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
-    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{pki.ca_key}: not an EC private key")
-    ca_key = loaded
+    if not (pki.service_ca_cert.exists() and pki.service_ca_key.exists()):
+        service_key = ec.generate_private_key(ec.SECP256R1())
+        _write_key(pki.service_ca_key, service_key)
+        _write_public(pki.service_ca_cert, _ca_certificate(service_key, "Airlock development service CA"))
+    ca_key = _load_ec_key(pki.ca_key)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     for name, cert, key in (
         (GATEWAY_NAME, pki.gateway_cert, pki.gateway_key),
@@ -101,8 +111,65 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
     return pki
 
 
-def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> bytes:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Airlock development CA")])
+@dataclass(frozen=True)
+class ServiceCert:
+    spiffe_id: str
+    cert: Path
+    key: Path
+
+
+def issue_service_cert(
+    pki: DevPki,
+    *,
+    tenant: str,
+    service: str,
+    trust_domain: str = "airlock.local",
+    out_dir: Path | None = None,
+    valid_days: int = 30,
+) -> ServiceCert:
+    """Issue a service identity (mTLS client certificate with a SPIFFE URI SAN) from the dev service CA."""
+    spiffe_id = f"spiffe://{trust_domain}/tenant/{tenant}/svc/{service}"
+    ca_key = _load_ec_key(pki.service_ca_key)
+    ca_cert = x509.load_pem_x509_certificate(pki.service_ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"svc {tenant}/{service}")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory = out_dir or pki.dir / "services"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = ServiceCert(
+        spiffe_id, directory / f"{tenant}-{service}.crt", directory / f"{tenant}-{service}.key"
+    )
+    _write_key(paths.key, key)
+    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: not an EC private key")
+    return loaded
+
+
+def _ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()

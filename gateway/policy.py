@@ -22,6 +22,7 @@ import yaml
 
 __all__ = [
     "ACTIONS",
+    "MAX_HOPS",
     "Decision",
     "Policy",
     "PolicyCase",
@@ -172,6 +173,8 @@ class Policy:
             and key_match(resource, r.resource)
             and (r.action == action or r.action == "*")
         )
+        if len(matched) > 1:  # name the earliest line that decided, as a reader of the file expects
+            matched = tuple(sorted(matched, key=lambda r: r.line))
         deny = next((r for r in matched if r.effect == "deny"), None)
         if deny is not None:
             return Decision(False, deny, roles, matched)
@@ -211,7 +214,7 @@ def load_policy(directory: Path) -> Policy:
     _check_model(directory / "model.conf", model_text)
     tenants = _load_tenants(directory / "tenants.toml")
     rules, links = _load_lines(directory / "policy.csv", tenants)
-    cases = _load_cases(directory / "tests.yaml")
+    cases = _load_cases(directory / "tests.yaml", tenants)
     return Policy(directory, tuple(rules), tuple(links), tenants, tuple(cases), model_text)
 
 
@@ -282,7 +285,9 @@ def _load_lines(path: Path, tenants: dict[str, TenantSettings]) -> tuple[list[Ru
         kind, values = fields[0], fields[1:]
         if kind == "p":
             if len(values) != 5:
-                raise PolicyError(f"{where}: a p line has 5 fields (subject, tenant, resource, action, effect)")
+                raise PolicyError(
+                    f"{where}: a p line has 5 fields (subject, tenant, resource, action, effect)"
+                )
             subject, tenant, resource, action, effect = values
             if action not in ACTIONS:
                 raise PolicyError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
@@ -314,7 +319,7 @@ def _check_tenant(where: str, tenant: str, tenants: dict[str, TenantSettings], *
         raise PolicyError(f"{where}: unknown tenant {tenant!r} (not in tenants.toml)")
 
 
-def _load_cases(path: Path) -> list[PolicyCase]:
+def _load_cases(path: Path, tenants: dict[str, TenantSettings]) -> list[PolicyCase]:
     if not path.exists():
         return []
     try:
@@ -332,6 +337,11 @@ def _load_cases(path: Path) -> list[PolicyCase]:
             raise PolicyError(f"{path}: case {index}: needs exactly {', '.join(sorted(keys))}")
         if not all(isinstance(case[k], str) for k in keys) or case["expect"] not in EFFECTS:
             raise PolicyError(f"{path}: case {index}: string values; expect is allow or deny")
+        # A typo here would make an `expect: deny` case pass without testing anything.
+        if case["tenant"] not in tenants:
+            raise PolicyError(f"{path}: case {index}: unknown tenant {case['tenant']!r}")
+        if case["action"] not in ACTIONS or case["action"] == "*":
+            raise PolicyError(f"{path}: case {index}: action must be one of {', '.join(ACTIONS[:-1])}")
         out.append(PolicyCase(index, case["subject"], case["tenant"], case["resource"], case["action"],
                               case["expect"]))  # fmt: skip
     return out

@@ -26,9 +26,10 @@ from airlock.serving import ErrorInterceptor, bind, new_server
 from airlock.types import Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from gateway.identity import AuthInterceptor, JwtVerifier, current_principal
+from gateway.authz import Authorizer
+from gateway.guard import CallGuard, current_caller
 
-__all__ = ["InferenceService", "Route", "Router", "create_server"]
+__all__ = ["InferenceService", "Route", "Router", "ServerTls", "create_server"]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
@@ -72,6 +73,9 @@ class Router:
     def models(self, tenant: str) -> list[Route]:
         return [r for r in self.routes if r.tenant == tenant]
 
+    def default_model(self, tenant: str) -> str:
+        return self._defaults.get(tenant, "")
+
     def resolve(self, tenant: str, model: str) -> tuple[str, worker_pb2_grpc.WorkerStub]:
         if tenant not in self._defaults:
             raise PermissionDeniedError("tenant is not served here", reason="TENANT_NOT_SERVED")
@@ -86,15 +90,31 @@ class Router:
             await channel.close()
 
 
+_ACTIONS = {f"/{SERVICE}/Generate": "generate", f"/{SERVICE}/GenerateStream": "stream"}
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router, limits: Limits) -> None:
+    def __init__(self, router: Router, limits: Limits, authorizer: Authorizer | None = None) -> None:
         self.router = router
         self.limits = limits
+        self.authorizer = authorizer
+
+    def resources(self, method: str, request: object, tenant: str) -> tuple[str, str] | None:
+        """What a call asks to do, for the policy: `model:NAME` with generate/stream, or list models.
+
+        Other methods (server reflection) need an authenticated caller and nothing more."""
+        if method == f"/{SERVICE}/ListModels":
+            return "models", "list"
+        action = _ACTIONS.get(method)
+        if action is None:
+            return None
+        model = getattr(request, "model", "") or self.router.default_model(tenant)
+        return f"model:{model}", action
 
     def _dispatch(
         self, request: pb.GenerateRequest
     ) -> tuple[worker_pb2.WorkerRequest, worker_pb2_grpc.WorkerStub]:
-        tenant = current_principal().tenant
+        tenant = current_caller().tenant
         spec = validate_request(request, self.limits)
         model, stub = self.router.resolve(tenant, spec.model)
         request.request_id = spec.request_id
@@ -127,7 +147,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        routes = self.router.models(current_principal().tenant)
+        caller = current_caller()
+        routes = self.router.models(caller.tenant)
+        if self.authorizer is not None:  # list only what the caller may use
+            subject = caller.principal.policy_subject
+            routes = [
+                r for r in routes
+                if any(self.authorizer.decide(subject, caller.tenant, f"model:{r.model}", act).allowed
+                       for act in ("generate", "stream"))
+            ]  # fmt: skip
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(name=r.model, engine=r.engine, is_default=i == 0) for i, r in enumerate(routes)
@@ -154,19 +182,37 @@ def _worker_error(exc: grpc.aio.AioRpcError) -> AirlockError:
     return AirlockError("the worker failed to answer", reason="WORKER_FAILED")
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The gateway's own certificate, and the CA that service (mTLS) client certificates come from."""
+
+    cert: Path
+    key: Path
+    service_ca: Path
+
+
 def create_server(
     service: InferenceService,
-    verifier: JwtVerifier,
+    guard: CallGuard,
     listen: str,
     *,
-    cert: Path,
-    key: Path,
+    tls: ServerTls,
     max_message_bytes: int,
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build (not start) the gateway server over TLS; returns it, its port and its health servicer."""
+    mtls_listen: str = "",
+) -> tuple[grpc.aio.Server, int, int | None, health.aio.HealthServicer]:
+    """Build (not start) the gateway server: a TLS port for token callers and, when `mtls_listen`
+    is set, a port that requires a client certificate from the service CA. Returns the server,
+    both ports (None when there is no mTLS port) and the health servicer."""
     server, health_servicer = new_server(
-        [ErrorInterceptor(), AuthInterceptor(verifier)], [SERVICE], max_message_bytes=max_message_bytes
+        [ErrorInterceptor(), guard], [SERVICE], max_message_bytes=max_message_bytes
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
-    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-    return server, bind(server, listen, credentials), health_servicer
+    identity = [(tls.key.read_bytes(), tls.cert.read_bytes())]
+    port = bind(server, listen, grpc.ssl_server_credentials(identity))
+    mtls_port = None
+    if mtls_listen:
+        credentials = grpc.ssl_server_credentials(
+            identity, root_certificates=tls.service_ca.read_bytes(), require_client_auth=True
+        )
+        mtls_port = bind(server, mtls_listen, credentials)
+    return server, port, mtls_port, health_servicer

@@ -84,6 +84,21 @@ class Stack:
         host = self.listen.rsplit(":", 1)[0]
         return f"{host}:{self.gateway.port}"
 
+    @property
+    def mtls_address(self) -> str | None:
+        """The service (mTLS) port's address; None when it is disabled."""
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        port = self.gateway.info.get("mtls_port")
+        return f"{self.listen.rsplit(':', 1)[0]}:{port}" if port else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        port = self.gateway.info.get("metrics_port")
+        return int(port) if port else None
+
     def start(self, *, timeout: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> None:
         try:
             self._start(timeout, progress)
@@ -126,12 +141,16 @@ class Stack:
             for (tenant, model), child in self.workers.items()
         ]
         gateway_args = ["-m", "gateway", "--listen", self.listen, "--state-dir", str(self.config.state_dir)]
+        if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
+            # A listen override (tests, a second stack) moves the service port too: same host, any port.
+            gateway_args += ["--mtls-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]
         if self.config.source != "<defaults>":
             gateway_args += ["--config", self.config.source]
         self.gateway = self._spawn("gateway", gateway_args + routes, {})
         self._wait_ready([self.gateway], deadline, progress)
         self._check_health(deadline)
-        info = {"address": self.address, "pid": os.getpid(), "ca": str(pki.ca_cert)}
+        info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
+                "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:

@@ -27,10 +27,13 @@ def mint_dev_token(
     ttl_seconds: int = 3600,
     roles: tuple[str, ...] = ("user",),
 ) -> str:
+    issuer = auth.dev_issuer
+    if issuer is None:
+        raise ValueError("no configured issuer uses the dev JWKS; dev tokens would not verify")
     key = serialization.load_pem_private_key(pki.jwt_key.read_bytes(), password=None)
     now = int(time.time())
     claims = {
-        "iss": auth.issuer,
+        "iss": issuer.issuer,
         "aud": auth.audience,
         "sub": subject,
         "tenant": tenant,

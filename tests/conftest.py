@@ -6,6 +6,7 @@ is converted once; each stack gets its own run directory (logs, ready files) and
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,15 +54,34 @@ models = ["smollm2"]
 """
 
 
+REPO_POLICY = Path(__file__).resolve().parent.parent / "policy"
+# The subjects tests call as ("tester" in each demo tenant), on top of the repository's policy.
+TEST_GRANTS = """
+g, acme/tester, user, acme
+g, globex/tester, user, globex
+"""
+
+
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("state")
 
 
+def make_policy_dir(directory: Path, extra_lines: str = TEST_GRANTS) -> Path:
+    """A copy of the repository's policy with `extra_lines` appended to policy.csv."""
+    shutil.copytree(REPO_POLICY, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.md"))
+    with (directory / "policy.csv").open("a") as fh:
+        fh.write(textwrap.dedent(extra_lines))
+    return directory
+
+
 def _start(state_dir: Path, run_dir: Path, toml: str) -> Stack:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "airlock.toml"
-    path.write_text(textwrap.dedent(toml))
+    toml = textwrap.dedent(toml)
+    if "policy_dir" not in toml:
+        toml = f'policy_dir = "{make_policy_dir(run_dir / "policy")}"\n' + toml
+    path.write_text(toml)
     cfg = config_mod.load(path, state_dir=state_dir)
     stack = Stack(cfg, run_dir=run_dir, listen="127.0.0.1:0")
     stack.start(timeout=600)

@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -103,7 +104,7 @@ class PeerInterceptor(GuardInterceptor):
     def __init__(self, allowed_peer: str) -> None:
         self.allowed = allowed_peer.encode()
 
-    def check(self, context: grpc.aio.ServicerContext) -> None:
+    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         names = context.auth_context().get("x509_common_name", [])
         if self.allowed not in names:
             raise PermissionDeniedError("only the gateway may call a worker", reason="PEER_NOT_ALLOWED")

@@ -17,7 +17,6 @@ from airlock import (
     AuthenticationError,
     DeadlineExceededError,
     InvalidRequestError,
-    PermissionDeniedError,
     QuotaExceededError,
     UnavailableError,
 )
@@ -115,11 +114,12 @@ async def test_bad_tokens_are_unauthenticated_and_dispatch_nothing(
     assert await _started_total(echo_stack) == before
 
 
-async def test_unknown_tenant_is_denied(echo_stack: LiveStack) -> None:
+async def test_a_token_for_a_tenant_the_policy_does_not_know_is_refused(echo_stack: LiveStack) -> None:
+    # No issuer may speak for a tenant missing from policy/tenants.toml.
     async with echo_stack.client("initech") as client:
-        with pytest.raises(PermissionDeniedError) as err:
+        with pytest.raises(AuthenticationError) as err:
             await client.generate("hi")
-    assert err.value.reason == "TENANT_NOT_SERVED"
+    assert err.value.reason == "TOKEN_ISSUER_NOT_ALLOWED"
 
 
 @pytest.mark.parametrize(

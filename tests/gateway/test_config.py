@@ -12,7 +12,10 @@ from gateway.config import (
     AuthConfig,
     ConfigError,
     GatewayConfig,
+    IssuerConfig,
+    LockoutConfig,
     ModelConfig,
+    MtlsConfig,
     TenantConfig,
     load,
 )
@@ -59,7 +62,7 @@ def test_defaults_are_two_demo_tenants_on_the_bundled_model(tmp_path: Path) -> N
 
 
 def test_the_default_auth_algorithms_are_asymmetric() -> None:
-    assert AuthConfig().algorithms == ("EdDSA", "ES256")
+    assert AuthConfig().issuers == (IssuerConfig("airlock-dev", None, ("EdDSA", "ES256")),)
 
 
 def test_a_full_file_is_parsed(tmp_path: Path) -> None:
@@ -72,18 +75,34 @@ def test_a_full_file_is_parsed(tmp_path: Path) -> None:
 
         [gateway]
         listen = "0.0.0.0:9443"
+        mtls_listen = "0.0.0.0:9444"
+        metrics_listen = "127.0.0.1:9464"
         max_message_bytes = 65536
         grace_seconds = 3
         max_tokens = 512
         default_max_tokens = 64
 
         [auth]
-        issuer = "https://idp.example"
         audience = "airlock-prod"
-        jwks_file = "{tmp_path / "jwks.json"}"
-        algorithms = ["ES256", "RS256"]
         leeway_seconds = 5
         max_token_bytes = 4096
+
+        [[auth.issuers]]
+        issuer = "https://idp.example"
+        jwks_file = "{tmp_path / "jwks.json"}"
+        algorithms = ["ES256", "RS256"]
+
+        [[auth.issuers]]
+        issuer = "airlock-dev"
+
+        [auth.mtls]
+        ca_file = "{tmp_path / "services-ca.pem"}"
+        trust_domain = "bank.example"
+
+        [lockout]
+        max_failures = 3
+        window_seconds = 10
+        lockout_seconds = 60
 
         [models.local]
         engine = "transformers"
@@ -106,19 +125,25 @@ def test_a_full_file_is_parsed(tmp_path: Path) -> None:
     assert cfg.state_dir == tmp_path / "configured-state"
     assert cfg.gateway == GatewayConfig(
         listen="0.0.0.0:9443",
+        mtls_listen="0.0.0.0:9444",
+        metrics_listen="127.0.0.1:9464",
         max_message_bytes=65536,
         grace_seconds=3.0,
         limits=Limits(max_tokens=512, default_max_tokens=64),
     )
     assert isinstance(cfg.gateway.grace_seconds, float)
     assert cfg.auth == AuthConfig(
-        issuer="https://idp.example",
         audience="airlock-prod",
-        jwks_file=tmp_path / "jwks.json",
-        algorithms=("ES256", "RS256"),
+        issuers=(
+            IssuerConfig("https://idp.example", tmp_path / "jwks.json", ("ES256", "RS256")),
+            IssuerConfig("airlock-dev", None, ("EdDSA", "ES256")),
+        ),
         leeway_seconds=5,
         max_token_bytes=4096,
+        mtls=MtlsConfig(tmp_path / "services-ca.pem", "bank.example"),
     )
+    assert cfg.auth.dev_issuer == IssuerConfig("airlock-dev", None, ("EdDSA", "ES256"))
+    assert cfg.lockout == LockoutConfig(3, 10.0, 60.0)
     assert cfg.models == {
         "local": ModelConfig("local", "transformers", str(weights), 0.0, 4),
         "echo": ModelConfig("echo", "echo", "bundled", 20.0, 0),
@@ -146,7 +171,24 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     [
         ("colour = 'blue'\n" + MINIMAL, "colour", "unknown key"),
         ("[gateway]\ncolour = 'blue'\n" + MINIMAL, "gateway.colour", "unknown key"),
-        ("[auth]\nissuers = 'x'\n" + MINIMAL, "auth.issuers", "unknown key"),
+        ("[auth]\nissuer = 'x'\n" + MINIMAL, "auth.issuer", "unknown key"),
+        ("[auth]\nissuers = 'x'\n" + MINIMAL, "auth.issuers", "must be list, got str"),
+        ("[[auth.issuers]]\njwks_file = 'x'\n" + MINIMAL, "auth.issuers[0].issuer", "is required"),
+        (
+            "[[auth.issuers]]\nissuer = 'a'\n[[auth.issuers]]\nissuer = 'a'\n" + MINIMAL,
+            "auth.issuers",
+            "lists an issuer twice",
+        ),
+        ("[[auth.issuers]]\nissuer = 'a'\nkeys = 1\n" + MINIMAL, "auth.issuers[0].keys", "unknown key"),
+        (
+            "[auth.mtls]\ntrust_domain = 'Bad Domain'\n" + MINIMAL,
+            "auth.mtls.trust_domain",
+            "must be lowercase",
+        ),
+        ("[gateway]\nmtls_listen = 'nowhere'\n" + MINIMAL, "gateway.mtls_listen", 'or "" to disable'),
+        ("[lockout]\nmax_failures = -1\n" + MINIMAL, "lockout.max_failures", "must be >= 0"),
+        ("[lockout]\nwindow_seconds = 0\n" + MINIMAL, "lockout.window_seconds", "must be > 0"),
+        ("policy_dir = '/no/such/policy'\n" + MINIMAL, "policy_dir", "is not a directory"),
         (MINIMAL + "[models.echo2]\nengine = 'echo'\nthread = 2\n", "models.echo2.thread", "unknown key"),
         (
             MINIMAL.replace('models = ["echo"]', 'models = ["echo"]\nmodel = "echo"'),
@@ -159,7 +201,11 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
         ("[gateway]\nmax_tokens = 1.5\n" + MINIMAL, "gateway.max_tokens", "must be int, got float"),
         ("[gateway]\ngrace_seconds = true\n" + MINIMAL, "gateway.grace_seconds", "must be float, got bool"),
         ("[gateway]\nlisten = 7443\n" + MINIMAL, "gateway.listen", "must be str, got int"),
-        ("[auth]\nalgorithms = 'EdDSA'\n" + MINIMAL, "auth.algorithms", "must be list, got str"),
+        (
+            "[[auth.issuers]]\nissuer = 'i'\nalgorithms = 'EdDSA'\n" + MINIMAL,
+            "auth.issuers[0].algorithms",
+            "must be list, got str",
+        ),
         (
             "[gateway]\nmax_tokens = -5\n" + MINIMAL,
             "gateway.max_tokens",
@@ -176,13 +222,25 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
         ("[gateway]\ngrace_seconds = -1\n" + MINIMAL, "gateway.grace_seconds", "must be >= 0"),
         ("[gateway]\nlisten = 'localhost'\n" + MINIMAL, "gateway.listen", "must be HOST:PORT"),
         (
-            "[auth]\nalgorithms = ['HS256']\n" + MINIMAL,
-            "auth.algorithms",
+            "[[auth.issuers]]\nissuer = 'i'\nalgorithms = ['HS256']\n" + MINIMAL,
+            "auth.issuers[0].algorithms",
             "'HS256' is not allowed (asymmetric only",
         ),
-        ("[auth]\nalgorithms = ['EdDSA', 'HS512']\n" + MINIMAL, "auth.algorithms", "'HS512' is not allowed"),
-        ("[auth]\nalgorithms = ['none']\n" + MINIMAL, "auth.algorithms", "'none' is not allowed"),
-        ("[auth]\nalgorithms = []\n" + MINIMAL, "auth.algorithms", "must list at least one algorithm"),
+        (
+            "[[auth.issuers]]\nissuer = 'i'\nalgorithms = ['EdDSA', 'HS512']\n" + MINIMAL,
+            "auth.issuers[0].algorithms",
+            "'HS512' is not allowed",
+        ),
+        (
+            "[[auth.issuers]]\nissuer = 'i'\nalgorithms = ['none']\n" + MINIMAL,
+            "auth.issuers[0].algorithms",
+            "'none' is not allowed",
+        ),
+        (
+            "[[auth.issuers]]\nissuer = 'i'\nalgorithms = []\n" + MINIMAL,
+            "auth.issuers[0].algorithms",
+            "must list at least one algorithm",
+        ),
         ("[auth]\nleeway_seconds = 301\n" + MINIMAL, "auth.leeway_seconds", "must be between 0 and 300"),
         ("[auth]\nleeway_seconds = -1\n" + MINIMAL, "auth.leeway_seconds", "must be between 0 and 300"),
         ("[tenants.acme]\nmodels = ['echo']\n", "models", "must define at least one"),

@@ -29,6 +29,8 @@ def files(pki: DevPki) -> dict[str, Path]:
         "worker_key": pki.worker_key,
         "jwt_key": pki.jwt_key,
         "jwks": pki.jwks,
+        "service_ca_cert": pki.service_ca_cert,
+        "service_ca_key": pki.service_ca_key,
     }
 
 
@@ -56,7 +58,7 @@ def test_every_file_is_made_under_state_dir_pki(tmp_path: Path, pki: DevPki) -> 
 
 def test_private_keys_are_owner_only_and_the_directory_is_private(pki: DevPki) -> None:
     assert mode(pki.dir) == 0o700
-    for key in (pki.ca_key, pki.gateway_key, pki.worker_key, pki.jwt_key):
+    for key in (pki.ca_key, pki.gateway_key, pki.worker_key, pki.jwt_key, pki.service_ca_key):
         assert mode(key) == 0o600, key.name
 
 
@@ -155,3 +157,18 @@ def test_the_jwks_holds_one_public_eddsa_key(pki: DevPki) -> None:
 def test_public_files_hold_no_private_key(pki: DevPki) -> None:
     for path in (pki.ca_cert, pki.gateway_cert, pki.worker_cert, pki.jwks):
         assert b"PRIVATE KEY" not in path.read_bytes(), path.name
+
+
+def test_a_service_certificate_carries_its_spiffe_id_and_is_private(tmp_path: Path, pki: DevPki) -> None:
+    from cryptography import x509
+
+    from gateway.pki import issue_service_cert
+
+    issued = issue_service_cert(pki, tenant="acme", service="batch", out_dir=tmp_path / "svc")
+    assert issued.spiffe_id == "spiffe://airlock.local/tenant/acme/svc/batch"
+    cert = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [issued.spiffe_id]
+    service_ca = x509.load_pem_x509_certificate(pki.service_ca_cert.read_bytes())
+    assert cert.issuer == service_ca.subject  # the service CA, never the one workers trust
+    assert mode(issued.key) == 0o600
