@@ -2,6 +2,7 @@
 
     airlock up [--config FILE] [--demo]     gateway + one worker per tenant model, in the foreground
     airlock token --tenant T --subject S    print a development JWT signed with the dev key
+    airlock cert --tenant T --service S     issue a development service certificate (mTLS, SPIFFE ID)
     airlock generate --tenant T "prompt"    stream an answer, then token counts and latency
     airlock policy lint [--dir DIR]         find risky or mistaken lines in a policy directory
     airlock policy test [--dir DIR]         run the policy's tests.yaml cases, list every failure
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -24,7 +26,7 @@ from typing import Any
 
 from airlock import AirlockError, Client
 from gateway import config as config_mod
-from gateway.pki import ensure_dev_pki
+from gateway.pki import ensure_dev_pki, issue_service_cert
 from gateway.policy import ACTIONS, Decision, Policy, PolicyError, Rule, load_policy
 from gateway.policy_lint import home_tenant, lint_directory
 from gateway.stack import Stack, StackError
@@ -70,6 +72,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         ca = stack.pki.ca_cert if stack.pki else "?"
         print(f"Airlock is up: gateway on {stack.address} (TLS; CA certificate {ca})")
+        if stack.mtls_address:
+            print(f"  services (mTLS, certificates from `airlock cert`): {stack.mtls_address}")
         for (tenant, model), child in stack.workers.items():
             print(f"  tenant {tenant}: model {model} in worker pid {child.process.pid}")
         print(f"  logs: {stack.run_dir}")
@@ -103,6 +107,20 @@ def _demo(cfg: config_mod.Config, stack: Stack) -> None:
             f"[{tenant}] ({answer.prompt_tokens} prompt + {answer.completion_tokens} completion tokens)",
             flush=True,
         )
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    pki = ensure_dev_pki(cfg.state_dir)
+    issued = issue_service_cert(
+        pki, tenant=args.tenant, service=args.service, trust_domain=cfg.auth.mtls.trust_domain,
+        out_dir=args.out, valid_days=args.days,
+    )  # fmt: skip
+    print(f"identity:    {issued.spiffe_id}")
+    print(f"certificate: {issued.cert}")
+    print(f"key:         {issued.key} (mode 0600)")
+    print(f"trust:       {pki.ca_cert} (the gateway's CA)")
+    return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -266,6 +284,12 @@ def _add_policy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     explain.set_defaults(func=cmd_policy_explain)
 
 
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: lowercase letters, digits and '-'")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -286,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", required=True)
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.set_defaults(func=cmd_token)
+
+    cert = sub.add_parser("cert", parents=[common], help="issue a development service certificate (mTLS)")
+    cert.add_argument("--tenant", required=True, type=_name)
+    cert.add_argument("--service", required=True, type=_name)
+    cert.add_argument("--out", type=Path, help="directory for the files (default: state_dir/pki/services)")
+    cert.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    cert.set_defaults(func=cmd_cert)
 
     gen = sub.add_parser("generate", parents=[common], help="stream an answer from a running stack")
     gen.add_argument("prompt")

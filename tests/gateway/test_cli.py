@@ -61,3 +61,24 @@ def test_generate_command_reports_errors_clearly(echo_stack: LiveStack) -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "UNAUTHENTICATED" in result.stderr and "TOKEN_MALFORMED" in result.stderr
+
+
+async def test_cert_issues_a_service_identity_the_running_stack_accepts(
+    echo_stack: LiveStack, tmp_path: Path
+) -> None:
+    from airlock import AsyncClient
+
+    state = str(echo_stack.config.state_dir)
+    result = airlock("cert", "--tenant", "acme", "--service", "batch", "--state-dir", state,
+                     "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "spiffe://airlock.local/tenant/acme/svc/batch" in result.stdout
+    address = echo_stack.stack.mtls_address
+    assert address is not None
+    async with AsyncClient(
+        address, ca_cert=echo_stack.pki.ca_cert,
+        client_cert=tmp_path / "acme-batch.crt", client_key=tmp_path / "acme-batch.key",
+    ) as client:  # fmt: skip
+        assert (await client.generate("as a service", model="echo")).text == "as a service"
+    refused = airlock("cert", "--tenant", "Acme", "--service", "batch", "--state-dir", state)
+    assert refused.returncode == 2 and "lowercase" in refused.stderr
