@@ -26,6 +26,9 @@ _FIELDS = (
     "pid",
     "elapsed_s",
     "tokens",
+    "issuer",
+    "keys",
+    "mtls_port",
 )
 
 

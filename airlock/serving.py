@@ -39,13 +39,20 @@ def new_server(
     services: Sequence[str],
     *,
     max_message_bytes: int,
+    max_metadata_bytes: int = 64 << 10,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A server with message limits, the health service and reflection for `services`."""
+    """A server with message limits, the health service and reflection for `services`.
+
+    gRPC's default header limit (8 KiB, enforced at random above it) would refuse large tokens
+    before our own size check could give them a stable reason, an audit record and a lockout
+    count; headers get room up to `max_metadata_bytes` and the checks behind it decide."""
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_metadata_size", max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
