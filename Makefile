@@ -31,10 +31,12 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## Benchmarks: gateway overhead (EchoEngine, direct vs through the gateway) and bundled-model
-## tokens/s (engine alone vs through the stack). Tables on stdout, JSON in bench/results/.
+## tokens/s (engine alone vs through the stack); authorization at 10k tenants / 100k lines.
+## Tables on stdout, JSON in bench/results/.
 bench: venv
 	$(PY) bench/overhead.py
 	$(PY) bench/model_tokens.py
+	$(PY) bench/authz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

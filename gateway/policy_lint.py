@@ -16,7 +16,7 @@ from typing import Literal
 
 from gateway.policy import MAX_HOPS, Policy, PolicyError, RoleLink, Rule, key_match, load_policy
 
-__all__ = ["Finding", "Severity", "home_tenant", "is_concrete", "lint", "lint_directory"]
+__all__ = ["Finding", "Severity", "home_tenant", "is_concrete", "lint", "lint_directory", "lint_errors"]
 
 Severity = Literal["error", "warning"]
 
@@ -64,6 +64,13 @@ def lint_directory(directory: Path) -> list[Finding]:
         line = int(match["line"]) if match["line"] else 0
         return [Finding("error", match["file"], line, "SYNTAX", match["message"])]
     return lint(policy)
+
+
+def lint_errors(policy: Policy) -> list[Finding]:
+    """Only the error-level checks (one pass over the lines): what the gateway refuses to serve."""
+    return [
+        f for f in _tenant_patterns(policy, str(policy.directory / "policy.csv")) if f.severity == "error"
+    ]
 
 
 def lint(policy: Policy) -> list[Finding]:

@@ -149,6 +149,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> pb.ListModelsResponse:
         caller = current_caller()
         routes = self.router.models(caller.tenant)
+        default = self.router.default_model(caller.tenant)
         if self.authorizer is not None:  # list only what the caller may use
             subject = caller.principal.policy_subject
             routes = [
@@ -158,7 +159,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             ]  # fmt: skip
         return pb.ListModelsResponse(
             models=[
-                pb.ModelInfo(name=r.model, engine=r.engine, is_default=i == 0) for i, r in enumerate(routes)
+                pb.ModelInfo(name=r.model, engine=r.engine, is_default=r.model == default) for r in routes
             ]
         )
 
