@@ -132,32 +132,19 @@ def issue_service_cert(
     ca_key = _load_ec_key(pki.service_ca_key)
     ca_cert = x509.load_pem_x509_certificate(pki.service_ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"svc {tenant}/{service}")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=valid_days))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert = _leaf_certificate(
+        f"svc {tenant}/{service}", key, ca_key, ca_cert,
+        sans=[x509.UniformResourceIdentifier(spiffe_id)],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        valid_days=valid_days,
+    )  # fmt: skip
     directory = out_dir or pki.dir / "services"
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     paths = ServiceCert(
         spiffe_id, directory / f"{tenant}-{service}.crt", directory / f"{tenant}-{service}.key"
     )
     _write_key(paths.key, key)
-    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(paths.cert, cert)
     return paths
 
 
@@ -200,18 +187,25 @@ def _ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+_LOOPBACK_SANS: list[x509.GeneralName] = [
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    x509.IPAddress(ipaddress.ip_address("::1")),
+]
+_SERVER_AND_CLIENT = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
 def _leaf_certificate(
     common_name: str,
     key: ec.EllipticCurvePrivateKey,
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
+    *,
+    sans: list[x509.GeneralName] = _LOOPBACK_SANS,
+    usages: list[x509.ObjectIdentifier] = _SERVER_AND_CLIENT,
+    valid_days: int = _VALID_DAYS,
 ) -> bytes:
     now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")),
-    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -219,13 +213,10 @@ def _leaf_certificate(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=_VALID_DAYS))
+        .not_valid_after(now + dt.timedelta(days=valid_days))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
