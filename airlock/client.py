@@ -12,32 +12,40 @@ which stops generation on the server.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import jwt
 
+from airlock.errors import AirlockError, AuthenticationError
 from airlock.rpcstatus import from_rpc_error
-from airlock.types import FINISH_REASONS, Chunk, Completion, Message
+from airlock.types import FINISH_REASONS, REQUEST_ID_HEADER, Chunk, Completion, Message, new_request_id
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc
 
-__all__ = ["TENANT_HEADER", "AsyncClient", "Client"]
+__all__ = ["REQUEST_ID_HEADER", "TENANT_HEADER", "AsyncClient", "Client", "TokenSource"]
 
 TENANT_HEADER = "x-airlock-tenant"  # act in this tenant instead of the identity's own
 
-TokenSource = str | Callable[[], str] | None
+# A fixed token, or a provider (plain or async) called for a fresh one when the last is near expiry.
+TokenSource = str | Callable[[], str | Awaitable[str]] | None
 Prompt = str | Sequence[Message] | Sequence[tuple[str, str]]
 T = TypeVar("T")
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 def _read(value: bytes | str | Path | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).read_bytes()
+    return Path(value).expanduser().read_bytes()
 
 
 def _messages(prompt: Prompt) -> list[pb.ChatMessage]:
@@ -50,8 +58,70 @@ def _messages(prompt: Prompt) -> list[pb.ChatMessage]:
     return out
 
 
+def _expiry(token: str) -> float | None:
+    """A JWT's `exp`, read without verification (only to schedule the refresh; the gateway verifies)."""
+    try:
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.InvalidTokenError:
+        return None
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+class _Token:
+    """Caches the provider's token and asks for a new one `refresh_before` seconds before it expires,
+    so a call never goes out with a token about to lapse. Opaque tokens (no readable `exp`) are asked
+    for on every call."""
+
+    def __init__(self, source: TokenSource, refresh_before: float) -> None:
+        self.source = source
+        self.refresh_before = refresh_before
+        self._value: str | None = source if isinstance(source, str) else None
+        self._expires: float | None = None
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        if self._value is None or self._expires is None:
+            return False
+        return time.time() < self._expires - self.refresh_before
+
+    async def get(self) -> str | None:
+        if not callable(self.source) or self._fresh():
+            return self._value
+        async with self._lock:  # one refresh for all the calls that found the token stale
+            if not self._fresh():
+                try:
+                    value = self.source()
+                    token = await value if inspect.isawaitable(value) else value
+                except Exception as exc:
+                    raise AuthenticationError(
+                        "the token provider failed", reason="TOKEN_PROVIDER_FAILED"
+                    ) from exc
+                if not isinstance(token, str) or not token:
+                    raise AuthenticationError(
+                        "the token provider returned no token", reason="TOKEN_PROVIDER_FAILED"
+                    )
+                self._value, self._expires = token, _expiry(token)
+        return self._value
+
+
+def _service_config(retries: int, backoff: tuple[float, float]) -> str:
+    """gRPC retries `UNAVAILABLE` by itself, with exponential backoff and jitter, and only while
+    nothing has come back yet: a stream that produced a token is never retried (that would repeat
+    output), a call refused before the first token is."""
+    config: dict[str, Any] = {"name": [{"service": _SERVICE}]}
+    if retries > 0:
+        config["retryPolicy"] = {
+            "maxAttempts": min(retries + 1, 5),  # gRPC's own cap
+            "initialBackoff": f"{backoff[0]:.3f}s",
+            "maxBackoff": f"{backoff[1]:.3f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [config]})
+
+
 class AsyncClient:
-    """Talks to an Airlock gateway over TLS with a bearer token (a string or a callable)."""
+    """Talks to an Airlock gateway over TLS: a bearer token for users, a client certificate for services."""
 
     def __init__(
         self,
@@ -63,14 +133,29 @@ class AsyncClient:
         client_key: bytes | str | Path | None = None,
         tenant: str | None = None,
         timeout: float | None = 120.0,
+        retries: int = 3,
+        retry_backoff: tuple[float, float] = (0.2, 2.0),
+        refresh_before: float = 60.0,
+        keepalive_seconds: float | None = 30.0,
         max_message_bytes: int = 4 << 20,
     ) -> None:
-        """`token` for users (a string, or a callable returning a fresh one); `client_cert` and
-        `client_key` for services (mTLS, on the gateway's service port). `tenant` acts in another
-        tenant than the identity's own, which the policy must grant explicitly."""
+        """`token`: a string, or a callable (plain or async) returning a fresh one; it is called again
+        `refresh_before` seconds before the last token's `exp`. `client_cert` and `client_key` instead
+        for services (mTLS, on the gateway's service port). `tenant` acts in another tenant than the
+        identity's own, which the policy must grant explicitly. `timeout` is each call's default
+        deadline in seconds (retries included). `retries`: how many times a call refused with
+        UNAVAILABLE before any output is tried again (0 to 4), backoff from `retry_backoff[0]` doubling
+        up to `retry_backoff[1]` seconds, with jitter. `keepalive_seconds`: ping interval while calls
+        are open (None: no pings; the gateway refuses pings more often than every 10 s)."""
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
-        self._token = token
+        if not 0 <= retries <= 4:
+            raise ValueError("retries must be between 0 and 4")
+        if not 0 < retry_backoff[0] <= retry_backoff[1]:
+            raise ValueError("retry_backoff is (initial, maximum) seconds, 0 < initial <= maximum")
+        if keepalive_seconds is not None and keepalive_seconds < 10:
+            raise ValueError("keepalive_seconds must be at least 10 (the gateway refuses faster pings)")
+        self._token = _Token(token, refresh_before)
         self._tenant = tenant
         self._timeout = timeout
         credentials = grpc.ssl_channel_credentials(
@@ -78,19 +163,25 @@ class AsyncClient:
             private_key=_read(client_key),
             certificate_chain=_read(client_cert),
         )
-        self._channel = grpc.aio.secure_channel(
-            target,
-            credentials,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _service_config(retries, retry_backoff)),
+        ]
+        if keepalive_seconds is not None:
+            options += [
+                ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 0),
+            ]
+        self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self._token() if callable(self._token) else self._token
-        metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+    async def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),)
+        if token := await self._token.get():
+            metadata += (("authorization", f"Bearer {token}"),)
         if self._tenant:
             metadata += ((TENANT_HEADER, self._tenant),)
         return metadata
@@ -123,16 +214,19 @@ class AsyncClient:
     async def generate(self, prompt: Prompt, *, timeout: float | None = None, **params: Any) -> Completion:
         """Generate a whole answer.
 
-        `params`: model, max_tokens, temperature, top_p, seed, stop, request_id.
+        `params`: model, max_tokens, temperature, top_p, seed, stop, request_id (generated if absent;
+        it comes back on the answer and on any error as `.request_id`).
         """
+        request = self._request(prompt, **params)
+        request.request_id = request.request_id or new_request_id()
         try:
             reply = await self._stub.Generate(
-                self._request(prompt, **params),
+                request,
                 timeout=timeout or self._timeout,
-                metadata=self._metadata(),
+                metadata=await self._metadata(request.request_id),
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise _error(exc, request.request_id) from None
         return Completion(
             request_id=reply.request_id,
             model=reply.model,
@@ -145,11 +239,14 @@ class AsyncClient:
     async def stream(
         self, prompt: Prompt, *, timeout: float | None = None, **params: Any
     ) -> AsyncGenerator[Chunk, None]:
-        """Stream the answer chunk by chunk; leaving the loop early cancels the call."""
+        """Stream the answer chunk by chunk; leaving the loop early (or `aclose()`) cancels the call,
+        which stops generation on the server. Retried only until the first chunk arrives."""
+        request = self._request(prompt, **params)
+        request.request_id = request.request_id or new_request_id()
         call = self._stub.GenerateStream(
-            self._request(prompt, **params),
+            request,
             timeout=timeout or self._timeout,
-            metadata=self._metadata(),
+            metadata=await self._metadata(request.request_id),
         )
         try:
             async for c in call:
@@ -163,17 +260,21 @@ class AsyncClient:
                     completion_tokens=c.usage.completion_tokens,
                 )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise _error(exc, request.request_id) from None
         finally:
             call.cancel()
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        """The names of the models this caller may use, the tenant's default first."""
+        request_id = new_request_id()
         try:
             reply = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self._timeout, metadata=self._metadata()
+                pb.ListModelsRequest(),
+                timeout=timeout or self._timeout,
+                metadata=await self._metadata(request_id),
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise _error(exc, request_id) from None
         return [m.name for m in reply.models]
 
     async def close(self) -> None:
@@ -184,6 +285,12 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
+    err = from_rpc_error(exc)
+    err.request_id = err.request_id or request_id
+    return err
 
 
 class Client:

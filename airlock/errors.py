@@ -11,8 +11,10 @@
     ├── CancelledError                CANCELLED            the caller went away
     └── AttestationError              FAILED_PRECONDITION  evidence does not meet policy
 
-Each error carries a stable machine-readable `reason` (an upper-snake code such as `TOKEN_EXPIRED`)
-and a human message. Messages never contain a token, key or payload: they are sent to callers.
+Each error carries a stable machine-readable `reason` (an upper-snake code such as `TOKEN_EXPIRED`),
+a human message and, on the client side, the `request_id` of the failed call (quote it to operators:
+every audit record and log line of the call has it). Messages never contain a token, key or payload:
+they are sent to callers.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class AirlockError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
+        self.request_id = ""
 
     def __str__(self) -> str:
         return f"{self.message} [{self.reason}]"

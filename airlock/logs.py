@@ -6,12 +6,27 @@ token or key, and the formatter emits only the fields it knows.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
 
-__all__ = ["configure"]
+__all__ = ["bind_request_id", "configure", "current_request_id"]
+
+# The id of the call being served; every log line written while serving it carries it.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("airlock_request_id", default="")
+
+
+def bind_request_id(request_id: str) -> None:
+    """Tie everything logged (and audited) from here on in this task to `request_id`."""
+    _request_id.set(request_id)
+
+
+def current_request_id() -> str:
+    """The request id of the call being served, or "" outside a call."""
+    return _request_id.get()
+
 
 _FIELDS = (
     "request_id",
@@ -50,6 +65,8 @@ class JsonFormatter(logging.Formatter):
             value = record.__dict__.get(key)
             if value is not None:
                 entry[key] = value
+        if "request_id" not in entry and (request_id := _request_id.get()):
+            entry["request_id"] = request_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

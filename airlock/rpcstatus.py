@@ -21,6 +21,7 @@ from airlock.errors import (
     QuotaExceededError,
     error_for_code,
 )
+from airlock.types import REQUEST_ID_HEADER
 
 M = TypeVar("M", bound=Message)
 
@@ -53,9 +54,11 @@ def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:
     reason: str | None = None
     retry_after: float | None = None
     field = ""
+    request_id = _header(call, REQUEST_ID_HEADER)
     for detail in _rich_status(call):
         if (info := _unpack(detail, error_details_pb2.ErrorInfo)) is not None:
             reason = info.reason or None
+            request_id = info.metadata.get("request_id", request_id)
         elif (retry := _unpack(detail, error_details_pb2.RetryInfo)) is not None:
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
         elif (bad := _unpack(detail, error_details_pb2.BadRequest)) is not None and bad.field_violations:
@@ -65,7 +68,15 @@ def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:
         err.retry_after = retry_after
     if isinstance(err, InvalidRequestError):
         err.field = field
+    err.request_id = request_id
     return err
+
+
+def _header(call: grpc.aio.AioRpcError | grpc.RpcError, name: str) -> str:
+    for key, value in call.trailing_metadata() or ():
+        if key == name and isinstance(value, str):
+            return value
+    return ""
 
 
 def _rich_status(call: grpc.aio.AioRpcError | grpc.RpcError) -> list[Any]:

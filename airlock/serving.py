@@ -1,9 +1,11 @@
 """What every Airlock gRPC server shares: the server factory, error mapping and call guards.
 
-`new_server` gives a `grpc.aio` server with message limits, health and reflection. `ErrorInterceptor`
-maps the Airlock error tree to statuses (most specific class first) and hides everything else behind
-`INTERNAL` with the request id. `GuardInterceptor` runs a check before every method but health
-checks, so a refused call never reaches servicer code.
+`new_server` gives a `grpc.aio` server with message limits, keepalive rules, health and reflection.
+`ErrorInterceptor` gives every call its request id (from `x-request-id` metadata, the request body,
+or a new one; echoed in trailing metadata and bound to every log line of the call), maps the Airlock
+error tree to statuses (most specific class first) and hides everything else behind `INTERNAL` with
+the request id. `GuardInterceptor` runs a check before every method but health checks, so a refused
+call never reaches servicer code.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from airlock.errors import AirlockError
+from airlock.errors import AirlockError, InvalidRequestError
+from airlock.logs import bind_request_id
 from airlock.rpcstatus import to_status
+from airlock.types import REQUEST_ID_HEADER, check_request_id, new_request_id
 
 __all__ = [
     "ErrorInterceptor",
@@ -25,6 +30,7 @@ __all__ = [
     "abort_with",
     "guard_handler",
     "new_server",
+    "request_id_of",
     "wrap_handler",
 ]
 
@@ -32,6 +38,18 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _log = logging.getLogger("airlock.rpc")
+
+# Clients may ping an idle connection every 10 s at most (the SDK pings every 30 s); faster pings
+# count as strikes and two strikes close the connection, so a misbehaving client can't keep the
+# server busy answering pings. The server pings quiet connections itself to find dead peers.
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+)
 
 
 def new_server(
@@ -54,6 +72,7 @@ def new_server(
             ("grpc.max_metadata_size", max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -137,14 +156,49 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return guard_handler(handler, method, self.check)
 
 
+def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """The call's request id: the `x-request-id` header, else the body's `request_id` (a worker
+    request's inner one), else a new one. The body is set to the result, so everything downstream
+    sees one id. A malformed id, or a header and body that disagree, is refused."""
+    header = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            header = str(value)
+    inner = getattr(request, "request", request)
+    body = getattr(inner, "request_id", None)
+    body = body if isinstance(body, str) else ""
+    if header and body and header != body:
+        raise InvalidRequestError(
+            "the x-request-id header and the request_id field differ",
+            reason="REQUEST_ID_MISMATCH",
+            field="request_id",
+        )
+    request_id = check_request_id(header or body or new_request_id())
+    if not body and isinstance(inner, Message) and "request_id" in inner.DESCRIPTOR.fields_by_name:
+        inner.request_id = request_id
+    return request_id
+
+
+async def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
+    """Resolve, bind and echo the request id; refuses (aborts) a malformed one."""
+    try:
+        request_id = request_id_of(request, context)
+    except InvalidRequestError as exc:
+        request_id = new_request_id()
+        bind_request_id(request_id)
+        await abort_with(context, exc, request_id)
+    bind_request_id(request_id)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+    return request_id
+
+
 async def abort_with(context: grpc.aio.ServicerContext, err: AirlockError, request_id: str) -> None:
     status = to_status(err, request_id=request_id)
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    metadata = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+    await context.abort(status.code, status.details, trailing_metadata=metadata)
 
 
-async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request: Any) -> None:
-    inner = getattr(request, "request", request)
-    request_id = str(getattr(inner, "request_id", "") or "")
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> None:
     if isinstance(exc, AirlockError):
         await abort_with(context, exc, request_id)
         return
@@ -164,31 +218,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
+        # and raises nothing of ours: it passes untouched.
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
         return wrap_handler(handler, _map_unary, _map_stream)
 
 
 def _map_unary(behavior: Behavior) -> Behavior:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id = await _begin(request, context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort_for(context, exc, request)
+            await _abort_for(context, exc, request_id)
 
     return run
 
 
 def _map_stream(behavior: Behavior) -> Behavior:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        request_id = await _begin(request, context)
         try:
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort_for(context, exc, request)
+            await _abort_for(context, exc, request_id)
 
     return run

@@ -19,10 +19,12 @@ __all__ = [
     "Limits",
     "Message",
     "Sampling",
+    "check_request_id",
     "new_request_id",
     "validate_request",
 ]
 
+REQUEST_ID_HEADER = "x-request-id"  # metadata carrying the request id, both ways
 ROLES = frozenset({"system", "user", "assistant"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -31,6 +33,16 @@ FINISH_CODES = {name: code for code, name in FINISH_REASONS.items()}
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def check_request_id(request_id: str) -> str:
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequestError(
+            "request_id must be 1..64 characters of A-Z a-z 0-9 . _ -",
+            reason="REQUEST_ID_INVALID",
+            field="request_id",
+        )
+    return request_id
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,7 @@ class Chunk:
 
 def validate_request(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
     """Check a request against the limits; raise InvalidRequestError naming the field at fault."""
-    request_id = req.request_id or new_request_id()
-    if not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidRequestError(
-            "request_id must be 1..64 characters of A-Z a-z 0-9 . _ -", field="request_id"
-        )
+    request_id = check_request_id(req.request_id or new_request_id())
     if not req.messages:
         raise InvalidRequestError("messages must not be empty", field="messages")
     if len(req.messages) > limits.max_messages:

@@ -19,6 +19,7 @@ import grpc
 
 from airlock.client import TENANT_HEADER
 from airlock.errors import AuthenticationError, PermissionDeniedError
+from airlock.logs import current_request_id
 from airlock.serving import GuardInterceptor
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
@@ -110,12 +111,18 @@ class CallGuard(GuardInterceptor):
         except AuthenticationError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             self.audit.record(
-                "authentication", decision="refused", reason=exc.reason, peer=peer, method=method
+                "authentication",
+                decision="refused",
+                reason=exc.reason,
+                peer=peer,
+                method=method,
+                request_id=current_request_id(),
             )
             if exc.reason != "LOCKED_OUT" and self.lockout.failure(key):
                 self.metrics.lockouts.labels("authentication").inc()
                 self.audit.record("lockout", kind="authentication", peer=peer,
-                                  seconds=self.lockout.config.lockout_seconds)  # fmt: skip
+                                  seconds=self.lockout.config.lockout_seconds,
+                                  request_id=current_request_id())  # fmt: skip
             raise
 
     def _refuse_if_locked(self, key: str) -> None:
@@ -153,13 +160,15 @@ class CallGuard(GuardInterceptor):
             peer=peer,
             rpc=method,
             decision_us=round((time.perf_counter() - start) * 1e6, 1),
+            request_id=current_request_id(),
         )
         if decision.allowed:
             return
         if self.lockout.failure(key):
             self.metrics.lockouts.labels("authorization").inc()
             self.audit.record("lockout", kind="authorization", subject=principal.policy_subject,
-                              seconds=self.lockout.config.lockout_seconds)  # fmt: skip
+                              seconds=self.lockout.config.lockout_seconds,
+                              request_id=current_request_id())  # fmt: skip
         raise PermissionDeniedError("not allowed by policy", reason="POLICY_DENIED")
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 import watchfiles
-from grpc_health.v1 import health_pb2
 
 from airlock import logs
 from gateway import config as config_mod
@@ -31,7 +30,15 @@ from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.pki import ensure_dev_pki
 from gateway.policy import PolicyError
-from gateway.server import SERVICE, ClientTls, InferenceService, Route, Router, ServerTls, create_server
+from gateway.server import (
+    ClientTls,
+    InferenceService,
+    Route,
+    Router,
+    ServerTls,
+    create_server,
+    update_health,
+)
 
 _log = logging.getLogger("airlock.gateway")
 
@@ -124,13 +131,18 @@ async def serve(
     if cfg.gateway.metrics_listen:
         host, _, mport = cfg.gateway.metrics_listen.rpartition(":")
         metrics_port = gw.metrics.serve(host, int(mport))
+    await update_health(gw.health, gw.router)  # NOT_SERVING until the workers say they are ready
+
+    async def readiness_changed() -> None:
+        if not stopping.is_set():  # draining: stay NOT_SERVING
+            await update_health(gw.health, gw.router)
+
     watchers = [
         asyncio.create_task(gw.authorizer.watch(stopping)),
         asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping)),
+        asyncio.create_task(gw.router.watch(stopping, readiness_changed)),
     ]
     await gw.server.start()
-    await gw.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await gw.health.set("", health_pb2.HealthCheckResponse.SERVING)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid()}

@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
 from airlock.errors import (
     AirlockError,
     DeadlineExceededError,
-    InvalidRequestError,
-    PermissionDeniedError,
     UnavailableError,
 )
 from airlock.rpcstatus import from_rpc_error
@@ -28,66 +26,19 @@ from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard, current_caller
+from gateway.routing import ClientTls, Route, Router, tenant_health_name
 
-__all__ = ["InferenceService", "Route", "Router", "ServerTls", "create_server"]
+__all__ = [
+    "ClientTls",
+    "InferenceService",
+    "Route",
+    "Router",
+    "ServerTls",
+    "create_server",
+    "update_health",
+]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-
-
-@dataclass(frozen=True)
-class Route:
-    tenant: str
-    model: str
-    engine: str
-    address: str
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """What the gateway presents to workers (mTLS) and trusts them with."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-class Router:
-    """Maps (tenant, model) to one worker channel; a tenant's first model is its default."""
-
-    def __init__(self, routes: list[Route], tls: ClientTls) -> None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca.read_bytes(),
-            private_key=tls.key.read_bytes(),
-            certificate_chain=tls.cert.read_bytes(),
-        )
-        self.routes = routes
-        self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
-        self._defaults: dict[str, str] = {}
-        for route in routes:
-            channel = grpc.aio.secure_channel(route.address, credentials)
-            self._channels.append(channel)
-            self._stubs[(route.tenant, route.model)] = worker_pb2_grpc.WorkerStub(channel)
-            self._defaults.setdefault(route.tenant, route.model)
-
-    def models(self, tenant: str) -> list[Route]:
-        return [r for r in self.routes if r.tenant == tenant]
-
-    def default_model(self, tenant: str) -> str:
-        return self._defaults.get(tenant, "")
-
-    def resolve(self, tenant: str, model: str) -> tuple[str, worker_pb2_grpc.WorkerStub]:
-        if tenant not in self._defaults:
-            raise PermissionDeniedError("tenant is not served here", reason="TENANT_NOT_SERVED")
-        name = model or self._defaults[tenant]
-        stub = self._stubs.get((tenant, name))
-        if stub is None:
-            raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
-        return name, stub
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
 
 
 _ACTIONS = {f"/{SERVICE}/Generate": "generate", f"/{SERVICE}/GenerateStream": "stream"}
@@ -217,3 +168,16 @@ def create_server(
         )
         mtls_port = bind(server, mtls_listen, credentials)
     return server, port, mtls_port, health_servicer
+
+
+async def update_health(health_servicer: health.aio.HealthServicer, router: Router) -> None:
+    """Publish readiness: per tenant (`tenant/<name>`), and overall ("" and the service name) only
+    while every served tenant has a ready worker."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    for tenant in router.tenants:
+        await health_servicer.set(
+            tenant_health_name(tenant), serving if router.tenant_ready(tenant) else not_serving
+        )
+    overall = serving if router.all_ready() else not_serving
+    await health_servicer.set(SERVICE, overall)
+    await health_servicer.set("", overall)

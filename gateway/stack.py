@@ -204,9 +204,12 @@ class Stack:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                 except grpc.RpcError as exc:
-                    if time.monotonic() > deadline:
-                        raise StackError(f"gateway health check failed: {exc.code().name}") from None
+                    status = exc.code().name
+                if time.monotonic() > deadline:
+                    raise StackError(f"gateway not serving ({status}); its log ({self.gateway.log}) ends "
+                                     f"with:\n{self.gateway.log_tail()}")  # fmt: skip
                 time.sleep(0.1)
 
     def children(self) -> list[Child]:

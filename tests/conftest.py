@@ -84,7 +84,7 @@ def _start(state_dir: Path, run_dir: Path, toml: str) -> Stack:
     path.write_text(toml)
     cfg = config_mod.load(path, state_dir=state_dir)
     stack = Stack(cfg, run_dir=run_dir, listen="127.0.0.1:0")
-    stack.start(timeout=600)
+    stack.start(timeout=float(__import__("os").environ.get("STACK_TIMEOUT", "600")))
     return stack
 
 
