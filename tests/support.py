@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import AsyncClient
 from airlock.v1 import worker_pb2, worker_pb2_grpc
@@ -48,3 +56,38 @@ class LiveStack:
     async def worker_info(self, tenant: str, model: str) -> worker_pb2.WorkerInfo:
         async with self.worker_channel(tenant, model) as channel:
             return await worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.WorkerInfoRequest(), timeout=10)
+
+    def audit_records(self, **match: object) -> list[dict[str, Any]]:
+        """The gateway's audit records (every stack sharing this state directory) matching `match`."""
+        path = self.config.state_dir / "audit" / "gateway.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+    def kill_worker(self, tenant: str, model: str) -> list[bytes]:
+        """SIGKILL a worker; returns its command line, for `restart_worker`."""
+        process = self.stack.workers[(tenant, model)].process
+        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        return argv
+
+    def restart_worker(self, tenant: str, model: str, argv: list[bytes]) -> None:
+        """Start a killed worker again on the address it had (the gateway reconnects by itself)."""
+        child = self.stack.workers[(tenant, model)]
+        with child.log.open("ab") as log:
+            child.process = subprocess.Popen(
+                [*argv, b"--listen", f"127.0.0.1:{child.port}".encode()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def health(self, service: str = "") -> str:
+        """The gateway's health status for `service`, by name (SERVING, NOT_SERVING, ...)."""
+        credentials = grpc.ssl_channel_credentials(self.pki.ca_cert.read_bytes())
+        async with grpc.aio.secure_channel(self.address, credentials) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
