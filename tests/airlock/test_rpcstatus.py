@@ -164,3 +164,12 @@ def test_a_malformed_detail_does_not_hide_the_good_ones() -> None:
     back = from_rpc_error(FakeCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "later", metadata))  # type: ignore[arg-type]
     assert type(back) is QuotaExceededError
     assert (back.reason, back.retry_after) == ("QUOTA_EXCEEDED", 3.0)
+
+
+def test_the_request_id_survives_the_wire() -> None:
+    status = to_status(UnavailableError("down"), request_id="rid-42")
+    err = from_rpc_error(FakeCall(status.code, status.details, status.trailing_metadata))  # type: ignore[arg-type]
+    assert err.request_id == "rid-42"
+    # Without rich details (a proxy stripped them), the echoed header still names the call.
+    bare = from_rpc_error(FakeCall(grpc.StatusCode.UNAVAILABLE, "down", [("x-request-id", "rid-43")]))  # type: ignore[arg-type]
+    assert bare.request_id == "rid-43"
