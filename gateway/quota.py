@@ -65,8 +65,10 @@ _MESSAGES = {
 }
 
 
-def quota_error(reason: str, retry_after: float | None) -> QuotaExceededError:
-    return QuotaExceededError(_MESSAGES[reason], reason=reason, retry_after=retry_after)
+def quota_error(reason: str, retry_after: float | None, tenant: str) -> QuotaExceededError:
+    return QuotaExceededError(
+        _MESSAGES[reason], reason=reason, retry_after=retry_after, subject=f"tenant:{tenant}"
+    )
 
 
 class QuotaStore(Protocol):
@@ -80,12 +82,13 @@ class QuotaStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _too_large(limits: QuotaLimits, tokens: int) -> QuotaExceededError | None:
+def _too_large(tenant: str, limits: QuotaLimits, tokens: int) -> QuotaExceededError | None:
     """A request asking for more than a whole minute's tokens can never pass: no retry hint."""
     if limits.tokens_per_minute and tokens > limits.tokens_per_minute:
         return QuotaExceededError(
             f"max_tokens {tokens} exceeds this tenant's token quota ({limits.tokens_per_minute}/min)",
             reason=TOKEN_QUOTA_EXCEEDED,
+            subject=f"tenant:{tenant}",
         )
     return None
 
@@ -120,23 +123,23 @@ class MemoryQuotaStore:
         return self._clock()
 
     async def acquire(self, tenant: str, limits: QuotaLimits, tokens: int, lease: str) -> None:
-        if (refusal := _too_large(limits, tokens)) is not None:
+        if (refusal := _too_large(tenant, limits, tokens)) is not None:
             raise refusal
         now = self._now()
         state = self._tenants.setdefault(tenant, _TenantState())
         if limits.concurrent_streams and len(state.leases) >= limits.concurrent_streams:
-            raise quota_error(CONCURRENCY_LIMITED, CONCURRENCY_RETRY_SECONDS)
+            raise quota_error(CONCURRENCY_LIMITED, CONCURRENCY_RETRY_SECONDS, tenant)
         rps, tpm = limits.requests_per_second, limits.tokens_per_minute
         if rps:
             state.requests = state.requests or _Bucket(limits.bucket, now)
             level = state.requests.refill(now, rps, limits.bucket)
             if level < 1:
-                raise quota_error(RATE_LIMITED, (1 - level) / rps)
+                raise quota_error(RATE_LIMITED, (1 - level) / rps, tenant)
         if tpm:
             state.tokens = state.tokens or _Bucket(float(tpm), now)
             level = state.tokens.refill(now, tpm / 60, tpm)
             if level < tokens:
-                raise quota_error(TOKEN_QUOTA_EXCEEDED, (tokens - level) / (tpm / 60))
+                raise quota_error(TOKEN_QUOTA_EXCEEDED, (tokens - level) / (tpm / 60), tenant)
         if rps and state.requests is not None:
             state.requests.level -= 1
         if tpm and state.tokens is not None:
@@ -238,12 +241,14 @@ class RedisQuotaStore:
         return [f"{base}:requests", f"{base}:tokens", f"{base}:leases"]
 
     async def acquire(self, tenant: str, limits: QuotaLimits, tokens: int, lease: str) -> None:
-        if (refusal := _too_large(limits, tokens)) is not None:
+        if (refusal := _too_large(tenant, limits, tokens)) is not None:
             raise refusal
         if limits.unlimited:
             return
-        args: list[str | float] = [limits.requests_per_second, limits.bucket, limits.tokens_per_minute, tokens,
-                limits.concurrent_streams, lease, self._lease_seconds]  # fmt: skip
+        args: list[str | float] = [
+            limits.requests_per_second, limits.bucket, limits.tokens_per_minute, tokens,
+            limits.concurrent_streams, lease, self._lease_seconds,
+        ]  # fmt: skip
         try:
             reason, wait = await self._acquire(keys=self._keys(tenant), args=args)
         except RedisError as exc:
@@ -255,7 +260,7 @@ class RedisQuotaStore:
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
         if reason:
             seconds = float(wait)
-            raise quota_error(reason, CONCURRENCY_RETRY_SECONDS if seconds < 0 else seconds)
+            raise quota_error(reason, CONCURRENCY_RETRY_SECONDS if seconds < 0 else seconds, tenant)
 
     async def release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> None:
         if limits.unlimited:

@@ -123,3 +123,16 @@ def bundled_model_dir(state_dir: Path) -> Path:
     from worker.models import resolve_model
 
     return resolve_model("bundled", state_dir / "models")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session (installed by scripts/bootstrap.sh)."""
+    from tests.redis_server import RedisServer
+
+    if RedisServer.binary() is None:
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it with apt as root)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
