@@ -157,8 +157,8 @@ async def test_quotas_metrics_and_audit_end_to_end(
     mine = [r for r in map(json.loads, audit.read_text().splitlines())
             if r["event"] == "request" and r.get("request_id", "").startswith(ids)]  # fmt: skip
     by_id = {r["request_id"]: r for r in mine}
-    expected = {"tenant": "acme", "subject": "acme/tester", "model": "echo", "code": "OK", "method": "generate",
-                "completion_tokens": 3}  # fmt: skip
+    expected = {"tenant": "acme", "subject": "acme/tester", "model": "echo", "code": "OK",
+                "method": "generate", "completion_tokens": 3}  # fmt: skip
     assert by_id[f"{ids}-1"] | expected == by_id[f"{ids}-1"]
     assert by_id[f"{ids}-1"]["prompt_tokens"] > 0 and by_id[f"{ids}-1"]["latency_ms"] > 0
     assert by_id[f"{ids}-3"]["code"] == "CANCELLED" and by_id[f"{ids}-3"]["method"] == "stream"
