@@ -55,7 +55,7 @@ engine = "echo"
 
 [models.slow]
 engine = "echo"
-tokens_per_second = 20
+tokens_per_second = 4
 
 [tenants.acme]
 models = ["echo", "slow"]
