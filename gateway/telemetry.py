@@ -39,8 +39,7 @@ def make_tracer(cfg: TelemetryConfig, *, exporter: Any = None) -> tuple[Any, Any
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError:
             raise TelemetryUnavailableError(
-                "telemetry.traces is on but the OTLP exporter is not installed "
-                '(pip install "airlock[otel]")'
+                'telemetry.traces is on but the OTLP exporter is not installed (pip install "airlock[otel]")'
             ) from None
         otlp = OTLPSpanExporter(endpoint=cfg.otlp_endpoint, insecure=True)  # a collector on this host
         provider.add_span_processor(BatchSpanProcessor(otlp))

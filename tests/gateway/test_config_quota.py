@@ -31,7 +31,9 @@ def test_defaults_are_in_memory_quotas_and_no_traces(tmp_path: Path) -> None:
 
 
 def test_a_full_quota_and_telemetry_table(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, """
+    cfg = load_text(
+        tmp_path,
+        """
         [quota]
         backend = "redis"
         redis_url = "rediss://quota.internal:6380/2"
@@ -42,7 +44,8 @@ def test_a_full_quota_and_telemetry_table(tmp_path: Path) -> None:
         traces = true
         otlp_endpoint = "127.0.0.1:14317"
         service_name = "gw-a"
-    """)
+    """,
+    )
     assert cfg.quota == QuotaConfig("redis", "rediss://quota.internal:6380/2", "site-a:quota", 120.0)
     assert cfg.telemetry == TelemetryConfig(True, "127.0.0.1:14317", "gw-a")
 
