@@ -195,3 +195,18 @@ async def test_spans_carry_ids_and_counts_but_no_payload(tmp_path: Path, as_acme
 
 def test_traces_are_off_by_default() -> None:
     assert make_tracer(TelemetryConfig()) == (None, None)
+
+
+def test_traces_on_use_the_otlp_exporter_or_refuse_to_start() -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    from gateway.telemetry import TelemetryUnavailableError
+
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+    except ImportError:
+        with pytest.raises(TelemetryUnavailableError, match="OTLP exporter is not installed"):
+            make_tracer(TelemetryConfig(traces=True))
+        return
+    tracer, provider = make_tracer(TelemetryConfig(traces=True, otlp_endpoint="127.0.0.1:1"))
+    assert tracer is not None  # nothing is sent until a span ends: no collector needed here
+    provider.shutdown()
