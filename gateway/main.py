@@ -101,8 +101,10 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         max_message_bytes=cfg.gateway.max_message_bytes,
         mtls_listen=mtls_listen,
     )
-    return Gateway(authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-                   admission, tracer_provider)  # fmt: skip
+    return Gateway(
+        authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
+        admission=admission, tracer_provider=tracer_provider,
+    )  # fmt: skip
 
 
 def build_admission(

@@ -184,3 +184,32 @@ async def test_two_gateway_replicas_share_one_budget_through_redis(
     async with two.client("globex") as globex:
         assert (await globex.generate("hi", model="echo")).text == "hi"
     assert scrape(one)['airlock_quota_rejections_total{reason="RATE_LIMITED",tenant="acme"}'] == 1
+
+
+async def test_quotas_reload_with_the_policy_and_a_broken_edit_keeps_them(
+    make_stack: Callable[[str], LiveStack], tmp_path: Path
+) -> None:
+    tight = '[tenants.acme]\nissuers = ["airlock-dev"]\n[tenants.acme.quota]\ntokens_per_minute = {}\n'
+    other = '[tenants.globex]\nissuers = ["airlock-dev"]\n'
+    policy = policy_with(tmp_path / "policy", tight.format(10) + other)
+    stack = make_stack(stack_toml(policy))
+    assert (await refused(stack, max_tokens=20)).reason == "TOKEN_QUOTA_EXCEEDED"
+
+    async def reload_to(text: str, result: str) -> None:
+        before = scrape(stack).get(f'airlock_policy_reloads_total{{result="{result}"}}', 0.0)
+        tmp = tmp_path / "tenants.toml.new"  # written outside the watched directory, renamed in
+        tmp.write_text(text)
+        tmp.replace(policy / "tenants.toml")
+        deadline = time.monotonic() + 30
+        while scrape(stack).get(f'airlock_policy_reloads_total{{result="{result}"}}', 0.0) == before:
+            assert time.monotonic() < deadline, f"no {result} reload seen"
+            await asyncio.sleep(0.1)
+
+    await reload_to(tight.format(30) + other, "accepted")
+    async with stack.client("acme") as client:
+        assert (await client.generate("a b", model="echo", max_tokens=20)).completion_tokens == 2
+    await reload_to(tight.format(0) + other, "rejected")  # 0 is a mistake, not "unlimited"
+    async with stack.client("acme") as client:
+        await client.generate("a b", model="echo", max_tokens=20)  # 30/min still serves
+    too_big = await refused(stack, max_tokens=31)  # and still limits: neither lifted nor reset to 10
+    assert too_big.reason == "TOKEN_QUOTA_EXCEEDED" and too_big.retry_after is None
