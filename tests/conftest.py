@@ -6,6 +6,13 @@ is converted once; each stack gets its own run directory (logs, ready files) and
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported: grpcio's fork handlers restart its poller in every child that
+# subprocess.Popen forks (the launcher passes a preexec_fn), and closing fds before exec then
+# aborts the child now and then ("epoll_wait error: Bad file descriptor", grpc/grpc#43055).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
