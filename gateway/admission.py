@@ -10,7 +10,6 @@ audit line. Nothing here ever sees or records a prompt or a completion.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -149,9 +148,8 @@ class Ticket:
             self.admission.metrics.concurrent_streams.labels(self.label).dec()
         self._record(code, reason)
         if release is not None:
-            # Cancelled again while waiting: the release finishes in its own task regardless.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(release)
+            # Shielded: cancelled again while waiting, the release still finishes in its own task.
+            await asyncio.shield(release)
 
     def _record(self, code: grpc.StatusCode, reason: str) -> None:
         seconds = time.perf_counter() - self._start
