@@ -68,9 +68,12 @@ class QuotaExceededError(AirlockError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "QUOTA_EXCEEDED"
 
-    def __init__(self, message: str, *, reason: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, retry_after: float | None = None, subject: str = ""
+    ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after = retry_after
+        self.subject = subject  # whose quota, e.g. "tenant:acme" (google.rpc.QuotaFailure)
 
 
 class MessageTooLargeError(QuotaExceededError):

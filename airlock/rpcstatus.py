@@ -1,7 +1,8 @@
 """The one boundary between Airlock errors and gRPC statuses with `google.rpc.Status` details.
 
 Servers turn an `AirlockError` into a status code, message and rich details (`ErrorInfo` with the
-stable reason, `RetryInfo`, `BadRequest`); clients turn a failed call back into the same error class.
+stable reason, `RetryInfo`, `QuotaFailure`, `BadRequest`); clients turn a failed call back into the
+same error class.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from airlock.errors import (
     ERROR_DOMAIN,
     AirlockError,
     InvalidRequestError,
+    MessageTooLargeError,
     QuotaExceededError,
     error_for_code,
 )
@@ -38,6 +40,9 @@ def to_status(err: AirlockError, *, request_id: str = "") -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(err.retry_after * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if isinstance(err, QuotaExceededError) and not isinstance(err, MessageTooLargeError):
+        violation = error_details_pb2.QuotaFailure.Violation(subject=err.subject, description=err.message)
+        details.append(error_details_pb2.QuotaFailure(violations=[violation]))
     if isinstance(err, InvalidRequestError) and err.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
@@ -55,17 +60,21 @@ def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:
     retry_after: float | None = None
     field = ""
     request_id = _header(call, REQUEST_ID_HEADER)
+    subject = ""
     for detail in _rich_status(call):
         if (info := _unpack(detail, error_details_pb2.ErrorInfo)) is not None:
             reason = info.reason or None
             request_id = info.metadata.get("request_id", request_id)
         elif (retry := _unpack(detail, error_details_pb2.RetryInfo)) is not None:
             retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+        elif (quota := _unpack(detail, error_details_pb2.QuotaFailure)) is not None and quota.violations:
+            subject = quota.violations[0].subject
         elif (bad := _unpack(detail, error_details_pb2.BadRequest)) is not None and bad.field_violations:
             field = bad.field_violations[0].field
     err = error_for_code(code, message, reason=reason)
     if isinstance(err, QuotaExceededError):
         err.retry_after = retry_after
+        err.subject = subject
     if isinstance(err, InvalidRequestError):
         err.field = field
     err.request_id = request_id

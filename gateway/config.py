@@ -24,6 +24,8 @@ __all__ = [
     "LockoutConfig",
     "ModelConfig",
     "MtlsConfig",
+    "QuotaConfig",
+    "TelemetryConfig",
     "TenantConfig",
     "load",
 ]
@@ -106,6 +108,25 @@ class LockoutConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    """Where per-tenant quota state lives (the limits themselves are policy: policy/tenants.toml)."""
+
+    backend: str = "memory"  # "memory" (one replica) or "redis" (shared by every replica)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "airlock:quota"
+    lease_seconds: float = 600.0  # a concurrency slot a dead replica left behind frees after this
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry traces (the `otel` extra), off by default; spans go to a local OTLP collector."""
+
+    traces: bool = False
+    otlp_endpoint: str = "127.0.0.1:4317"
+    service_name: str = "airlock-gateway"
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     state_dir: Path
@@ -115,6 +136,8 @@ class Config:
     tenants: dict[str, TenantConfig]
     policy_dir: Path = field(default_factory=lambda: default_policy_dir())
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -195,6 +218,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
+        top |= {"quota", "telemetry"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -213,6 +237,34 @@ class _Parser:
             tenants=self.tenants(raw, models),
             policy_dir=policy_dir,
             lockout=self.lockout(raw),
+            quota=self.quota(raw),
+            telemetry=self.telemetry(raw),
+        )
+
+    def quota(self, raw: dict[str, Any]) -> QuotaConfig:
+        t = self.table(raw, "quota", {"backend", "redis_url", "key_prefix", "lease_seconds"})
+        d = QuotaConfig()
+        backend = self.get(t, "quota.backend", str, d.backend)
+        if backend not in ("memory", "redis"):
+            raise self.fail("quota.backend", f'must be "memory" or "redis", got {backend!r}')
+        url = self.get(t, "quota.redis_url", str, d.redis_url)
+        if not re.match(r"(redis|rediss|unix)://", url):
+            raise self.fail("quota.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        prefix = self.get(t, "quota.key_prefix", str, d.key_prefix)
+        if not prefix:
+            raise self.fail("quota.key_prefix", "must not be empty")
+        lease = self.get(t, "quota.lease_seconds", float, d.lease_seconds)
+        if lease <= 0:
+            raise self.fail("quota.lease_seconds", "must be > 0")
+        return QuotaConfig(backend, url, prefix, lease)
+
+    def telemetry(self, raw: dict[str, Any]) -> TelemetryConfig:
+        t = self.table(raw, "telemetry", {"traces", "otlp_endpoint", "service_name"})
+        d = TelemetryConfig()
+        return TelemetryConfig(
+            traces=self.get(t, "telemetry.traces", bool, d.traces),
+            otlp_endpoint=self.address(t, "telemetry.otlp_endpoint", d.otlp_endpoint, optional=False),
+            service_name=self.get(t, "telemetry.service_name", str, d.service_name),
         )
 
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:

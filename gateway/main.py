@@ -22,6 +22,7 @@ import watchfiles
 
 from airlock import logs
 from gateway import config as config_mod
+from gateway.admission import Admission
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard
@@ -30,6 +31,7 @@ from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.pki import ensure_dev_pki
 from gateway.policy import PolicyError
+from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore
 from gateway.server import (
     ClientTls,
     InferenceService,
@@ -39,6 +41,7 @@ from gateway.server import (
     create_server,
     update_health,
 )
+from gateway.telemetry import TelemetryUnavailableError, make_tracer
 
 _log = logging.getLogger("airlock.gateway")
 
@@ -65,6 +68,8 @@ class Gateway:
     health: Any
     port: int
     mtls_port: int | None
+    admission: Admission | None = None
+    tracer_provider: Any = None
 
 
 def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
@@ -83,7 +88,8 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     jwks = {i.issuer: (i.jwks_file or pki.jwks) for i in cfg.auth.issuers}
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
     router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
-    service = InferenceService(router, cfg.gateway.limits, authorizer)
+    admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
+    service = InferenceService(router, cfg.gateway.limits, authorizer, admission=admission)
     guard = CallGuard(
         verifier,
         ServiceIdentity(cfg.auth.mtls.trust_domain),
@@ -102,7 +108,28 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         max_message_bytes=cfg.gateway.max_message_bytes,
         mtls_listen=mtls_listen,
     )
-    return Gateway(authorizer, verifier, metrics, audit, router, server, health, port, mtls_port)
+    return Gateway(
+        authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
+        admission=admission, tracer_provider=tracer_provider,
+    )  # fmt: skip
+
+
+def build_admission(
+    cfg: config_mod.Config, authorizer: Authorizer, metrics: Metrics, audit: AuditLog
+) -> tuple[Admission, Any]:
+    """Quotas from the policy in service (reloaded with it), their state store, and tracing."""
+    store: QuotaStore = MemoryQuotaStore()
+    if cfg.quota.backend == "redis":
+        store = RedisQuotaStore(
+            cfg.quota.redis_url, key_prefix=cfg.quota.key_prefix, lease_seconds=cfg.quota.lease_seconds
+        )
+
+    def limits_for(tenant: str) -> QuotaLimits | None:
+        settings = authorizer.policy.tenants.get(tenant)
+        return settings.quota if settings is not None else None
+
+    tracer, provider = make_tracer(cfg.telemetry)
+    return Admission(store, limits_for, metrics=metrics, audit=audit, tracer=tracer), provider
 
 
 async def watch_jwks(verifier: JwtVerifier, metrics: Metrics, stop: asyncio.Event) -> None:
@@ -155,6 +182,10 @@ async def serve(
     await gw.server.stop(cfg.gateway.grace_seconds)
     await asyncio.gather(*watchers, return_exceptions=True)
     await gw.router.close()
+    if gw.admission is not None:
+        await gw.admission.store.close()
+    if gw.tracer_provider is not None:
+        gw.tracer_provider.shutdown()
     gw.audit.close()
 
 
@@ -179,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg, args.route, args.listen or cfg.gateway.listen, mtls, args.ready_file))
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
+        return 2
+    except TelemetryUnavailableError as exc:
+        _log.error("%s", exc)
         return 2
     except Exception:
         _log.exception("gateway failed")

@@ -6,7 +6,7 @@ never a subject, a token or anything else a caller chooses.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 __all__ = ["Metrics"]
 
@@ -34,6 +34,28 @@ class Metrics:
         self.jwks_reloads = Counter(
             "airlock_jwks_reloads", "JWKS reloads, by result (accepted, rejected)", ["result"], registry=r
         )
+        # Generation calls (gateway.admission): tenants of the policy only, everything else "other".
+        self.requests = Counter(
+            "airlock_requests", "Generation calls that passed the guard, by tenant, method and status code",
+            ["tenant", "method", "code"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "airlock_request_duration_seconds", "Generation call latency (a whole stream), by tenant, method",
+            ["tenant", "method"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )  # fmt: skip
+        self.tokens = Counter(
+            "airlock_tokens", "Tokens processed, by tenant and kind (prompt, completion)",
+            ["tenant", "kind"], registry=r,
+        )  # fmt: skip
+        self.quota_rejections = Counter(
+            "airlock_quota_rejections", "Calls refused by a tenant quota, by tenant and reason",
+            ["tenant", "reason"], registry=r,
+        )  # fmt: skip
+        self.concurrent_streams = Gauge(
+            "airlock_concurrent_streams", "Generation calls in flight (holding a quota slot), by tenant",
+            ["tenant"], registry=r,
+        )  # fmt: skip
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on (host, port); return the bound port (port 0 picks one)."""

@@ -20,6 +20,8 @@ from typing import Any
 import casbin
 import yaml
 
+from gateway.quota import QuotaLimits
+
 __all__ = [
     "ACTIONS",
     "MAX_HOPS",
@@ -86,6 +88,7 @@ class RoleLink:
 class TenantSettings:
     name: str
     issuers: tuple[str, ...]
+    quota: QuotaLimits = field(default_factory=QuotaLimits)
 
 
 @dataclass(frozen=True)
@@ -265,13 +268,41 @@ def _load_tenants(path: Path) -> dict[str, TenantSettings]:
         where = f"{path}: tenants.{name}"
         if not _TENANT.fullmatch(name):
             raise PolicyError(f"{where}: tenant names are lowercase letters, digits and '-'")
-        if not isinstance(settings, dict) or set(settings) - {"issuers"}:
-            raise PolicyError(f"{where}: only 'issuers' may be set")
+        if not isinstance(settings, dict) or set(settings) - {"issuers", "quota"}:
+            raise PolicyError(f"{where}: only 'issuers' and 'quota' may be set")
         issuers = settings.get("issuers", [])
         if not isinstance(issuers, list) or not all(isinstance(i, str) and i for i in issuers):
             raise PolicyError(f"{where}.issuers: must be a list of issuer names")
-        out[name] = TenantSettings(name, tuple(issuers))
+        quota = _load_quota(f"{where}.quota", settings.get("quota", {}))
+        out[name] = TenantSettings(name, tuple(issuers), quota)
     return out
+
+
+_QUOTA_KEYS = {
+    "requests_per_second": float, "burst": int, "tokens_per_minute": int, "concurrent_streams": int,
+}  # fmt: skip
+
+
+def _load_quota(where: str, raw: Any) -> QuotaLimits:
+    """A tenant's `[tenants.NAME.quota]`: each limit optional (absent: not limited) and, when set,
+    positive. A bad value refuses the whole policy: a typo must not lift a limit."""
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: must be a table")
+    for key in sorted(set(raw) - set(_QUOTA_KEYS)):
+        raise PolicyError(f"{where}.{key}: unknown key (one of {', '.join(sorted(_QUOTA_KEYS))})")
+    values: dict[str, Any] = {}
+    for key, kind in _QUOTA_KEYS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        numeric = (int, float) if kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, numeric) or not 0 < value < 1e12:
+            kind_name = "number" if kind is float else "integer"
+            raise PolicyError(f"{where}.{key}: must be a positive {kind_name}, got {value!r}")
+        values[key] = kind(value)
+    if "burst" in values and "requests_per_second" not in values:
+        raise PolicyError(f"{where}.burst: only meaningful with requests_per_second")
+    return QuotaLimits(**values)
 
 
 def _load_lines(path: Path, tenants: dict[str, TenantSettings]) -> tuple[list[Rule], list[RoleLink]]:

@@ -24,6 +24,7 @@ from airlock.serving import ErrorInterceptor, bind, new_server
 from airlock.types import Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from gateway.admission import Admission
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard, current_caller
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
@@ -45,10 +46,18 @@ _ACTIONS = {f"/{SERVICE}/Generate": "generate", f"/{SERVICE}/GenerateStream": "s
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router, limits: Limits, authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        limits: Limits,
+        authorizer: Authorizer | None = None,
+        *,
+        admission: Admission | None = None,
+    ) -> None:
         self.router = router
         self.limits = limits
         self.authorizer = authorizer
+        self.admission = admission or Admission.unlimited()
 
     def resources(self, method: str, request: object, tenant: str) -> tuple[str, str] | None:
         """What a call asks to do, for the policy: `model:NAME` with generate/stream, or list models.
@@ -70,30 +79,37 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         model, stub = self.router.resolve(tenant, spec.model)
         request.request_id = spec.request_id
         request.model = model
+        request.params.max_tokens = spec.sampling.max_tokens  # what the quota reserves, made explicit
         return worker_pb2.WorkerRequest(tenant=tenant, request=request), stub
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        work, stub = self._dispatch(request)
-        try:
-            response: pb.GenerateResponse = await stub.Generate(work, timeout=context.time_remaining())
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc) from None
-        return response
+        async with self.admission.call("generate") as ticket:
+            work, stub = self._dispatch(request)
+            await ticket.admit(work.request)
+            try:
+                response: pb.GenerateResponse = await stub.Generate(work, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError as exc:
+                raise _worker_error(exc) from None
+            ticket.usage(response.usage)
+            return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        work, stub = self._dispatch(request)
-        call = stub.GenerateStream(work, timeout=context.time_remaining())
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc) from None
-        finally:
-            call.cancel()  # no-op when finished; aborts the engine when the caller went away
+        async with self.admission.call("stream") as ticket:
+            work, stub = self._dispatch(request)
+            await ticket.admit(work.request)
+            call = stub.GenerateStream(work, timeout=context.time_remaining())
+            try:
+                async for chunk in call:
+                    ticket.chunk(chunk)
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                raise _worker_error(exc) from None
+            finally:
+                call.cancel()  # no-op when finished; aborts the engine when the caller went away
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

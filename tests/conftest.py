@@ -6,6 +6,13 @@ is converted once; each stack gets its own run directory (logs, ready files) and
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported: grpcio's fork handlers restart its poller in every child that
+# subprocess.Popen forks (the launcher passes a preexec_fn), and closing fds before exec then
+# aborts the child now and then ("epoll_wait error: Bad file descriptor", grpc/grpc#43055).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
@@ -123,3 +130,16 @@ def bundled_model_dir(state_dir: Path) -> Path:
     from worker.models import resolve_model
 
     return resolve_model("bundled", state_dir / "models")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session (installed by scripts/bootstrap.sh)."""
+    from tests.redis_server import RedisServer
+
+    if RedisServer.binary() is None:
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it with apt as root)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()

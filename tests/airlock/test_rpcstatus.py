@@ -173,3 +173,24 @@ def test_the_request_id_survives_the_wire() -> None:
     # Without rich details (a proxy stripped them), the echoed header still names the call.
     bare = from_rpc_error(FakeCall(grpc.StatusCode.UNAVAILABLE, "down", [("x-request-id", "rid-43")]))  # type: ignore[arg-type]
     assert bare.request_id == "rid-43"
+
+
+def test_quota_failure_names_whose_quota_and_round_trips() -> None:
+    err = QuotaExceededError("token quota exceeded", reason="TOKEN_QUOTA_EXCEEDED", retry_after=3.0,
+                             subject="tenant:acme")  # fmt: skip
+    status = status_pb2.Status.FromString(dict(to_status(err).trailing_metadata)["grpc-status-details-bin"])
+    failures = [d for d in status.details if d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR)]
+    assert len(failures) == 1
+    quota = error_details_pb2.QuotaFailure()
+    failures[0].Unpack(quota)
+    assert [(v.subject, v.description) for v in quota.violations] == [("tenant:acme", "token quota exceeded")]
+    back = over_the_wire(err)
+    assert isinstance(back, QuotaExceededError)
+    assert (back.subject, back.retry_after, back.reason) == ("tenant:acme", 3.0, "TOKEN_QUOTA_EXCEEDED")
+
+
+def test_message_too_large_is_not_a_quota_failure() -> None:
+    status = status_pb2.Status.FromString(
+        dict(to_status(MessageTooLargeError("too big")).trailing_metadata)["grpc-status-details-bin"]
+    )
+    assert not any(d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR) for d in status.details)

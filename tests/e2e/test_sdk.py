@@ -35,7 +35,7 @@ async def test_the_request_id_is_sent_echoed_and_audited(echo_stack: LiveStack) 
     assert answer.request_id == "sdk-rid-1"
     assert len(generated.request_id) == 32  # made by the SDK when the caller gives none
     records = echo_stack.audit_records(request_id="sdk-rid-1")
-    assert [r["event"] for r in records] == ["authorization"]
+    assert [r["event"] for r in records] == ["authorization", "request"]
     assert records[0]["decision"] == "allow" and records[0]["resource"] == "model:echo"
 
 
@@ -89,7 +89,7 @@ async def test_errors_carry_the_request_id(echo_stack: LiveStack) -> None:
         with pytest.raises(PermissionDeniedError) as err:
             await client.generate("hi", request_id="denied-rid-3")
     assert err.value.request_id == "denied-rid-3"
-    [record] = echo_stack.audit_records(request_id="denied-rid-3")
+    [record] = echo_stack.audit_records(request_id="denied-rid-3", event="authorization")
     assert record["decision"] == "deny" and record["tenant"] == "globex"
 
 

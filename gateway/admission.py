@@ -1,0 +1,195 @@
+"""Admission and accounting of one generation call: quota reservation, metrics, audit, trace span.
+
+The servicer wraps each Generate/GenerateStream call in `Admission.call(method)`; inside it,
+`admit()` reserves the tenant's quota once the request is validated, and the end of the block
+(success, error, cancellation or a caller that went away) always releases the concurrency slot,
+refunds the tokens not generated, and records the outcome once: counters, latency, tokens and one
+audit line. Nothing here ever sees or records a prompt or a completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from airlock.errors import AirlockError, PermissionDeniedError, QuotaExceededError
+from airlock.v1 import inference_pb2 as pb
+from gateway.audit import AuditLog
+from gateway.guard import current_caller
+from gateway.metrics import Metrics
+from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore
+
+__all__ = ["Admission", "Ticket"]
+
+_log = logging.getLogger("airlock.admission")
+
+# tenant -> its quota in the policy in service (None: the policy doesn't know the tenant)
+LimitsFor = Callable[[str], QuotaLimits | None]
+
+
+class Admission:
+    def __init__(
+        self,
+        store: QuotaStore,
+        limits_for: LimitsFor,
+        *,
+        metrics: Metrics,
+        audit: AuditLog,
+        tracer: Any = None,  # an OpenTelemetry Tracer when tracing is on (gateway.telemetry)
+    ) -> None:
+        self.store = store
+        self.limits_for = limits_for
+        self.metrics = metrics
+        self.audit = audit
+        self.tracer = tracer
+        self._releases: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def unlimited(cls) -> Admission:
+        """No quotas, metrics and audit of its own: for a servicer built without the gateway's wiring."""
+        return cls(MemoryQuotaStore(), lambda _tenant: QuotaLimits(), metrics=Metrics(), audit=AuditLog(None))
+
+    def call(self, method: str) -> Ticket:
+        return Ticket(self, method)
+
+    def label(self, tenant: str) -> str:
+        """The tenant as a metric label: only tenants of the policy, so callers can't add series."""
+        return tenant if self.limits_for(tenant) is not None else "other"
+
+    def _release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> asyncio.Task[None]:
+        # A task of its own: a second cancellation of the call can't interrupt the release.
+        task = asyncio.ensure_future(self._release_logged(tenant, limits, lease, refund))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return task
+
+    async def _release_logged(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> None:
+        try:
+            await self.store.release(tenant, limits, lease, refund)
+        except Exception:
+            _log.exception("quota release failed", extra={"tenant": tenant})
+
+
+class Ticket:
+    """One call's accounting; an async context manager around the whole servicer method."""
+
+    def __init__(self, admission: Admission, method: str) -> None:
+        self.admission = admission
+        self.method = method
+        self.tenant = self.subject = self.label = ""
+        self.request_id = ""
+        self.model = ""
+        self.max_tokens = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finished = False  # usage was reported: the completion token count is exact
+        self._limits: QuotaLimits | None = None
+        self._lease = ""
+        self._start = 0.0
+        self._span: Any = None
+
+    async def __aenter__(self) -> Ticket:
+        caller = current_caller()
+        self.tenant = caller.tenant
+        self.subject = caller.principal.policy_subject
+        self.label = self.admission.label(self.tenant)
+        self._start = time.perf_counter()
+        if self.admission.tracer is not None:
+            self._span = self.admission.tracer.start_span(f"airlock.gateway/{self.method}")
+        return self
+
+    async def admit(self, request: pb.GenerateRequest) -> None:
+        """Reserve quota for a validated request (its id, model and max_tokens are final)."""
+        self.request_id = request.request_id
+        self.model = request.model
+        self.max_tokens = request.params.max_tokens
+        limits = self.admission.limits_for(self.tenant)
+        if limits is None:  # fail closed: a tenant without settings has no quota to spend
+            raise PermissionDeniedError("tenant is not in the policy", reason="TENANT_UNKNOWN")
+        lease = uuid.uuid4().hex
+        try:
+            await self.admission.store.acquire(self.tenant, limits, self.max_tokens, lease)
+        except QuotaExceededError as exc:
+            self.admission.metrics.quota_rejections.labels(self.label, exc.reason).inc()
+            raise
+        self._limits, self._lease = limits, lease
+        self.admission.metrics.concurrent_streams.labels(self.label).inc()
+
+    def usage(self, usage: pb.Usage) -> None:
+        self.prompt_tokens = usage.prompt_tokens
+        self.completion_tokens = usage.completion_tokens
+        self.finished = True
+
+    def chunk(self, chunk: pb.GenerateChunk) -> None:
+        """Count a streamed chunk; the final one carries the exact usage."""
+        if chunk.HasField("usage"):
+            self.usage(chunk.usage)
+        elif not self.finished:
+            self.completion_tokens += chunk.tokens
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        code, reason = _outcome(exc)
+        release = None
+        if self._limits is not None:
+            # Tokens not generated go back. Without a final usage (error, cancel) only what was seen
+            # streaming is known; a failed unary call keeps its whole reservation (fail closed).
+            seen = self.completion_tokens if (self.finished or self.method == "stream") else self.max_tokens
+            refund = max(0, self.max_tokens - seen)
+            release = self.admission._release(self.tenant, self._limits, self._lease, refund)
+            self.admission.metrics.concurrent_streams.labels(self.label).dec()
+        self._record(code, reason)
+        if release is not None:
+            # Shielded: cancelled again while waiting, the release still finishes in its own task.
+            await asyncio.shield(release)
+
+    def _record(self, code: grpc.StatusCode, reason: str) -> None:
+        seconds = time.perf_counter() - self._start
+        m = self.admission.metrics
+        m.requests.labels(self.label, self.method, code.name).inc()
+        m.request_seconds.labels(self.label, self.method).observe(seconds)
+        m.tokens.labels(self.label, "prompt").inc(self.prompt_tokens)
+        m.tokens.labels(self.label, "completion").inc(self.completion_tokens)
+        self.admission.audit.record(
+            "request",
+            tenant=self.tenant,
+            subject=self.subject,
+            request_id=self.request_id,
+            model=self.model,
+            method=self.method,
+            outcome="ok" if code == grpc.StatusCode.OK else "error",
+            code=code.name,
+            reason=reason,
+            max_tokens=self.max_tokens,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            latency_ms=round(seconds * 1000, 3),
+        )
+        if self._span is not None:
+            self._span.set_attributes({
+                "airlock.tenant": self.tenant, "airlock.method": self.method,
+                "airlock.request_id": self.request_id, "airlock.model": self.model,
+                "rpc.grpc.status_code": code.value[0], "airlock.reason": reason,
+                "airlock.prompt_tokens": self.prompt_tokens,
+                "airlock.completion_tokens": self.completion_tokens,
+            })  # fmt: skip
+            self._span.end()
+
+
+def _outcome(exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
+    """The status the caller gets (as the error interceptor maps it) and its stable reason."""
+    if exc is None:
+        return grpc.StatusCode.OK, ""
+    if isinstance(exc, AirlockError):
+        return exc.code, exc.reason
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED, "CANCELLED"
+    return grpc.StatusCode.INTERNAL, "INTERNAL"

@@ -1,0 +1,212 @@
+"""Admission around one generation call: the slot is always released, unused tokens are refunded,
+and the outcome is counted, audited and (optionally) traced once, without any payload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock.errors import InvalidRequestError, QuotaExceededError, UnavailableError
+from airlock.v1 import inference_pb2 as pb
+from gateway.admission import Admission
+from gateway.audit import AuditLog
+from gateway.config import TelemetryConfig
+from gateway.guard import Caller, _caller
+from gateway.identity import Principal
+from gateway.metrics import Metrics
+from gateway.quota import MemoryQuotaStore, QuotaLimits
+from gateway.telemetry import make_tracer
+
+LIMITS = {"acme": QuotaLimits(tokens_per_minute=100, concurrent_streams=1), "globex": QuotaLimits()}
+
+
+@pytest.fixture
+def as_acme() -> Iterator[None]:
+    token = _caller.set(Caller(Principal("bob", "acme", (), "jwt"), "acme"))
+    yield
+    _caller.reset(token)
+
+
+def make(tmp_path: Path, tracer: Any = None) -> tuple[Admission, MemoryQuotaStore, Path]:
+    store = MemoryQuotaStore()
+    path = tmp_path / "audit.jsonl"
+    admission = Admission(store, LIMITS.get, metrics=Metrics(), audit=AuditLog(path), tracer=tracer)
+    return admission, store, path
+
+
+def request(max_tokens: int = 60, text: str = "hello") -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id="req-1", model="echo", messages=[pb.ChatMessage(role="user", content=text)],
+        params=pb.SamplingParams(max_tokens=max_tokens),
+    )  # fmt: skip
+
+
+def sample(admission: Admission, name: str, labels: dict[str, str]) -> float:
+    value = admission.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_a_finished_call_refunds_unused_tokens_and_is_recorded_once(
+    tmp_path: Path, as_acme: None
+) -> None:
+    admission, store, audit = make(tmp_path)
+    async with admission.call("generate") as ticket:
+        await ticket.admit(request(60, text="secret canary words"))
+        assert store.in_flight("acme") == 1
+        assert sample(admission, "airlock_concurrent_streams", {"tenant": "acme"}) == 1
+        ticket.usage(pb.Usage(prompt_tokens=7, completion_tokens=5))
+    assert store.in_flight("acme") == 0
+    assert sample(admission, "airlock_concurrent_streams", {"tenant": "acme"}) == 0
+    await store.acquire("acme", LIMITS["acme"], 95, "x")  # 100 - 60 + 55 refunded
+    [record] = records(audit)
+    assert record == record | {
+        "event": "request", "tenant": "acme", "subject": "acme/bob", "request_id": "req-1", "model": "echo",
+        "method": "generate", "outcome": "ok", "code": "OK", "prompt_tokens": 7, "completion_tokens": 5,
+        "max_tokens": 60,
+    }  # fmt: skip
+    assert record["latency_ms"] >= 0
+    assert "canary" not in audit.read_text()
+    labels = {"tenant": "acme", "method": "generate", "code": "OK"}
+    assert sample(admission, "airlock_requests_total", labels) == 1
+    assert sample(admission, "airlock_tokens_total", {"tenant": "acme", "kind": "prompt"}) == 7
+    assert sample(admission, "airlock_tokens_total", {"tenant": "acme", "kind": "completion"}) == 5
+    assert (
+        sample(admission, "airlock_request_duration_seconds_count", {"tenant": "acme", "method": "generate"})
+        == 1
+    )
+
+
+async def test_a_failed_unary_call_keeps_its_reservation_but_frees_its_slot(
+    tmp_path: Path, as_acme: None
+) -> None:
+    admission, store, audit = make(tmp_path)
+    with pytest.raises(UnavailableError):
+        async with admission.call("generate") as ticket:
+            await ticket.admit(request(60))
+            raise UnavailableError("no worker", reason="WORKER_UNAVAILABLE")
+    assert store.in_flight("acme") == 0
+    with pytest.raises(QuotaExceededError):  # the worker may have generated all 60: no refund
+        await store.acquire("acme", LIMITS["acme"], 41, "x")
+    assert (
+        records(audit)[0] | {"code": "UNAVAILABLE", "reason": "WORKER_UNAVAILABLE", "outcome": "error"}
+        == (records(audit)[0])
+    )
+
+
+async def test_a_cancelled_stream_frees_its_slot_and_refunds_what_was_not_streamed(
+    tmp_path: Path, as_acme: None
+) -> None:
+    admission, store, audit = make(tmp_path)
+    entered = asyncio.Event()
+
+    async def stream() -> None:
+        async with admission.call("stream") as ticket:
+            await ticket.admit(request(60))
+            ticket.chunk(pb.GenerateChunk(text="a b", tokens=2))
+            entered.set()
+            await asyncio.Event().wait()  # the caller goes away here
+
+    task = asyncio.create_task(stream())
+    await entered.wait()
+    assert store.in_flight("acme") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.in_flight("acme") == 0
+    await store.acquire("acme", LIMITS["acme"], 98, "x")  # 58 of 60 refunded
+    [record] = records(audit)
+    assert (record["code"], record["completion_tokens"]) == ("CANCELLED", 2)
+    assert (
+        sample(
+            admission, "airlock_requests_total", {"tenant": "acme", "method": "stream", "code": "CANCELLED"}
+        )
+        == 1
+    )
+
+
+async def test_over_quota_is_counted_and_holds_nothing(tmp_path: Path, as_acme: None) -> None:
+    admission, store, audit = make(tmp_path)
+    await store.acquire("acme", LIMITS["acme"], 1, "held")  # the one slot is taken
+    with pytest.raises(QuotaExceededError) as err:
+        async with admission.call("stream") as ticket:
+            await ticket.admit(request(10))
+    assert err.value.reason == "CONCURRENCY_LIMITED"
+    assert store.in_flight("acme") == 1  # still only the held one
+    assert (
+        sample(
+            admission, "airlock_quota_rejections_total", {"tenant": "acme", "reason": "CONCURRENCY_LIMITED"}
+        )
+        == 1
+    )
+    assert sample(admission, "airlock_concurrent_streams", {"tenant": "acme"}) == 0
+    assert records(audit)[0]["code"] == "RESOURCE_EXHAUSTED"
+
+
+async def test_an_invalid_request_is_recorded_without_its_fields(tmp_path: Path, as_acme: None) -> None:
+    admission, _store, audit = make(tmp_path)
+    with pytest.raises(InvalidRequestError):
+        async with admission.call("generate"):
+            raise InvalidRequestError("bad", field="request_id")
+    [record] = records(audit)
+    assert (record["code"], record["request_id"], record["model"]) == ("INVALID_ARGUMENT", "", "")
+
+
+async def test_a_tenant_missing_from_the_policy_fails_closed_under_the_other_label(tmp_path: Path) -> None:
+    admission, _store, _audit = make(tmp_path)
+    token = _caller.set(Caller(Principal("eve", "initech", (), "jwt"), "initech"))
+    try:
+        with pytest.raises(Exception) as err:
+            async with admission.call("generate") as ticket:
+                await ticket.admit(request(10))
+    finally:
+        _caller.reset(token)
+    assert getattr(err.value, "reason", "") == "TENANT_UNKNOWN"
+    assert sample(admission, "airlock_requests_total",
+                  {"tenant": "other", "method": "generate", "code": "PERMISSION_DENIED"}) == 1  # fmt: skip
+
+
+async def test_spans_carry_ids_and_counts_but_no_payload(tmp_path: Path, as_acme: None) -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracer, provider = make_tracer(TelemetryConfig(traces=True), exporter=exporter)
+    admission, _store, _audit = make(tmp_path, tracer)
+    async with admission.call("generate") as ticket:
+        await ticket.admit(request(60, text="secret canary words"))
+        ticket.usage(pb.Usage(prompt_tokens=3, completion_tokens=3))
+    provider.shutdown()
+    [span] = exporter.get_finished_spans()
+    assert span.name == "airlock.gateway/generate"
+    attributes = dict(span.attributes or {})
+    assert attributes["airlock.tenant"] == "acme" and attributes["airlock.request_id"] == "req-1"
+    assert attributes["rpc.grpc.status_code"] == 0 and attributes["airlock.completion_tokens"] == 3
+    assert "canary" not in repr(attributes)
+
+
+def test_traces_are_off_by_default() -> None:
+    assert make_tracer(TelemetryConfig()) == (None, None)
+
+
+def test_traces_on_use_the_otlp_exporter_or_refuse_to_start() -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    from gateway.telemetry import TelemetryUnavailableError
+
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+    except ImportError:
+        with pytest.raises(TelemetryUnavailableError, match="OTLP exporter is not installed"):
+            make_tracer(TelemetryConfig(traces=True))
+        return
+    tracer, provider = make_tracer(TelemetryConfig(traces=True, otlp_endpoint="127.0.0.1:1"))
+    assert tracer is not None  # nothing is sent until a span ends: no collector needed here
+    provider.shutdown()
