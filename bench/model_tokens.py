@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_policy import bench_policy_dir  # noqa: E402
+
 from airlock import AsyncClient  # noqa: E402
 from airlock.types import GenerationSpec, Message, Sampling  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
@@ -81,7 +83,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as tmp:
         path = Path(tmp) / "bench.toml"
-        path.write_text(textwrap.dedent(CONFIG))
+        policy = bench_policy_dir(Path(tmp) / "policy")
+        path.write_text(f'policy_dir = "{policy}"\n' + textwrap.dedent(CONFIG))
         cfg = config_mod.load(path, state_dir=Path(tmp) / "state")
         from worker.models import resolve_model
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from bench_policy import bench_policy_dir  # noqa: E402
 
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -143,7 +144,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as tmp:
         path = Path(tmp) / "bench.toml"
-        path.write_text(textwrap.dedent(CONFIG))
+        policy = bench_policy_dir(Path(tmp) / "policy")
+        path.write_text(f'policy_dir = "{policy}"\n' + textwrap.dedent(CONFIG))
         cfg = config_mod.load(path, state_dir=Path(tmp) / "state")
         with Stack(cfg, listen="127.0.0.1:0", log_level="warning") as stack:
             print("starting worker and gateway…", file=sys.stderr)
