@@ -17,6 +17,7 @@ test: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/airlock policy lint --dir policy
 	$(VENV)/bin/airlock policy test --dir policy
+	$(PY) scripts/proto_compat.py
 	$(PY) -m pytest -ra
 
 ## Regenerate the gRPC code in airlock/v1 from protos/.
