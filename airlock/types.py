@@ -110,6 +110,10 @@ class Chunk:
 def validate_request(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
     """Check a request against the limits; raise InvalidRequestError naming the field at fault."""
     request_id = check_request_id(req.request_id or new_request_id())
+    if req.HasField("sealed_messages"):  # end to end: only the worker can open and check them
+        if req.messages:
+            raise InvalidRequestError("send messages or sealed_messages, not both", field="messages")
+        return GenerationSpec(request_id, req.model, (), _sampling(req.params, limits))
     if not req.messages:
         raise InvalidRequestError("messages must not be empty", field="messages")
     if len(req.messages) > limits.max_messages:

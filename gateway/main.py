@@ -21,17 +21,20 @@ import grpc
 import watchfiles
 
 from airlock import logs
+from airlock.attestation import AttestationPolicy
 from gateway import config as config_mod
 from gateway.admission import Admission
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard
 from gateway.identity import JwtVerifier, ServiceIdentity
+from gateway.keystore import KeystoreError, open_keystore
 from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.pki import ensure_dev_pki
 from gateway.policy import PolicyError
 from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore
+from gateway.sealing import GatewaySealing
 from gateway.server import (
     ClientTls,
     InferenceService,
@@ -70,6 +73,7 @@ class Gateway:
     mtls_port: int | None
     admission: Admission | None = None
     tracer_provider: Any = None
+    sealing: GatewaySealing | None = None
 
 
 def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
@@ -89,7 +93,10 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
     router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
-    service = InferenceService(router, cfg.gateway.limits, authorizer, admission=admission)
+    sealing = build_sealing(cfg, authorizer, audit, pki.ca_cert.read_bytes(), {r.tenant for r in routes})
+    service = InferenceService(
+        router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
+    )
     guard = CallGuard(
         verifier,
         ServiceIdentity(cfg.auth.mtls.trust_domain),
@@ -110,8 +117,30 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     )
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-        admission=admission, tracer_provider=tracer_provider,
+        admission=admission, tracer_provider=tracer_provider, sealing=sealing,
     )  # fmt: skip
+
+
+def build_sealing(
+    cfg: config_mod.Config, authorizer: Authorizer, audit: AuditLog, ca_pem: bytes, tenants: set[str]
+) -> GatewaySealing:
+    """The tenant keystore and key release; refuses to start when a served tenant has no key (fail
+    closed: its prompts could not be sealed)."""
+    keystore = open_keystore(cfg.state_dir)
+    missing = sorted(
+        t for t in tenants if not any(k.tenant == t and k.state == "active" for k in keystore.list())
+    )
+    if missing:
+        raise KeystoreError(
+            f"no active key for tenant(s) {', '.join(missing)}; "
+            "create them with `airlock keys create --tenant NAME`"
+        )
+
+    def policy_for(tenant: str) -> AttestationPolicy:
+        settings = authorizer.policy.tenants.get(tenant)  # reloaded with the policy
+        return settings.attestation if settings is not None else AttestationPolicy()
+
+    return GatewaySealing(keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit)
 
 
 def build_admission(
@@ -169,6 +198,8 @@ async def serve(
         asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping)),
         asyncio.create_task(gw.router.watch(stopping, readiness_changed)),
     ]
+    if gw.sealing is not None:
+        watchers.append(asyncio.create_task(gw.sealing.watch(stopping)))
     await gw.server.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
@@ -210,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg, args.route, args.listen or cfg.gateway.listen, mtls, args.ready_file))
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
+        return 2
+    except KeystoreError as exc:
+        _log.error("keystore refused: %s", exc)
         return 2
     except TelemetryUnavailableError as exc:
         _log.error("%s", exc)

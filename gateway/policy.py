@@ -20,6 +20,7 @@ from typing import Any
 import casbin
 import yaml
 
+from airlock.attestation import LEVELS, AttestationPolicy
 from gateway.quota import QuotaLimits
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "load_policy",
 ]
 
-ACTIONS = ("generate", "stream", "list", "admin", "*")
+ACTIONS = ("generate", "stream", "list", "attest", "admin", "*")
 EFFECTS = ("allow", "deny")
 MAX_HOPS = 9  # Casbin's role manager follows at most 10 levels: the subject and 9 role hops
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -89,6 +90,7 @@ class TenantSettings:
     name: str
     issuers: tuple[str, ...]
     quota: QuotaLimits = field(default_factory=QuotaLimits)
+    attestation: AttestationPolicy = field(default_factory=AttestationPolicy)
 
 
 @dataclass(frozen=True)
@@ -268,14 +270,43 @@ def _load_tenants(path: Path) -> dict[str, TenantSettings]:
         where = f"{path}: tenants.{name}"
         if not _TENANT.fullmatch(name):
             raise PolicyError(f"{where}: tenant names are lowercase letters, digits and '-'")
-        if not isinstance(settings, dict) or set(settings) - {"issuers", "quota"}:
-            raise PolicyError(f"{where}: only 'issuers' and 'quota' may be set")
+        if not isinstance(settings, dict) or set(settings) - {"issuers", "quota", "attestation"}:
+            raise PolicyError(f"{where}: only 'issuers', 'quota' and 'attestation' may be set")
         issuers = settings.get("issuers", [])
         if not isinstance(issuers, list) or not all(isinstance(i, str) and i for i in issuers):
             raise PolicyError(f"{where}.issuers: must be a list of issuer names")
         quota = _load_quota(f"{where}.quota", settings.get("quota", {}))
-        out[name] = TenantSettings(name, tuple(issuers), quota)
+        attestation = _load_attestation(f"{where}.attestation", settings.get("attestation", {}))
+        out[name] = TenantSettings(name, tuple(issuers), quota, attestation)
     return out
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _load_attestation(where: str, raw: Any) -> AttestationPolicy:
+    """A tenant's `[tenants.NAME.attestation]`: `min_level` (default "software") and optional
+    allow-lists of sha256 values per measurement (`code`, `config`, `model`)."""
+    if not isinstance(raw, dict) or set(raw) - {"min_level", "measurements"}:
+        raise PolicyError(f"{where}: only 'min_level' and 'measurements' may be set")
+    level = raw.get("min_level", "software")
+    if level not in LEVELS:
+        raise PolicyError(f"{where}.min_level: must be one of {', '.join(LEVELS)}, got {level!r}")
+    measurements = raw.get("measurements", {})
+    if not isinstance(measurements, dict) or set(measurements) - {"code", "config", "model"}:
+        raise PolicyError(f"{where}.measurements: only 'code', 'config' and 'model' may be listed")
+    allowed: dict[str, tuple[str, ...]] = {}
+    for name, values in measurements.items():
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) and _DIGEST.fullmatch(v) for v in values)
+        ):
+            raise PolicyError(
+                f"{where}.measurements.{name}: a non-empty list of lowercase sha256 hex digests"
+            )
+        allowed[name] = tuple(values)
+    return AttestationPolicy(min_level=level, measurements=allowed)
 
 
 _QUOTA_KEYS = {

@@ -14,9 +14,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from airlock.envelope import Opener
 from airlock.errors import (
     AirlockError,
     DeadlineExceededError,
+    InvalidRequestError,
     UnavailableError,
 )
 from airlock.rpcstatus import from_rpc_error
@@ -25,9 +27,11 @@ from airlock.types import Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.admission import Admission
+from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard, current_caller
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
+from gateway.sealing import GatewaySealing, finish, open_text
 
 __all__ = [
     "ClientTls",
@@ -42,7 +46,11 @@ __all__ = [
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
-_ACTIONS = {f"/{SERVICE}/Generate": "generate", f"/{SERVICE}/GenerateStream": "stream"}
+_ACTIONS = {
+    f"/{SERVICE}/Generate": "generate",
+    f"/{SERVICE}/GenerateStream": "stream",
+    f"/{SERVICE}/GetAttestation": "attest",
+}
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -53,11 +61,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         authorizer: Authorizer | None = None,
         *,
         admission: Admission | None = None,
+        sealing: GatewaySealing | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        """`sealing` None relays prompts as they come: only for tests around fake workers (real
+        workers refuse a prompt that is not sealed)."""
         self.router = router
         self.limits = limits
         self.authorizer = authorizer
         self.admission = admission or Admission.unlimited()
+        self.sealing = sealing
+        self._audit = audit or AuditLog(None)
 
     def resources(self, method: str, request: object, tenant: str) -> tuple[str, str] | None:
         """What a call asks to do, for the policy: `model:NAME` with generate/stream, or list models.
@@ -82,16 +96,47 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         request.params.max_tokens = spec.sampling.max_tokens  # what the quota reserves, made explicit
         return worker_pb2.WorkerRequest(tenant=tenant, request=request), stub
 
+    async def _prepare(
+        self, work: worker_pb2.WorkerRequest, stub: worker_pb2_grpc.WorkerStub
+    ) -> Opener | None:
+        """Seal the prompt for the worker (after it attested and holds the tenant's keys); returns the
+        opener of its answer, or None for an end-to-end request, relayed untouched both ways."""
+        if self.sealing is None:
+            return None
+        if not self.sealing.is_end_to_end(work.request):
+            await self.sealing.ensure_released(work.tenant, work.request.model, stub)
+        return self.sealing.seal(work.tenant, work.request)
+
+    async def _rekey(self, work: worker_pb2.WorkerRequest, stub: worker_pb2_grpc.WorkerStub,
+                     exc: grpc.aio.AioRpcError) -> bool:  # fmt: skip
+        """A worker that lost its keys (restarted, or missed a rotation) is attested and keyed again;
+        True when the call should be made once more (nothing was generated yet)."""
+        if self.sealing is None or from_rpc_error(exc).reason != "KEYS_MISSING":
+            return False
+        self.sealing.forget(work.tenant, work.request.model)
+        await self.sealing.ensure_released(work.tenant, work.request.model, stub)
+        return True
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async with self.admission.call("generate") as ticket:
             work, stub = self._dispatch(request)
             await ticket.admit(work.request)
-            try:
-                response: pb.GenerateResponse = await stub.Generate(work, timeout=context.time_remaining())
-            except grpc.aio.AioRpcError as exc:
-                raise _worker_error(exc) from None
+            opener = await self._prepare(work, stub)
+            for attempt in (1, 2):
+                try:
+                    response: pb.GenerateResponse = await stub.Generate(
+                        work, timeout=context.time_remaining()
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if attempt == 2 or not await self._rekey(work, stub, exc):
+                        raise _worker_error(exc) from None
+            if opener is not None:
+                response.text = open_text(opener, response.sealed_text, work.tenant, self._audit)
+                response.ClearField("sealed_text")
+                finish(opener, work.tenant, self._audit)
             ticket.usage(response.usage)
             return response
 
@@ -101,15 +146,41 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         async with self.admission.call("stream") as ticket:
             work, stub = self._dispatch(request)
             await ticket.admit(work.request)
-            call = stub.GenerateStream(work, timeout=context.time_remaining())
-            try:
-                async for chunk in call:
-                    ticket.chunk(chunk)
-                    yield chunk
-            except grpc.aio.AioRpcError as exc:
-                raise _worker_error(exc) from None
-            finally:
-                call.cancel()  # no-op when finished; aborts the engine when the caller went away
+            opener = await self._prepare(work, stub)
+            started = False
+            for attempt in (1, 2):
+                call = stub.GenerateStream(work, timeout=context.time_remaining())
+                try:
+                    async for chunk in call:
+                        started = True
+                        if opener is not None:
+                            chunk.text = open_text(opener, chunk.sealed_text, work.tenant, self._audit)
+                            chunk.ClearField("sealed_text")
+                        ticket.chunk(chunk)
+                        yield chunk
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if started or attempt == 2 or not await self._rekey(work, stub, exc):
+                        raise _worker_error(exc) from None
+                finally:
+                    call.cancel()  # no-op when finished; aborts the engine when the caller went away
+            if opener is not None:
+                finish(opener, work.tenant, self._audit)
+
+    async def GetAttestation(
+        self, request: pb.AttestationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Attestation:
+        """Relay the worker's own evidence for the caller's nonce; the caller verifies it."""
+        if not 16 <= len(request.nonce) <= 64:
+            raise InvalidRequestError("nonce must be 16..64 bytes", field="nonce")
+        model, stub = self.router.resolve(current_caller().tenant, request.model)
+        try:
+            evidence = await stub.GetEvidence(
+                worker_pb2.EvidenceRequest(nonce=request.nonce), timeout=context.time_remaining()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error(exc) from None
+        return pb.Attestation(model=model, evidence=evidence)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

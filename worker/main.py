@@ -18,7 +18,9 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 
 from airlock import logs
+from airlock.attestation import SUITES
 from airlock.types import Limits
+from worker.attestation import WorkerAttestor
 from worker.engine import Engine
 from worker.server import SERVICE, WorkerService, WorkerTls, create_server
 
@@ -54,6 +56,7 @@ class WorkerSettings:
     device: str = "cpu"
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 << 20
+    hpke_suite: str = SUITES[0]
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--grace-seconds", type=float, default=10.0)
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--hpke-suite", choices=SUITES, default=SUITES[0],
+                   help="how tenant and end-to-end keys are sealed to this worker")  # fmt: skip
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
     return WorkerSettings(
@@ -94,29 +99,46 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         device=a.device,
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
+        hpke_suite=a.hpke_suite,
     )
 
 
-def build_engine(settings: WorkerSettings) -> Engine:
+def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
+    """The engine, and the manifest that identifies its model (measured into the evidence)."""
     if settings.engine == "echo":
         from worker.echo import EchoEngine
 
-        return EchoEngine(settings.echo_tokens_per_second)
-    from worker.models import resolve_model
+        return EchoEngine(settings.echo_tokens_per_second), b"echo"
+    from worker.models import MANIFEST, resolve_model
     from worker.transformers_engine import TransformersEngine
 
     model_dir = resolve_model(settings.model_path, settings.cache_dir)
-    return TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
+    engine = TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
+    return engine, (model_dir / MANIFEST).read_bytes()
+
+
+def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
+    measured = {  # what the configuration measurement covers: everything that shapes answers
+        "tenant": settings.tenant, "model": settings.model, "engine": settings.engine,
+        "model_path": settings.model_path, "max_tokens": settings.limits.max_tokens,
+        "default_max_tokens": settings.limits.default_max_tokens, "device": settings.device,
+    }  # fmt: skip
+    return WorkerAttestor(
+        tenant=settings.tenant, model=settings.model, settings=measured, model_manifest=manifest,
+        tls_key=settings.tls.key, tls_cert=settings.tls.cert, suite=settings.hpke_suite,
+        nvidia=settings.device != "cpu",
+    )  # fmt: skip
 
 
 async def serve(settings: WorkerSettings) -> None:
     # Until the engine is loaded there is nothing to drain: SIGTERM keeps its default (exit now).
-    engine = await asyncio.to_thread(build_engine, settings)
+    engine, manifest = await asyncio.to_thread(build_engine, settings)
+    attestor = build_attestor(settings, manifest)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    service = WorkerService(settings.tenant, settings.model, engine, settings.limits)
+    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, attestor)
     server, port, health = await create_server(
         service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes
     )

@@ -15,11 +15,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from airlock.errors import InvalidRequestError, PermissionDeniedError
+from airlock.envelope import Opener, Sealer
+from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
+from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, response_key
 from airlock.serving import ErrorInterceptor, GuardInterceptor, bind, new_server
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
+from worker.attestation import WorkerAttestor
 from worker.engine import Engine
 
 __all__ = ["WorkerService", "WorkerTls", "create_server"]
@@ -36,27 +39,50 @@ class WorkerTls:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, tenant: str, model: str, engine: Engine, limits: Limits) -> None:
+    def __init__(
+        self, tenant: str, model: str, engine: Engine, limits: Limits, attestor: WorkerAttestor
+    ) -> None:
         self.tenant = tenant
         self.model = model
         self.engine = engine
         self.limits = limits
+        self.attestor = attestor
         self.requests_started = 0
 
-    def _admit(self, request: worker_pb2.WorkerRequest) -> GenerationSpec:
+    def _admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer]:
+        """Check and open a request: the prompt only ever arrives sealed, under a tenant key this
+        worker was released or an end-to-end request key sealed to its attested HPKE key. Returns
+        the spec and the sealer for the answer (same key, the other direction)."""
         # Defence in depth: the gateway routes by tenant; the worker still refuses any other.
         if request.tenant != self.tenant:
             raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
-        spec = validate_request(request.request, self.limits)
-        if spec.model not in ("", self.model):
+        inner = request.request
+        if inner.model not in ("", self.model):
             raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
+        if not inner.HasField("sealed_messages"):
+            raise InvalidRequestError(
+                "prompts must arrive sealed", reason="PLAINTEXT_REFUSED", field="messages"
+            )
+        inner.model = self.model
+        key_id = Opener.header_of(inner.sealed_messages).key_id
+        if inner.HasField("end_to_end"):
+            if inner.end_to_end.worker_id != self.attestor.hpke.worker_id or key_id != E2E_KEY_ID:
+                raise AttestationError(
+                    "sealed to another worker key; attest again", reason="ATTESTATION_STALE"
+                )
+            info = e2e_info(self.tenant, inner.request_id, self.model)
+            secret = self.attestor.hpke.open(inner.end_to_end.sealed_key, info)
+        else:
+            secret = self.attestor.key(key_id)
+        open_prompt(inner, self.tenant, key_id, secret)
+        spec = validate_request(inner, self.limits)
         self.requests_started += 1
-        return spec
+        return spec, Sealer(secret, response_key(self.tenant, key_id, inner))
 
     async def Generate(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        spec = self._admit(request)
+        spec, sealer = self._admit(request)
         parts: list[str] = []
         response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
         async for out in self.engine.generate(spec):
@@ -65,17 +91,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 response.finish_reason = FINISH_CODES[out.finish_reason]
                 response.usage.prompt_tokens = out.prompt_tokens
                 response.usage.completion_tokens = out.completion_tokens
-        response.text = "".join(parts)
+        response.sealed_text.CopyFrom(sealer.seal("".join(parts).encode(), final=True))
         return response
 
     async def GenerateStream(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        spec = self._admit(request)
+        spec, sealer = self._admit(request)
         outputs = self.engine.generate(spec)
         try:
             async for out in outputs:
-                chunk = pb.GenerateChunk(request_id=spec.request_id, text=out.text, tokens=out.tokens)
+                final = out.finish_reason is not None
+                chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=out.tokens)
+                chunk.sealed_text.CopyFrom(sealer.seal(out.text.encode(), final=final))
                 if out.finish_reason is not None:
                     chunk.finish_reason = FINISH_CODES[out.finish_reason]
                     chunk.usage.prompt_tokens = out.prompt_tokens
@@ -83,6 +111,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield chunk
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def GetEvidence(
+        self, request: worker_pb2.EvidenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Evidence:
+        return self.attestor.evidence(request.nonce)
+
+    async def ReleaseKeys(
+        self, request: worker_pb2.KeyRelease, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.KeyReleaseReply:
+        return worker_pb2.KeyReleaseReply(key_ids=self.attestor.release(request))
 
     async def Info(
         self, request: worker_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext

@@ -24,33 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61irlock/v1/inference.proto\x12\nairlock.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8b\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.airlock.v1.ChatMessage\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.airlock.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x96\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.airlock.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.airlock.v1.Usage\"\x94\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.airlock.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.airlock.v1.Usage\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.airlock.v1.ModelInfo*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xeb\x01\n\tInference\x12\x45\n\x08Generate\x12\x1b.airlock.v1.GenerateRequest\x1a\x1c.airlock.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.airlock.v1.GenerateRequest\x1a\x19.airlock.v1.GenerateChunk0\x01\x12K\n\nListModels\x12\x1d.airlock.v1.ListModelsRequest\x1a\x1e.airlock.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61irlock/v1/inference.proto\x12\nairlock.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe2\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.airlock.v1.ChatMessage\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.airlock.v1.SamplingParams\x12+\n\x0fsealed_messages\x18\x05 \x01(\x0b\x32\x12.airlock.v1.Sealed\x12(\n\nend_to_end\x18\x06 \x01(\x0b\x32\x14.airlock.v1.EndToEnd\"9\n\x0cSealedPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.airlock.v1.ChatMessage\"1\n\x08\x45ndToEnd\x12\x12\n\nsealed_key\x18\x01 \x01(\x0c\x12\x11\n\tworker_id\x18\x02 \x01(\t\",\n\x06Sealed\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"\xbb\x01\n\x0cSealedHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\tdirection\x18\x05 \x01(\x0e\x32\x15.airlock.v1.Direction\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\x0c\n\x04salt\x18\x08 \x01(\x0c\x12\r\n\x05model\x18\t \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xbf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.airlock.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.airlock.v1.Usage\x12\'\n\x0bsealed_text\x18\x06 \x01(\x0b\x32\x12.airlock.v1.Sealed\"\xbd\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.airlock.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.airlock.v1.Usage\x12\'\n\x0bsealed_text\x18\x06 \x01(\x0b\x32\x12.airlock.v1.Sealed\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.airlock.v1.ModelInfo\"2\n\x12\x41ttestationRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"[\n\x08\x45vidence\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\x12\x14\n\x0cnvidia_token\x18\x04 \x01(\t\"D\n\x0b\x41ttestation\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x08\x65vidence\x18\x02 \x01(\x0b\x32\x14.airlock.v1.Evidence*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_REQUEST\x10\x01\x12\x16\n\x12\x44IRECTION_RESPONSE\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb6\x02\n\tInference\x12\x45\n\x08Generate\x12\x1b.airlock.v1.GenerateRequest\x1a\x1c.airlock.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.airlock.v1.GenerateRequest\x1a\x19.airlock.v1.GenerateChunk0\x01\x12K\n\nListModels\x12\x1d.airlock.v1.ListModelsRequest\x1a\x1e.airlock.v1.ListModelsResponse\x12I\n\x0eGetAttestation\x12\x1e.airlock.v1.AttestationRequest\x1a\x17.airlock.v1.Attestationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airlock.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=911
-  _globals['_FINISHREASON']._serialized_end=1006
+  _globals['_DIRECTION']._serialized_start=1641
+  _globals['_DIRECTION']._serialized_end=1726
+  _globals['_FINISHREASON']._serialized_start=1728
+  _globals['_FINISHREASON']._serialized_end=1823
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_SAMPLINGPARAMS']._serialized_start=89
   _globals['_SAMPLINGPARAMS']._serialized_end=259
   _globals['_GENERATEREQUEST']._serialized_start=262
-  _globals['_GENERATEREQUEST']._serialized_end=401
-  _globals['_USAGE']._serialized_start=403
-  _globals['_USAGE']._serialized_end=460
-  _globals['_GENERATERESPONSE']._serialized_start=463
-  _globals['_GENERATERESPONSE']._serialized_end=613
-  _globals['_GENERATECHUNK']._serialized_start=616
-  _globals['_GENERATECHUNK']._serialized_end=764
-  _globals['_LISTMODELSREQUEST']._serialized_start=766
-  _globals['_LISTMODELSREQUEST']._serialized_end=785
-  _globals['_MODELINFO']._serialized_start=787
-  _globals['_MODELINFO']._serialized_end=848
-  _globals['_LISTMODELSRESPONSE']._serialized_start=850
-  _globals['_LISTMODELSRESPONSE']._serialized_end=909
-  _globals['_INFERENCE']._serialized_start=1009
-  _globals['_INFERENCE']._serialized_end=1244
+  _globals['_GENERATEREQUEST']._serialized_end=488
+  _globals['_SEALEDPROMPT']._serialized_start=490
+  _globals['_SEALEDPROMPT']._serialized_end=547
+  _globals['_ENDTOEND']._serialized_start=549
+  _globals['_ENDTOEND']._serialized_end=598
+  _globals['_SEALED']._serialized_start=600
+  _globals['_SEALED']._serialized_end=644
+  _globals['_SEALEDHEADER']._serialized_start=647
+  _globals['_SEALEDHEADER']._serialized_end=834
+  _globals['_USAGE']._serialized_start=836
+  _globals['_USAGE']._serialized_end=893
+  _globals['_GENERATERESPONSE']._serialized_start=896
+  _globals['_GENERATERESPONSE']._serialized_end=1087
+  _globals['_GENERATECHUNK']._serialized_start=1090
+  _globals['_GENERATECHUNK']._serialized_end=1279
+  _globals['_LISTMODELSREQUEST']._serialized_start=1281
+  _globals['_LISTMODELSREQUEST']._serialized_end=1300
+  _globals['_MODELINFO']._serialized_start=1302
+  _globals['_MODELINFO']._serialized_end=1363
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1365
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1424
+  _globals['_ATTESTATIONREQUEST']._serialized_start=1426
+  _globals['_ATTESTATIONREQUEST']._serialized_end=1476
+  _globals['_EVIDENCE']._serialized_start=1478
+  _globals['_EVIDENCE']._serialized_end=1569
+  _globals['_ATTESTATION']._serialized_start=1571
+  _globals['_ATTESTATION']._serialized_end=1639
+  _globals['_INFERENCE']._serialized_start=1826
+  _globals['_INFERENCE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

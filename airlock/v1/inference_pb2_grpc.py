@@ -50,6 +50,11 @@ class InferenceStub:
                 request_serializer=airlock_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetAttestation = channel.unary_unary(
+                '/airlock.v1.Inference/GetAttestation',
+                request_serializer=airlock_dot_v1_dot_inference__pb2.AttestationRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_inference__pb2.Attestation.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -77,6 +82,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAttestation(self, request, context):
+        """Returns fresh evidence from the worker serving a model, bound to the caller's nonce, so the
+        caller can check what runs there before sealing a prompt to it (end-to-end sealed mode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=airlock_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetAttestation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttestation,
+                    request_deserializer=airlock_dot_v1_dot_inference__pb2.AttestationRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_inference__pb2.Attestation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class Inference:
             '/airlock.v1.Inference/ListModels',
             airlock_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             airlock_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttestation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.Inference/GetAttestation',
+            airlock_dot_v1_dot_inference__pb2.AttestationRequest.SerializeToString,
+            airlock_dot_v1_dot_inference__pb2.Attestation.FromString,
             options,
             channel_credentials,
             insecure,

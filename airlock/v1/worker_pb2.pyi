@@ -1,10 +1,48 @@
 from airlock.v1 import inference_pb2 as _inference_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class EvidenceRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class KeyRelease(_message.Message):
+    __slots__ = ("tenant", "worker_id", "sealed_keys")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEALED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    worker_id: str
+    sealed_keys: bytes
+    def __init__(self, tenant: _Optional[str] = ..., worker_id: _Optional[str] = ..., sealed_keys: _Optional[bytes] = ...) -> None: ...
+
+class TenantKeys(_message.Message):
+    __slots__ = ("keys", "active_key_id")
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.ScalarMap[str, bytes]
+    active_key_id: str
+    def __init__(self, keys: _Optional[_Mapping[str, bytes]] = ..., active_key_id: _Optional[str] = ...) -> None: ...
+
+class KeyReleaseReply(_message.Message):
+    __slots__ = ("key_ids",)
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerRequest(_message.Message):
     __slots__ = ("tenant", "request")

@@ -51,6 +51,16 @@ class WorkerStub:
                 request_serializer=airlock_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.GetEvidence = channel.unary_unary(
+                '/airlock.v1.Worker/GetEvidence',
+                request_serializer=airlock_dot_v1_dot_worker__pb2.EvidenceRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_inference__pb2.Evidence.FromString,
+                _registered_method=True)
+        self.ReleaseKeys = channel.unary_unary(
+                '/airlock.v1.Worker/ReleaseKeys',
+                request_serializer=airlock_dot_v1_dot_worker__pb2.KeyRelease.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -78,6 +88,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEvidence(self, request, context):
+        """Fresh evidence of what the worker runs, bound to the caller's nonce and the worker's HPKE key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseKeys(self, request, context):
+        """Hands the worker its tenant's usable keys, sealed to its attested HPKE key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +119,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=airlock_dot_v1_dot_worker__pb2.WorkerInfoRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'GetEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvidence,
+                    request_deserializer=airlock_dot_v1_dot_worker__pb2.EvidenceRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_inference__pb2.Evidence.SerializeToString,
+            ),
+            'ReleaseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKeys,
+                    request_deserializer=airlock_dot_v1_dot_worker__pb2.KeyRelease.FromString,
+                    response_serializer=airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +213,60 @@ class Worker:
             '/airlock.v1.Worker/Info',
             airlock_dot_v1_dot_worker__pb2.WorkerInfoRequest.SerializeToString,
             airlock_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.Worker/GetEvidence',
+            airlock_dot_v1_dot_worker__pb2.EvidenceRequest.SerializeToString,
+            airlock_dot_v1_dot_inference__pb2.Evidence.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.Worker/ReleaseKeys',
+            airlock_dot_v1_dot_worker__pb2.KeyRelease.SerializeToString,
+            airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,218 @@
+"""Evidence of what a worker runs, how it is checked, and HPKE sealing to the worker's key.
+
+A worker's evidence is a JSON *statement* signed with the key of its certificate (issued by the
+deployment's CA):
+
+    {"version": 1, "level": "software" | "nvidia-cc", "tenant": ..., "model": ...,
+     "measurements": {"code": sha256, "config": sha256, "model": sha256},
+     "hpke_suite": "mlkem768-x25519" | "x25519", "hpke_public_key": base64,
+     "worker_id": sha256 of the HPKE public key, "nonce": base64 (the verifier's), "issued_at": unix time}
+
+`software` is the weaker level: the worker vouches for its own measurements with a key the
+deployment issued; it proves which worker of this deployment answers and what it says it runs, not
+that the host is honest. `nvidia-cc` adds an NVIDIA confidential-computing attestation token for the
+GPU (verified by NVIDIA's local verifier where the GPU runs in CC mode). Verification (`verify`) is
+shared by the gateway (before releasing a tenant's key) and the SDK (before sealing end to end).
+
+HPKE (RFC 9180) seals small secrets (tenant keys, end-to-end request keys) to the worker's attested
+public key: DHKEM(X25519) or the post-quantum hybrid ML-KEM-768 + X25519, with HKDF-SHA256 and
+AES-256-GCM, from `cryptography`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
+
+from airlock.errors import AttestationError
+from airlock.v1 import inference_pb2 as pb
+
+__all__ = [
+    "LEVELS",
+    "SUITES",
+    "AttestationPolicy",
+    "HpkeKey",
+    "Verified",
+    "hpke_open",
+    "hpke_seal",
+    "key_release_info",
+    "sign_statement",
+    "verify",
+]
+
+LEVELS = ("software", "nvidia-cc")  # weakest first
+SUITES = ("mlkem768-x25519", "x25519")  # preferred first
+MAX_AGE_SECONDS = 300.0
+_X25519_BYTES = 32
+
+
+def _suite(name: str) -> hpke.Suite:
+    kem = {"x25519": hpke.KEM.X25519, "mlkem768-x25519": hpke.KEM.MLKEM768_X25519}.get(name)
+    if kem is None:
+        raise AttestationError(f"unknown HPKE suite {name!r}", reason="ATTESTATION_BAD_SUITE")
+    return hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+class HpkeKey:
+    """A worker's ephemeral HPKE key pair; the private half never leaves the process."""
+
+    def __init__(self, suite: str = SUITES[0]) -> None:
+        _suite(suite)
+        self.suite = suite
+        self._x25519 = x25519.X25519PrivateKey.generate()
+        self._mlkem = mlkem.MLKEM768PrivateKey.generate() if suite == "mlkem768-x25519" else None
+
+    @property
+    def public_bytes(self) -> bytes:
+        x = self._x25519.public_key().public_bytes_raw()
+        return (self._mlkem.public_key().public_bytes_raw() + x) if self._mlkem else x
+
+    @property
+    def worker_id(self) -> str:
+        return hashlib.sha256(self.public_bytes).hexdigest()
+
+    def open(self, ciphertext: bytes, info: bytes) -> bytes:
+        private: Any = (
+            hpke.MLKEM768X25519PrivateKey(self._mlkem, self._x25519) if self._mlkem else self._x25519
+        )
+        try:
+            return _suite(self.suite).decrypt(ciphertext, private, info=info)
+        except Exception:  # any failure is the same to the caller: not for this key
+            raise AttestationError("sealed key does not open with this worker's key",
+                                   reason="KEY_UNSEAL_FAILED") from None  # fmt: skip
+
+
+def _public_key(suite: str, raw: bytes) -> Any:
+    try:
+        if suite == "x25519":
+            return x25519.X25519PublicKey.from_public_bytes(raw)
+        kem, x = raw[:-_X25519_BYTES], raw[-_X25519_BYTES:]
+        return hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(kem), x25519.X25519PublicKey.from_public_bytes(x)
+        )
+    except ValueError:
+        raise AttestationError("evidence has a malformed HPKE key", reason="ATTESTATION_BAD_KEY") from None
+
+
+def key_release_info(tenant: str, worker_id: str) -> bytes:
+    """HPKE `info` for a key release: binds the sealed keys to one tenant and one worker key."""
+    return b"airlock/v1/key-release|" + tenant.encode() + b"|" + worker_id.encode()
+
+
+def hpke_seal(suite: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
+    """Seal `plaintext` so that only the holder of `public_key`'s private half can open it."""
+    return _suite(suite).encrypt(plaintext, _public_key(suite, public_key), info=info)
+
+
+def hpke_open(key: HpkeKey, ciphertext: bytes, info: bytes) -> bytes:
+    return key.open(ciphertext, info)
+
+
+def sign_statement(
+    statement: Mapping[str, Any], key: ec.EllipticCurvePrivateKey, cert_pem: bytes
+) -> pb.Evidence:
+    body = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
+    return pb.Evidence(
+        statement=body, signature=key.sign(body, ec.ECDSA(hashes.SHA256())), certificate=cert_pem
+    )
+
+
+@dataclass(frozen=True)
+class AttestationPolicy:
+    """What a verifier accepts: a minimum level and, per measurement, allowed sha256 values
+    (a measurement not listed is not checked)."""
+
+    min_level: str = "software"
+    measurements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    max_age_seconds: float = MAX_AGE_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.min_level not in LEVELS:
+            raise ValueError(f"min_level must be one of {', '.join(LEVELS)}")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Evidence that passed: what the verifier may rely on."""
+
+    level: str
+    tenant: str
+    model: str
+    measurements: Mapping[str, str]
+    hpke_suite: str
+    hpke_public_key: bytes
+    worker_id: str
+
+
+def _refuse(message: str, reason: str) -> AttestationError:
+    return AttestationError(message, reason=reason)
+
+
+def verify(
+    evidence: pb.Evidence,
+    *,
+    ca_pem: bytes,
+    nonce: bytes,
+    tenant: str,
+    policy: AttestationPolicy,
+    now: float | None = None,
+    verify_nvidia: Any = None,
+) -> Verified:
+    """Check evidence: certificate from our CA and in date, signature, our nonce, the tenant, fresh,
+    level at least the policy's, allowed measurements, HPKE key bound to the worker id.
+    `verify_nvidia(token, nonce) -> bool` checks an `nvidia-cc` token; without one, that level fails."""
+    now = time.time() if now is None else now
+    try:
+        cert = x509.load_pem_x509_certificate(evidence.certificate)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise _refuse("evidence certificate is not from the deployment CA", "ATTESTATION_UNTRUSTED") from None
+    if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
+        raise _refuse("evidence certificate is not valid now", "ATTESTATION_UNTRUSTED")
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise _refuse("evidence certificate has an unexpected key type", "ATTESTATION_UNTRUSTED")
+    try:
+        public.verify(evidence.signature, evidence.statement, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise _refuse("evidence signature does not verify", "ATTESTATION_BAD_SIGNATURE") from None
+    try:
+        s = json.loads(evidence.statement)
+        claimed_nonce = base64.b64decode(s["nonce"], validate=True)
+        public_key = base64.b64decode(s["hpke_public_key"], validate=True)
+        level, suite, worker_id = str(s["level"]), str(s["hpke_suite"]), str(s["worker_id"])
+        issued, measurements = float(s["issued_at"]), dict(s["measurements"])
+        claimed_tenant, model = str(s["tenant"]), str(s["model"])
+    except (ValueError, KeyError, TypeError):
+        raise _refuse("evidence statement is malformed", "ATTESTATION_MALFORMED") from None
+    if claimed_nonce != nonce:
+        raise _refuse("evidence is not bound to this nonce (stale or replayed)", "ATTESTATION_STALE")
+    if abs(now - issued) > policy.max_age_seconds:
+        raise _refuse("evidence is too old", "ATTESTATION_STALE")
+    if claimed_tenant != tenant:
+        raise _refuse("evidence is from another tenant's worker", "ATTESTATION_WRONG_TENANT")
+    if hashlib.sha256(public_key).hexdigest() != worker_id:
+        raise _refuse("evidence HPKE key does not match its worker id", "ATTESTATION_MALFORMED")
+    _public_key(suite, public_key)
+    if level not in LEVELS:
+        raise _refuse(f"unknown evidence level {level!r}", "ATTESTATION_MALFORMED")
+    if level == "nvidia-cc" and not (verify_nvidia and verify_nvidia(evidence.nvidia_token, nonce)):
+        raise _refuse("NVIDIA confidential-computing evidence did not verify", "ATTESTATION_INSUFFICIENT")
+    if LEVELS.index(level) < LEVELS.index(policy.min_level):
+        raise _refuse(f"evidence level {level} is below the required {policy.min_level}",
+                      "ATTESTATION_INSUFFICIENT")  # fmt: skip
+    for name, allowed in policy.measurements.items():
+        if allowed and measurements.get(name) not in allowed:
+            raise _refuse(f"measurement {name!r} is not an allowed value", "ATTESTATION_MEASUREMENT")
+    return Verified(level, claimed_tenant, model, measurements, suite, public_key, worker_id)

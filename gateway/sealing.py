@@ -1,0 +1,193 @@
+"""Gateway-sealed mode: the prompt goes to a worker only sealed under the tenant's key, and only to a
+worker that proved what it runs and was released the tenant's keys.
+
+Before a worker gets its first request (and again after it restarts, after a key rotation, after its
+tenant's attestation policy changes, or every `reattest_seconds`), the gateway asks it for evidence
+bound to a fresh nonce, verifies it against the tenant's policy, and releases the tenant's usable keys
+sealed with HPKE to the worker's attested key. Evidence that falls short releases nothing: the call
+fails with FAILED_PRECONDITION, audited. End-to-end requests (sealed by the client to the worker's
+key) pass through untouched: the gateway holds nothing that opens them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from airlock.attestation import AttestationPolicy, hpke_seal, key_release_info, verify
+from airlock.envelope import Opener, SealError
+from airlock.errors import AirlockError, AttestationError, UnavailableError
+from airlock.logs import current_request_id
+from airlock.sealing import E2E_KEY_ID, response_key, seal_prompt
+from airlock.v1 import inference_pb2 as pb
+from airlock.v1 import worker_pb2, worker_pb2_grpc
+from gateway.audit import AuditLog
+from gateway.keystore import Keystore, KeystoreError
+
+__all__ = ["GatewaySealing"]
+
+_log = logging.getLogger("airlock.sealing")
+NONCE_BYTES = 32
+
+
+@dataclass(frozen=True)
+class _Released:
+    worker_id: str
+    generation: int
+    policy: AttestationPolicy
+    at: float
+
+
+class GatewaySealing:
+    def __init__(
+        self,
+        keystore: Keystore,
+        *,
+        ca_pem: bytes,
+        policy_for: Callable[[str], AttestationPolicy],
+        audit: AuditLog,
+        reattest_seconds: float = 600.0,
+    ) -> None:
+        self.keystore = keystore
+        self.ca_pem = ca_pem
+        self.policy_for = policy_for
+        self.audit = audit
+        self.reattest_seconds = reattest_seconds
+        self._released: dict[tuple[str, str], _Released] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._active: dict[str, tuple[int, str, bytes]] = {}
+
+    # -- keys -------------------------------------------------------------------------------------
+    def active_key(self, tenant: str) -> tuple[str, bytes]:
+        generation = self.keystore.generation
+        cached = self._active.get(tenant)
+        if cached is None or cached[0] != generation:
+            try:
+                key_id, key = self.keystore.active(tenant)
+            except KeystoreError:
+                raise UnavailableError(
+                    "this tenant has no active key; an operator must create one (airlock keys create)",
+                    reason="TENANT_KEY_MISSING",
+                ) from None
+            cached = self._active[tenant] = (generation, key_id, key)
+        return cached[1], cached[2]
+
+    async def watch(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        """Notice keystore changes made outside this process (`airlock keys rotate`)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            try:
+                if await asyncio.to_thread(self.keystore.reload):
+                    _log.info("keystore changed; workers get the new keys before their next request")
+            except Exception:  # a keystore mid-write or unreadable: keep the keys we have
+                _log.exception("keystore reload failed; keeping the previous keys")
+
+    # -- attestation and key release --------------------------------------------------------------
+    def forget(self, tenant: str, model: str) -> None:
+        self._released.pop((tenant, model), None)
+
+    def _current(self, route: tuple[str, str], policy: AttestationPolicy) -> bool:
+        done = self._released.get(route)
+        return (
+            done is not None
+            and done.generation == self.keystore.generation
+            and done.policy == policy
+            and time.monotonic() - done.at < self.reattest_seconds
+        )
+
+    async def ensure_released(self, tenant: str, model: str, stub: worker_pb2_grpc.WorkerStub) -> None:
+        route = (tenant, model)
+        policy = self.policy_for(tenant)
+        if self._current(route, policy):
+            return
+        async with self._locks.setdefault(route, asyncio.Lock()):  # one attestation per worker at a time
+            if not self._current(route, policy):
+                await self._release(tenant, model, stub, policy)
+
+    async def _release(
+        self, tenant: str, model: str, stub: worker_pb2_grpc.WorkerStub, policy: AttestationPolicy
+    ) -> None:
+        nonce = os.urandom(NONCE_BYTES)
+        generation = self.keystore.generation
+        try:
+            evidence = await stub.GetEvidence(worker_pb2.EvidenceRequest(nonce=nonce), timeout=10)
+        except grpc.aio.AioRpcError:
+            raise UnavailableError(
+                "the worker did not answer for attestation", reason="WORKER_UNAVAILABLE"
+            ) from None
+        try:
+            verified = verify(evidence, ca_pem=self.ca_pem, nonce=nonce, tenant=tenant, policy=policy)
+        except AttestationError as exc:
+            self.audit.record("attestation", decision="refused", tenant=tenant, model=model,
+                              reason=exc.reason, request_id=current_request_id())  # fmt: skip
+            raise
+        keys = await asyncio.to_thread(self.keystore.usable, tenant)
+        active_id, _ = self.active_key(tenant)
+        plain = worker_pb2.TenantKeys(keys=keys, active_key_id=active_id).SerializeToString()
+        sealed = hpke_seal(verified.hpke_suite, verified.hpke_public_key, plain,
+                           key_release_info(tenant, verified.worker_id))  # fmt: skip
+        try:
+            await stub.ReleaseKeys(
+                worker_pb2.KeyRelease(tenant=tenant, worker_id=verified.worker_id, sealed_keys=sealed),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError:
+            raise UnavailableError(
+                "the worker did not accept its keys", reason="WORKER_UNAVAILABLE"
+            ) from None
+        self._released[(tenant, model)] = _Released(verified.worker_id, generation, policy, time.monotonic())
+        self.audit.record(
+            "key_release", decision="released", tenant=tenant, model=model, level=verified.level,
+            worker_id=verified.worker_id, key_ids=sorted(keys), suite=verified.hpke_suite,
+            measurements=dict(verified.measurements), request_id=current_request_id(),
+        )  # fmt: skip
+
+    # -- payloads ---------------------------------------------------------------------------------
+    @staticmethod
+    def is_end_to_end(request: pb.GenerateRequest) -> bool:
+        return bool(request.HasField("end_to_end") or request.HasField("sealed_messages"))
+
+    def seal(self, tenant: str, request: pb.GenerateRequest) -> Opener | None:
+        """Seal the prompt for the worker; returns the opener of its answer. None for an end-to-end
+        request, which is checked for shape and passed through."""
+        if self.is_end_to_end(request):
+            key_id = Opener.header_of(request.sealed_messages).key_id
+            if (
+                not (request.HasField("end_to_end") and request.HasField("sealed_messages"))
+                or key_id != E2E_KEY_ID
+            ):
+                raise SealError("an end-to-end request needs both sealed_messages and end_to_end",
+                                reason="SEAL_MALFORMED")  # fmt: skip
+            return None
+        key_id, key = self.active_key(tenant)
+        seal_prompt(request, tenant, key_id, key)
+        return Opener(key, response_key(tenant, key_id, request))
+
+
+def open_text(opener: Opener, sealed: pb.Sealed, tenant: str, audit: AuditLog) -> str:
+    """Open one sealed answer payload from a worker; a failure is the worker's (or the wire's), not
+    the caller's, so it is audited and surfaces as an internal error with the reason."""
+    try:
+        return opener.open(sealed).decode()
+    except (SealError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "reason", "SEAL_MALFORMED")
+        audit.record("integrity", decision="refused", tenant=tenant, reason=reason, direction="response",
+                     request_id=current_request_id())  # fmt: skip
+        raise AirlockError("the worker's answer failed its integrity check", reason=reason) from None
+
+
+def finish(opener: Opener, tenant: str, audit: AuditLog) -> None:
+    try:
+        opener.finish()
+    except SealError as exc:
+        audit.record("integrity", decision="refused", tenant=tenant, reason=exc.reason, direction="response",
+                     request_id=current_request_id())  # fmt: skip
+        raise AirlockError("the worker's answer was cut short", reason=exc.reason) from None
