@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from airlock import logs
 from gateway import config as config_mod
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, load_signing_key
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard
 from gateway.identity import JwtVerifier, ServiceIdentity
@@ -64,7 +64,9 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     """Wire the gateway from its configuration: PKI, policy, identities, guard, server."""
     pki = ensure_dev_pki(cfg.state_dir)
     metrics = Metrics()
-    audit = AuditLog(cfg.state_dir / "audit" / "gateway.jsonl")
+    audit = AuditLog(
+        cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit.signing_key or pki.audit_key)
+    )
     authorizer = Authorizer.from_directory(
         cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
     )

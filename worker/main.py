@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from airlock import logs
 from airlock.types import Limits
 from worker.engine import Engine
+from worker.models import BundlePolicy
 from worker.server import SERVICE, WorkerService, WorkerTls, create_server
 
 _log = logging.getLogger("airlock.worker")
@@ -54,6 +55,7 @@ class WorkerSettings:
     device: str = "cpu"
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 << 20
+    bundles: BundlePolicy = field(default_factory=BundlePolicy)
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--grace-seconds", type=float, default=10.0)
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--trusted-keys", type=Path, help="PEM public keys model bundles must be signed by")
+    p.add_argument("--allow-unsigned", action="store_true", help="load unsigned models (with a warning)")
+    p.add_argument("--bundle-signing-key", type=Path, help="development: sign the bundled model's conversion")
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
     return WorkerSettings(
@@ -94,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         device=a.device,
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
+        bundles=BundlePolicy(a.trusted_keys, not a.allow_unsigned, a.bundle_signing_key),
     )
 
 
@@ -105,7 +111,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     from worker.models import resolve_model
     from worker.transformers_engine import TransformersEngine
 
-    model_dir = resolve_model(settings.model_path, settings.cache_dir)
+    model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
     return TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
 
 
