@@ -1,11 +1,11 @@
 """Operator commands of `airlock`: audit verification, signed bundles and the health probe.
 
-    airlock audit verify [--dir DIR | --file LOG] [--key PUB]   check chains and signatures
-    airlock bundle keygen --out KEY                             a new Ed25519 signing key (+ KEY.pub)
-    airlock bundle create DIR [--name N]                        write DIR/airlock-bundle.json
-    airlock bundle sign DIR [--key KEY]                         write DIR/airlock-bundle.sig
-    airlock bundle verify DIR [--trusted-keys FILE]             signature, digests, no extra files
-    airlock health [--address HOST:PORT] [--ca FILE]            exit 0 when the gateway is SERVING
+airlock audit verify [--dir DIR | --file LOG] [--key PUB]   check chains and signatures
+airlock bundle keygen --out KEY                             a new Ed25519 signing key (+ KEY.pub)
+airlock bundle create DIR [--name N]                        write DIR/airlock-bundle.json
+airlock bundle sign DIR [--key KEY]                         write DIR/airlock-bundle.sig
+airlock bundle verify DIR [--trusted-keys FILE]             signature, digests, no extra files
+airlock health [--address HOST:PORT] [--ca FILE]            exit 0 when the gateway is SERVING
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"FAIL {exc} [{exc.reason}]")
         return 1
-    print(f"OK {args.dir}: bundle {verified.name!r}, {verified.files} file(s), signed by key {verified.key_id}")
+    print(f"OK {args.dir}: bundle {verified.name!r}, {verified.files} file(s), key {verified.key_id}")
     return 0
 
 
