@@ -132,9 +132,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     """A grpc_health_probe in Python: TLS to the gateway, `Check` for the whole server."""
     cfg = _config(args)
     ca = args.ca or ensure_dev_pki(cfg.state_dir).ca_cert
-    credentials = grpc.ssl_channel_credentials(ca.read_bytes())
+    pair = (args.key.read_bytes(), args.cert.read_bytes()) if args.cert and args.key else (None, None)
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes(), *pair)
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-    with grpc.secure_channel(args.address or cfg.gateway.listen, credentials, options) as channel:
+    with grpc.secure_channel(_local(args.address or cfg.gateway.listen), credentials, options) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -145,6 +146,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _local(address: str) -> str:
+    """A wildcard listen address, probed from inside the same host or container, is loopback."""
+    host, _, port = address.rpartition(":")
+    return {"0.0.0.0": f"127.0.0.1:{port}", "[::]": f"[::1]:{port}"}.get(host, address)
 
 
 def add_ops_commands(
@@ -181,6 +188,8 @@ def add_ops_commands(
     health.add_argument("--address", help="HOST:PORT (default: gateway.listen)")
     health.add_argument("--ca", type=Path, help="CA certificate (default: the dev CA)")
     health.add_argument("--server-name", help="TLS name to expect when the address is not it")
+    health.add_argument("--cert", type=Path, help="client certificate, for servers that require mTLS")
+    health.add_argument("--key", type=Path, help="the client certificate's key")
     health.add_argument("--service", default="", help="service name ('' = the whole server)")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=cmd_health)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gateway.audit import AuditLog, load_signing_key
 from gateway.cli import main
 from gateway.pki import ensure_dev_pki
+from tests.support import LiveStack
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -61,3 +63,16 @@ def test_bundle_workflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (model / "weights.bin").write_bytes(b"x" * 64)
     code, out = run(capsys, "bundle", "verify", str(model), *trusted, *state)
     assert code == 1 and "weights.bin differs" in out and "BUNDLE_FILE_ALTERED" in out
+
+
+def test_health_probe(echo_stack: LiveStack, capsys: pytest.CaptureFixture[str]) -> None:
+    state = ["--state-dir", str(echo_stack.config.state_dir)]
+    code, out = run(capsys, "health", "--address", echo_stack.address, *state)
+    assert (code, out.strip()) == (0, "SERVING")
+    port = echo_stack.address.rsplit(":", 1)[1]
+    assert run(capsys, "health", "--address", f"0.0.0.0:{port}", *state)[0] == 0  # wildcard: loopback
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        free = unused.getsockname()[1]
+    code, out = run(capsys, "health", "--address", f"127.0.0.1:{free}", "--timeout", "2", *state)
+    assert code == 1 and "UNAVAILABLE" in out
