@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,8 @@ class AuditLog:
         self._last_sign = self._last_sync = time.monotonic()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        # Called once, with the reason, when the log fails (the gateway stops reporting SERVING).
+        self.on_failure: Callable[[str], None] | None = None
         if path is None:
             return
         try:
@@ -280,12 +283,14 @@ class AuditLog:
         # Sticky: after a failed write the chain on disk is in an unknown state, so every later
         # decision is refused too until an operator has looked (and restarted the gateway).
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        self._failed = why
+        first, self._failed = self._failed is None, why
         _log.error(
             "audit log unavailable: %s (%s); refusing every call until it is fixed and the gateway restarted",
             why,
             self.path,
         )
+        if first and self.on_failure is not None:
+            self.on_failure(why)
         if raise_:
             raise UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE") from exc
 

@@ -130,6 +130,11 @@ async def serve(
         asyncio.create_task(gw.authorizer.watch(stopping)),
         asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping)),
     ]
+
+    def audit_failed(_why: str) -> None:  # may run on a policy-reload thread
+        asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)
+
+    gw.audit.on_failure = audit_failed
     await gw.server.start()
     await gw.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await gw.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -146,6 +151,12 @@ async def serve(
     await asyncio.gather(*watchers, return_exceptions=True)
     await gw.router.close()
     gw.audit.close()
+
+
+async def _not_serving(gw: Gateway) -> None:
+    """Every call is refused while the audit log is down: say so to health checks and balancers."""
+    for service in (SERVICE, ""):
+        await gw.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ whose audit log can't be written refuses calls (fails closed) and says why in it
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from airlock import PermissionDeniedError, UnavailableError
 from gateway.audit_verify import load_public_key, verify_log
+from gateway.cli import main
 from gateway.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML
 from tests.support import LiveStack
@@ -65,3 +67,10 @@ async def test_a_gateway_that_cannot_audit_refuses_calls(
     assert stack.stack.gateway is not None
     log = stack.stack.gateway.log.read_text()
     assert "audit log unavailable: No space left on device" in log
+    # Health checks and balancers are told too: the gateway no longer reports SERVING.
+    probe = ["health", "--address", stack.address, "--state-dir", str(stack.config.state_dir)]
+    for _ in range(100):  # the status is set on the gateway's loop right after the failure
+        if main(probe) == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert main(probe) == 1
