@@ -113,6 +113,7 @@ class AuditLog:
         self._end = -1  # where our last write ended; anything else means another writer appended
         self._unsigned = 0
         self._last_sign = self._last_sync = time.monotonic()
+        self._dirty = False  # written but not fsynced
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         # Called once, with the reason, when the log fails (the gateway stops reporting SERVING).
@@ -128,8 +129,12 @@ class AuditLog:
             raise UnavailableError(
                 f"audit log {path} cannot be opened ({exc.strerror})", reason="AUDIT_UNAVAILABLE"
             ) from exc
-        if self._key is not None and self.config.sign_every_seconds > 0:
-            self._timer = threading.Thread(target=self._sign_periodically, name="audit-signer", daemon=True)
+        # A quiet log still gets its last records fsynced and signed on time: a background thread.
+        periods = [self.config.sign_every_seconds if self._key is not None else 0.0]
+        periods.append(self.config.fsync_interval_seconds if self.config.fsync == "interval" else 0.0)
+        if any(p > 0 for p in periods):
+            period = min(p for p in periods if p > 0)
+            self._timer = threading.Thread(target=self._keep, args=(period,), name="audit-sync", daemon=True)
             self._timer.start()
 
     # --- writing ---------------------------------------------------------------------------------
@@ -219,12 +224,17 @@ class AuditLog:
         self._seq, self._head = entry["seq"], entry["hash"]
         self._end = os.fstat(self._fd).st_size
         self._unsigned += 1
+        self._dirty = True
         now = time.monotonic()
         if self.config.fsync == "always" or (
             self.config.fsync == "interval" and now - self._last_sync >= self.config.fsync_interval_seconds
         ):
-            os.fsync(self._fd)
-            self._last_sync = now
+            self._sync(now)
+
+    def _sync(self, now: float) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self._last_sync, self._dirty = now, False
 
     def _maybe_sign(self) -> None:
         every = self.config.sign_every_records
@@ -234,7 +244,7 @@ class AuditLog:
     def _sign(self, reason: str) -> None:
         if self._key is None or self._unsigned == 0 or self.path is None or self._fd is None:
             return
-        os.fsync(self._fd)  # a signature must never point at records the disk doesn't hold
+        self._sync(time.monotonic())  # a signature must never point at records the disk doesn't hold
         entry = {
             "seq": self._seq,
             "hash": self._head,
@@ -264,14 +274,23 @@ class AuditLog:
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{number}"))
         self._open()  # the next record chains to the rotated file's last one
 
-    def _sign_periodically(self) -> None:
-        while not self._stop.wait(self.config.sign_every_seconds):
+    def _keep(self, period: float) -> None:
+        config = self.config
+        while not self._stop.wait(period):
             with self._lock:
-                if self._failed is not None or self._fd is None or self._unsigned == 0:
+                if self._failed is not None or self._fd is None:
                     continue
+                now = time.monotonic()
                 try:
                     with self._locked():
-                        self._sign("periodic")
+                        if (
+                            self._dirty
+                            and config.fsync == "interval"
+                            and (now - self._last_sync >= config.fsync_interval_seconds)
+                        ):
+                            self._sync(now)
+                        if self._key is not None and 0 < config.sign_every_seconds <= now - self._last_sign:
+                            self._sign("periodic")
                 except OSError as exc:
                     self._fail(exc, raise_=False)
 

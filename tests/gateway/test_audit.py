@@ -216,6 +216,22 @@ def test_fsync_interval_syncs_at_most_once_per_interval(
     log.close()
 
 
+def test_fsync_interval_catches_up_on_a_quiet_log(log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    log = AuditLog(log_path, config=AuditConfig(fsync="interval", fsync_interval_seconds=0.05))
+    log.record("authorization", decision="allow")  # the first record: too soon after opening to sync
+    synced = threading.Event()
+    for _ in range(200):  # no more records come; the background thread must sync on its own
+        if calls:
+            synced.set()
+            break
+        threading.Event().wait(0.05)
+    log.close()
+    assert synced.is_set()
+
+
 def failing_write(monkeypatch: pytest.MonkeyPatch, log_path: Path) -> Callable[..., Any]:
     real = os.write
 
