@@ -31,12 +31,14 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## Benchmarks: gateway overhead (EchoEngine, direct vs through the gateway) and bundled-model
-## tokens/s (engine alone vs through the stack); authorization at 10k tenants / 100k lines.
+## tokens/s (engine alone vs through the stack); authorization at 10k tenants / 100k lines;
+## audit records/s per fsync policy.
 ## Tables on stdout, JSON in bench/results/.
 bench: venv
 	$(PY) bench/overhead.py
 	$(PY) bench/model_tokens.py
 	$(PY) bench/authz.py
+	$(PY) bench/audit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
