@@ -263,6 +263,11 @@ class AuditLog:
             os.close(fd)
         self._unsigned = 0
         self._last_sign = time.monotonic()
+        # The operational log, shipped off the host, is a second witness: with it, cutting records
+        # and their signatures off the end together is caught too.
+        _log.info(
+            "audit chain head signed: seq %s head %s key %s", entry["seq"], entry["hash"], entry["key_id"]
+        )
 
     def _maybe_rotate(self) -> None:
         assert self.path is not None

@@ -73,8 +73,7 @@ def check_bundle(model_dir: Path, policy: BundlePolicy) -> None:
     except BundleError as exc:
         raise ModelError(f"model refused: {exc}") from None
     _log.info(
-        "model bundle verified",
-        extra={"bundle": verified.name, "key_id": verified.key_id, "files": verified.files},
+        "model bundle %s verified: %d files, signed by key %s", verified.name, verified.files, verified.key_id
     )
 
 

@@ -43,8 +43,11 @@ async def test_no_payload_reaches_any_file_and_the_trail_verifies(
     report = verify_log(audit, load_public_key(stack.pki.audit_pub))
     assert report.ok, report.problems
     assert report.unsigned_tail == 0  # the gateway signed its head when it stopped
-    state = stack.config.state_dir
-    scanned = files_under(state / "audit", state / "pki", state / "run", tmp_path)
+    assert stack.stack.gateway is not None  # and said so in its log, the off-host witness
+    assert f"audit chain head signed: seq {report.last_seq} " in stack.stack.gateway.log.read_text()
+    everything = files_under(stack.config.state_dir, tmp_path)
+    weights = [p for p in everything if p.suffix == ".safetensors"]  # model weights written before this test
+    scanned = [p for p in everything if p not in weights]
     assert audit in scanned and stack.stack.gateway is not None and stack.stack.gateway.log in scanned
     needle = canary.encode()
     leaks = [p for p in scanned if needle in p.read_bytes()]
