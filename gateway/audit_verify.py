@@ -19,9 +19,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from airlock.bundle import BundleError, load_trusted_keys
 from gateway.audit import GENESIS, key_id, record_hash, segments, signed_message
 
-__all__ = ["Report", "load_public_key", "logs_in", "verify_log"]
+__all__ = ["Report", "load_public_key", "load_public_keys", "logs_in", "verify_log"]
+
+Keys = ed25519.Ed25519PublicKey | dict[str, ed25519.Ed25519PublicKey]
 
 
 @dataclass
@@ -51,13 +54,23 @@ def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     return key
 
 
+def load_public_keys(path: Path) -> dict[str, ed25519.Ed25519PublicKey]:
+    """Every Ed25519 public key in a PEM file, by key id: the current key and the ones it replaced."""
+    try:
+        return load_trusted_keys(path)
+    except BundleError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def logs_in(directory: Path) -> list[Path]:
     """The logs in a directory: each active `*.jsonl` file (its rotated files come with it)."""
     return sorted(p for p in directory.glob("*.jsonl") if p.is_file())
 
 
-def verify_log(path: Path, public_key: ed25519.Ed25519PublicKey | None) -> Report:
-    """Check one log (all its files) and, with a key, its signatures; `Report.problems` says what broke."""
+def verify_log(path: Path, keys: Keys | None) -> Report:
+    """Check one log (all its files) and, with keys, its signatures; `Report.problems` says what broke.
+
+    `keys`: one public key, or several by key id (signatures made before a key rotation)."""
     report = Report(path)
     hashes: dict[int, str] = {}
     expected_seq, prev = 0, GENESIS
@@ -87,8 +100,9 @@ def verify_log(path: Path, public_key: ed25519.Ed25519PublicKey | None) -> Repor
             expected_seq += 1
             report.records += 1
     report.last_seq = expected_seq - 1
-    if public_key is not None:
-        _check_signatures(path, public_key, hashes, report)
+    if keys is not None:
+        trusted = keys if isinstance(keys, dict) else {key_id(keys): keys}
+        _check_signatures(path, trusted, hashes, report)
     return report
 
 
@@ -105,11 +119,10 @@ def _parse(raw: bytes, where: str, report: Report) -> dict[str, Any] | None:
 
 
 def _check_signatures(
-    path: Path, public_key: ed25519.Ed25519PublicKey, hashes: dict[int, str], report: Report
+    path: Path, trusted: dict[str, ed25519.Ed25519PublicKey], hashes: dict[int, str], report: Report
 ) -> None:
     sidecar = path.with_name(f"{path.name}.sig")
     lines = sidecar.read_bytes().splitlines() if sidecar.exists() else []
-    trusted = key_id(public_key)
     for number, raw in enumerate(lines, start=1):
         where = f"{sidecar}:{number}"
         try:
@@ -119,8 +132,10 @@ def _check_signatures(
         except (ValueError, KeyError, TypeError, binascii.Error):
             report.problems.append(f"{where}: not a signature record")
             continue
-        if entry.get("key_id") != trusted:
-            report.problems.append(f"{where}: signed by key {entry.get('key_id')}, not the trusted {trusted}")
+        public_key = trusted.get(str(entry.get("key_id")))
+        if public_key is None:
+            signer, known = entry.get("key_id"), ", ".join(sorted(trusted))
+            report.problems.append(f"{where}: signed by key {signer}, not a trusted one ({known})")
             continue
         try:
             public_key.verify(signature, signed_message(seq, head))

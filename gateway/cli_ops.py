@@ -30,7 +30,7 @@ from airlock.bundle import (
     verify_bundle,
 )
 from gateway import config as config_mod
-from gateway.audit_verify import load_public_key, logs_in, verify_log
+from gateway.audit_verify import load_public_keys, logs_in, verify_log
 from gateway.pki import ensure_dev_pki
 
 __all__ = ["add_ops_commands"]
@@ -48,7 +48,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     key_path = args.key or ensure_dev_pki(cfg.state_dir).audit_pub
     try:
-        key = load_public_key(key_path)
+        keys = load_public_keys(key_path)
     except (OSError, ValueError) as exc:
         _err(f"audit verify: public key {key_path}: {exc}")
         return 2
@@ -58,14 +58,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return 2
     failed = 0
     for log in logs:
-        report = verify_log(log, key)
+        report = verify_log(log, keys)
         for problem in report.problems:
             print(f"FAIL {problem}")
         verdict = "OK" if report.ok else "FAILED"
         tail = f", {report.unsigned_tail} record(s) after the last signature" if report.unsigned_tail else ""
         print(
             f"{verdict} {log}: {report.records} record(s) in {report.files} file(s), "
-            f"{report.signatures} signature(s) by key {key_id(key)}, last signed seq "
+            f"{report.signatures} signature(s) by key(s) {', '.join(sorted(keys))}, last signed seq "
             f"{report.last_signed_seq}{tail}"
         )
         failed += not report.ok
@@ -163,7 +163,9 @@ def add_ops_commands(
     where = verify.add_mutually_exclusive_group()
     where.add_argument("--dir", type=Path, help="verify every log in DIR (default: the configured one's)")
     where.add_argument("--file", type=Path, help="verify one log (its rotated files come with it)")
-    verify.add_argument("--key", type=Path, help="Ed25519 public key (default: the dev audit key)")
+    verify.add_argument(
+        "--key", type=Path, help="PEM file of Ed25519 public keys, old ones too (default: the dev audit key)"
+    )
     verify.set_defaults(func=cmd_audit_verify)
 
     bundle = sub.add_parser("bundle", help="create, sign and verify signed model bundles")

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from airlock.bundle import key_id
 from airlock.errors import UnavailableError
 from gateway.audit import GENESIS, AuditLog, record_hash
 from gateway.audit_verify import verify_log
@@ -137,7 +138,19 @@ def test_a_bad_signature_is_detected(log_path: Path) -> None:
 def test_a_signature_by_another_key_is_refused(log_path: Path) -> None:
     write_log(log_path, 3)
     other = ed25519.Ed25519PrivateKey.generate().public_key()
-    assert any("not the trusted" in p for p in problems(log_path, other))
+    assert any("not a trusted one" in p for p in problems(log_path, other))
+
+
+def test_signatures_by_a_rotated_key_verify_with_both_keys(log_path: Path) -> None:
+    write_log(log_path, 3)
+    newer = ed25519.Ed25519PrivateKey.generate()
+    log = AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=newer)
+    log.record("authorization", decision="allow")
+    log.close()
+    both = {key_id(k.public_key()): k.public_key() for k in (KEY, newer)}
+    report = verify_log(log_path, both)
+    assert report.ok and report.signatures == 2, report.problems
+    assert any("not a trusted one" in p for p in problems(log_path, newer.public_key()))
 
 
 def test_a_deleted_signature_file_is_detected(log_path: Path) -> None:
