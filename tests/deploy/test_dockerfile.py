@@ -57,6 +57,8 @@ def test_install_reuses_the_makefile_bootstrap_with_the_gpu_extra(instructions: 
     runs = " ".join(values(stages(instructions)[0], "RUN"))
     assert "./scripts/bootstrap.sh" in runs and "AIRLOCK_EXTRAS=gpu" in runs
     assert "./scripts/bootstrap.sh" in (ROOT / "Makefile").read_text()
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert all(knob in bootstrap for knob in ("AIRLOCK_EXTRAS", "AIRLOCK_TORCH", "AIRLOCK_EDITABLE", "VENV"))
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "vllm" in extras["gpu"]
 
