@@ -125,9 +125,10 @@ class AuditLog:
             self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             with self._locked():
                 self._open()
-        except OSError as exc:
+        except (OSError, ValueError, KeyError) as exc:  # unwritable, or a last record that isn't one
+            why = exc.strerror if isinstance(exc, OSError) else f"unreadable last record: {exc!r}"
             raise UnavailableError(
-                f"audit log {path} cannot be opened ({exc.strerror})", reason="AUDIT_UNAVAILABLE"
+                f"audit log {path} cannot be opened ({why})", reason="AUDIT_UNAVAILABLE"
             ) from exc
         # A quiet log still gets its last records fsynced and signed on time: a background thread.
         periods = [self.config.sign_every_seconds if self._key is not None else 0.0]

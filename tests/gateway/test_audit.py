@@ -288,6 +288,14 @@ def test_a_log_ending_in_a_partial_record_refuses_to_start(log_path: Path) -> No
         AuditLog(log_path)
 
 
+def test_a_log_ending_in_a_foreign_line_refuses_to_start(log_path: Path) -> None:
+    write_log(log_path, 2)
+    with log_path.open("ab") as fh:
+        fh.write(b"not json\n")
+    with pytest.raises(UnavailableError, match="unreadable last record"):
+        AuditLog(log_path)
+
+
 def test_two_writers_on_one_path_keep_one_chain(log_path: Path) -> None:
     config = AuditConfig(sign_every_records=5, sign_every_seconds=0, rotate_bytes=4000)
     first = AuditLog(log_path, config=config, signing_key=KEY)
