@@ -34,12 +34,14 @@ typecheck: venv
 ## Benchmarks: gateway overhead (EchoEngine, direct vs through the gateway) and bundled-model
 ## tokens/s (engine alone vs through the stack); authorization at 10k tenants / 100k lines;
 ## quota admission cost (memory, Redis).
+## audit records/s per fsync policy.
 ## Tables on stdout, JSON in bench/results/.
 bench: venv
 	$(PY) bench/overhead.py
 	$(PY) bench/model_tokens.py
 	$(PY) bench/authz.py
 	$(PY) bench/quota.py
+	$(PY) bench/audit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

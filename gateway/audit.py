@@ -1,46 +1,347 @@
-"""The gateway's audit trail: one JSON line per security decision (who, tenant, what, outcome).
+"""The gateway's audit trail: one hash-chained JSON line per security decision, signed periodically.
 
 Records never hold a token, a key, a prompt or a completion: only identifiers, decisions, reason
-codes and sizes. (Hash chaining, signing and rotation are the operations issue's; this is the
-record format and the single place every decision is written from.)
+codes and sizes. Each record carries `seq` and `prev` (the previous record's `hash`) and its own
+`hash`, the SHA-256 of its canonical JSON without `hash`. The chain head is signed with Ed25519
+every `sign_every_records` records, every `sign_every_seconds`, at rotation and at close; the
+signatures go to a sidecar file (`<path>.sig`) so truncating the log is caught by a signature
+that points past its end. `airlock audit verify` (gateway/audit_verify.py) checks all of it; the
+format is documented in docs/operations.md.
+
+A log that can't be written fails closed: the failing record and every later one raise
+`UnavailableError` ("audit log unavailable"), so no decision goes unrecorded.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AuditLog"]
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from airlock.bundle import key_id
+from airlock.errors import UnavailableError
+from gateway.config import AuditConfig
+
+__all__ = [
+    "GENESIS",
+    "AuditLog",
+    "canonical",
+    "key_id",
+    "load_signing_key",
+    "record_hash",
+    "segments",
+    "signed_message",
+]
+
+GENESIS = "0" * 64  # the `prev` of the very first record
+RESERVED = frozenset({"seq", "ts", "event", "prev", "hash"})
 _log = logging.getLogger("airlock.audit")
 
 
-class AuditLog:
-    """Appends records to `path` (mode 0600); with no path, records go to the `airlock.audit` logger."""
+def canonical(record: dict[str, Any]) -> bytes:
+    """The bytes a record's hash covers: sorted keys, no spaces, ASCII only."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
 
-    def __init__(self, path: Path | None) -> None:
+
+def record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def signed_message(seq: int, head: str) -> bytes:
+    """What a chain-head signature covers; the head hash covers every record up to `seq`."""
+    return f"airlock-audit-v1:{seq}:{head}".encode()
+
+
+def segments(path: Path) -> list[Path]:
+    """The files of one log, oldest first: rotated `<path>.1`, `<path>.2`, … then `<path>` itself."""
+    rotated = [p for p in path.parent.glob(f"{path.name}.*") if p.name[len(path.name) + 1 :].isdigit()]
+    rotated.sort(key=lambda p: int(p.name[len(path.name) + 1 :]))
+    return [*rotated, path] if path.exists() else rotated
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last complete line of `path`, or None when it has none."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            fh.seek(max(0, size - (1 << 20)))
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    if not data.endswith(b"\n"):
+        raise UnavailableError(
+            f"audit log {path} ends in a partial record; run `airlock audit verify` and move it aside",
+            reason="AUDIT_UNAVAILABLE",
+        )
+    return data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+class AuditLog:
+    """Appends chained records to `path` (mode 0600); with no path, records go to the `airlock.audit`
+    logger. Several processes may share one path: a lock file serialises them and each appends after
+    whatever the others wrote last."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        config: AuditConfig | None = None,
+        signing_key: ed25519.Ed25519PrivateKey | None = None,
+    ) -> None:
         self.path = path
+        self.config = config or AuditConfig()
+        self._key = signing_key
         self._lock = threading.Lock()  # policy reloads write from a worker thread
-        self._fh = None
-        if path is not None:
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._failed: str | None = None
+        self._seq, self._head = -1, GENESIS
+        self._end = -1  # where our last write ended; anything else means another writer appended
+        self._unsigned = 0
+        self._last_sign = self._last_sync = time.monotonic()
+        self._dirty = False  # written but not fsynced
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        # Called once, with the reason, when the log fails (the gateway stops reporting SERVING).
+        self.on_failure: Callable[[str], None] | None = None
+        if path is None:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+            self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            with self._locked():
+                self._open()
+        except (OSError, ValueError, KeyError) as exc:  # unwritable, or a last record that isn't one
+            why = exc.strerror if isinstance(exc, OSError) else f"unreadable last record: {exc!r}"
+            raise UnavailableError(
+                f"audit log {path} cannot be opened ({why})", reason="AUDIT_UNAVAILABLE"
+            ) from exc
+        # A quiet log still gets its last records fsynced and signed on time: a background thread.
+        periods = [self.config.sign_every_seconds if self._key is not None else 0.0]
+        periods.append(self.config.fsync_interval_seconds if self.config.fsync == "interval" else 0.0)
+        if any(p > 0 for p in periods):
+            period = min(p for p in periods if p > 0)
+            self._timer = threading.Thread(target=self._keep, args=(period,), name="audit-sync", daemon=True)
+            self._timer.start()
+
+    # --- writing ---------------------------------------------------------------------------------
 
     def record(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"ts": round(time.time(), 6), "event": event, **fields}, separators=(",", ":"))
-        if self._fh is None:
-            _log.info(line)
+        if RESERVED & fields.keys():
+            raise ValueError(f"audit fields may not be named {sorted(RESERVED & fields.keys())}")
+        if self.path is None:
+            _log.info(json.dumps({"ts": round(time.time(), 6), "event": event, **fields}))
             return
         with self._lock:
-            self._fh.write(line + "\n")
+            self._refuse_if_failed()
+            try:
+                with self._locked():
+                    self._append(event, fields)
+                    self._maybe_sign()
+                    self._maybe_rotate()
+            except (OSError, ValueError) as exc:
+                self._fail(exc)
+
+    def sign(self, reason: str = "requested") -> None:
+        """Sign the current chain head now (no-op without a key or when nothing is unsigned)."""
+        if self.path is None or self._key is None:
+            return
+        with self._lock:
+            self._refuse_if_failed()
+            try:
+                with self._locked():
+                    self._sign(reason)
+            except OSError as exc:
+                self._fail(exc)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+        with self._lock:
+            if self._fd is not None and self._failed is None:
+                try:
+                    with self._locked():
+                        self._sign("close")
+                        os.fsync(self._fd)
+                except OSError as exc:
+                    _log.error("audit log: final signature failed: %s", exc.strerror)
+            for fd in (self._fd, self._lock_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._lock_fd = None
+
+    # --- internals (called with self._lock held) ---------------------------------------------------
+
+    def _locked(self) -> _FileLock:
+        assert self._lock_fd is not None  # only called for file-backed logs
+        return _FileLock(self._lock_fd)
+
+    def _open(self) -> None:
+        assert self.path is not None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Continue the chain from the last record on disk (ours or another writer's)."""
+        assert self.path is not None and self._fd is not None
+        for segment in reversed(segments(self.path)):
+            line = _last_line(segment)
+            if line is not None:
+                last = json.loads(line)
+                self._seq, self._head = int(last["seq"]), str(last["hash"])
+                break
+        self._end = os.fstat(self._fd).st_size
+
+    def _append(self, event: str, fields: dict[str, Any]) -> None:
+        assert self.path is not None and self._fd is not None
+        if os.fstat(self._fd).st_ino != _inode(self.path):  # another writer rotated the file
+            self._open()
+        elif os.fstat(self._fd).st_size != self._end:  # another writer appended
+            self._resume()
+        entry = {"seq": self._seq + 1, "ts": round(time.time(), 6), "event": event, **fields,
+                 "prev": self._head}  # fmt: skip
+        entry["hash"] = record_hash(entry)
+        line = canonical(entry) + b"\n"
+        written = os.write(self._fd, line)
+        if written != len(line):
+            raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
+        self._seq, self._head = entry["seq"], entry["hash"]
+        self._end = os.fstat(self._fd).st_size
+        self._unsigned += 1
+        self._dirty = True
+        now = time.monotonic()
+        if self.config.fsync == "always" or (
+            self.config.fsync == "interval" and now - self._last_sync >= self.config.fsync_interval_seconds
+        ):
+            self._sync(now)
+
+    def _sync(self, now: float) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self._last_sync, self._dirty = now, False
+
+    def _maybe_sign(self) -> None:
+        every = self.config.sign_every_records
+        if every > 0 and self._unsigned >= every:
+            self._sign("periodic")
+
+    def _sign(self, reason: str) -> None:
+        if self._key is None or self._unsigned == 0 or self.path is None or self._fd is None:
+            return
+        self._sync(time.monotonic())  # a signature must never point at records the disk doesn't hold
+        entry = {
+            "seq": self._seq,
+            "hash": self._head,
+            "ts": round(time.time(), 6),
+            "reason": reason,
+            "key_id": key_id(self._key.public_key()),
+            "sig": base64.b64encode(self._key.sign(signed_message(self._seq, self._head))).decode(),
+        }
+        fd = os.open(f"{self.path}.sig", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            line = canonical(entry) + b"\n"
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.EIO, "short write to the signature file")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._unsigned = 0
+        self._last_sign = time.monotonic()
+        # The operational log, shipped off the host, is a second witness: with it, cutting records
+        # and their signatures off the end together is caught too.
+        _log.info(
+            "audit chain head signed: seq %s head %s key %s", entry["seq"], entry["hash"], entry["key_id"]
+        )
+
+    def _maybe_rotate(self) -> None:
+        assert self.path is not None
+        if self.config.rotate_bytes <= 0 or self._end < self.config.rotate_bytes:
+            return
+        self._sign("rotation")
+        rotated = segments(self.path)[:-1]
+        number = int(rotated[-1].name.rsplit(".", 1)[-1]) + 1 if rotated else 1
+        os.rename(self.path, self.path.with_name(f"{self.path.name}.{number}"))
+        self._open()  # the next record chains to the rotated file's last one
+
+    def _keep(self, period: float) -> None:
+        config = self.config
+        while not self._stop.wait(period):
+            with self._lock:
+                if self._failed is not None or self._fd is None:
+                    continue
+                now = time.monotonic()
+                try:
+                    with self._locked():
+                        if (
+                            self._dirty
+                            and config.fsync == "interval"
+                            and (now - self._last_sync >= config.fsync_interval_seconds)
+                        ):
+                            self._sync(now)
+                        if self._key is not None and 0 < config.sign_every_seconds <= now - self._last_sign:
+                            self._sign("periodic")
+                except OSError as exc:
+                    self._fail(exc, raise_=False)
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            raise UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE")
+
+    def _fail(self, exc: Exception, *, raise_: bool = True) -> None:
+        # Sticky: after a failed write the chain on disk is in an unknown state, so every later
+        # decision is refused too until an operator has looked (and restarted the gateway).
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        first, self._failed = self._failed is None, why
+        _log.error(
+            "audit log unavailable: %s (%s); refusing every call until it is fixed and the gateway restarted",
+            why,
+            self.path,
+        )
+        if first and self.on_failure is not None:
+            self.on_failure(why)
+        if raise_:
+            raise UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE") from exc
+
+
+class _FileLock:
+    """flock on the log's lock file: several gateway processes may share one audit path."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return -1
+
+
+def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key

@@ -8,6 +8,7 @@
     airlock policy test [--dir DIR]         run the policy's tests.yaml cases, list every failure
     airlock policy explain --subject S --tenant T --resource R --action A [--dir DIR]
                                             the decision for one request and the rules behind it
+    airlock audit verify | bundle create|sign|verify|keygen | health    (gateway/cli_ops.py)
 
 Exit codes: 0 success, 1 runtime failure (lint errors, failing cases), 2 bad configuration or usage.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from airlock import AirlockError, Client
 from gateway import config as config_mod
+from gateway.cli_ops import add_ops_commands
 from gateway.pki import ensure_dev_pki, issue_service_cert
 from gateway.policy import ACTIONS, Decision, Policy, PolicyError, Rule, load_policy
 from gateway.policy_lint import home_tenant, lint_directory
@@ -332,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     _add_policy_commands(sub)
+    add_ops_commands(sub, common)
     return parser
 
 

@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 from airlock.types import Limits
 
 __all__ = [
+    "AuditConfig",
     "AuthConfig",
+    "BundleConfig",
     "Config",
     "ConfigError",
     "GatewayConfig",
@@ -107,6 +109,30 @@ class LockoutConfig:
     lockout_seconds: float = 300.0
 
 
+FSYNC_POLICIES = ("always", "interval", "never")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The hash-chained audit trail (gateway/audit.py): where, how durably, how often signed."""
+
+    path: Path | None = None  # None: state_dir/audit/gateway.jsonl
+    fsync: str = "interval"  # always | interval | never
+    fsync_interval_seconds: float = 1.0
+    rotate_bytes: int = 64 << 20  # 0: never rotate
+    sign_every_records: int = 1000  # 0: not by count
+    sign_every_seconds: float = 60.0  # 0: not by time
+    signing_key: Path | None = None  # None: the dev key, state_dir/pki/audit-signing.key
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """Signed model bundles (airlock/bundle.py): whom to trust, and whether a signature is required."""
+
+    trusted_keys: Path | None = None  # None: the dev trusted keys, state_dir/pki/bundle-trusted.pem
+    require_signed: bool = True
+
+
 @dataclass(frozen=True)
 class QuotaConfig:
     """Where per-tenant quota state lives (the limits themselves are policy: policy/tenants.toml)."""
@@ -138,10 +164,16 @@ class Config:
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    bundles: BundleConfig = field(default_factory=BundleConfig)
 
     @property
     def model_cache_dir(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.state_dir / "audit" / "gateway.jsonl"
 
 
 def default_state_dir() -> Path:
@@ -218,7 +250,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
-        top |= {"quota", "telemetry"}
+        top |= {"quota", "telemetry", "audit", "bundles"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -239,6 +271,8 @@ class _Parser:
             lockout=self.lockout(raw),
             quota=self.quota(raw),
             telemetry=self.telemetry(raw),
+            audit=self.audit(raw),
+            bundles=self.bundles(raw),
         )
 
     def quota(self, raw: dict[str, Any]) -> QuotaConfig:
@@ -265,6 +299,45 @@ class _Parser:
             traces=self.get(t, "telemetry.traces", bool, d.traces),
             otlp_endpoint=self.address(t, "telemetry.otlp_endpoint", d.otlp_endpoint, optional=False),
             service_name=self.get(t, "telemetry.service_name", str, d.service_name),
+        )
+
+    def audit(self, raw: dict[str, Any]) -> AuditConfig:
+        keys = {
+            "path", "fsync", "fsync_interval_seconds", "rotate_bytes", "sign_every_records",
+            "sign_every_seconds", "signing_key",
+        }  # fmt: skip
+        t = self.table(raw, "audit", keys)
+        d = AuditConfig()
+        fsync = self.get(t, "audit.fsync", str, d.fsync)
+        if fsync not in FSYNC_POLICIES:
+            raise self.fail("audit.fsync", f"must be one of {', '.join(FSYNC_POLICIES)}")
+        numbers: dict[str, float] = {}
+        for name, kind, default in (
+            ("fsync_interval_seconds", float, d.fsync_interval_seconds),
+            ("rotate_bytes", int, d.rotate_bytes),
+            ("sign_every_records", int, d.sign_every_records),
+            ("sign_every_seconds", float, d.sign_every_seconds),
+        ):
+            numbers[name] = self.get(t, f"audit.{name}", kind, default)
+            if numbers[name] < 0:
+                raise self.fail(f"audit.{name}", "must be >= 0")
+        path, key = self.get(t, "audit.path", str, ""), self.get(t, "audit.signing_key", str, "")
+        return AuditConfig(
+            path=Path(path).expanduser().absolute() if path else None,
+            fsync=fsync,
+            fsync_interval_seconds=float(numbers["fsync_interval_seconds"]),
+            rotate_bytes=int(numbers["rotate_bytes"]),
+            sign_every_records=int(numbers["sign_every_records"]),
+            sign_every_seconds=float(numbers["sign_every_seconds"]),
+            signing_key=Path(key).expanduser().absolute() if key else None,
+        )
+
+    def bundles(self, raw: dict[str, Any]) -> BundleConfig:
+        t = self.table(raw, "bundles", {"trusted_keys", "require_signed"})
+        keys = self.get(t, "bundles.trusted_keys", str, "")
+        return BundleConfig(
+            trusted_keys=Path(keys).expanduser().absolute() if keys else None,
+            require_signed=self.get(t, "bundles.require_signed", bool, BundleConfig.require_signed),
         )
 
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:

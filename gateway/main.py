@@ -24,7 +24,7 @@ from airlock import logs
 from airlock.attestation import AttestationPolicy
 from gateway import config as config_mod
 from gateway.admission import Admission
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, load_signing_key
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard
 from gateway.identity import JwtVerifier, ServiceIdentity
@@ -80,7 +80,9 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     """Wire the gateway from its configuration: PKI, policy, identities, guard, server."""
     pki = ensure_dev_pki(cfg.state_dir)
     metrics = Metrics()
-    audit = AuditLog(cfg.state_dir / "audit" / "gateway.jsonl")
+    audit = AuditLog(
+        cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit.signing_key or pki.audit_key)
+    )
     authorizer = Authorizer.from_directory(
         cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
     )
@@ -200,6 +202,11 @@ async def serve(
     ]
     if gw.sealing is not None:
         watchers.append(asyncio.create_task(gw.sealing.watch(stopping)))
+
+    def audit_failed(_why: str) -> None:  # may run on a policy-reload thread
+        asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)
+
+    gw.audit.on_failure = audit_failed
     await gw.server.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
@@ -218,6 +225,11 @@ async def serve(
     if gw.tracer_provider is not None:
         gw.tracer_provider.shutdown()
     gw.audit.close()
+
+
+async def _not_serving(gw: Gateway) -> None:
+    """Every call is refused while the audit log is down: say so to health checks and balancers."""
+    await gw.health.enter_graceful_shutdown()  # every service name, and no later readiness flips it back
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,25 @@ class DevPki:
         return self.dir / "jwks.json"
 
     @property
+    def audit_key(self) -> Path:
+        """Signs the audit trail's chain heads (Ed25519)."""
+        return self.dir / "audit-signing.key"
+
+    @property
+    def audit_pub(self) -> Path:
+        return self.dir / "audit-signing.pub"
+
+    @property
+    def bundle_key(self) -> Path:
+        """Signs model bundles in development (the converted bundled model)."""
+        return self.dir / "bundle-signing.key"
+
+    @property
+    def bundle_trusted(self) -> Path:
+        """The trusted-keys file workers check bundle signatures against (public keys, PEM)."""
+        return self.dir / "bundle-trusted.pem"
+
+    @property
     def jwt_kid(self) -> str:
         return str(json.loads(self.jwks.read_text())["keys"][0]["kid"])
 
@@ -108,6 +127,13 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
         raw = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         jwk.update(kid=f"dev-{raw.hex()[:16]}", alg="EdDSA", use="sig")
         _write_public(pki.jwks, json.dumps({"keys": [jwk]}, indent=2).encode())
+    for private, public in ((pki.audit_key, pki.audit_pub), (pki.bundle_key, pki.bundle_trusted)):
+        if not (private.exists() and public.exists()):
+            pair = ed25519.Ed25519PrivateKey.generate()
+            _write_key(private, pair)
+            _write_public(public, pair.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ))  # fmt: skip
     return pki
 
 

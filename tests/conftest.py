@@ -126,10 +126,13 @@ def make_stack(state_dir: Path, tmp_path: Path) -> Iterator[Callable[[str], Live
 
 @pytest.fixture(scope="session")
 def bundled_model_dir(state_dir: Path) -> Path:
-    """The converted bundled model (the same copy the model stack's workers use)."""
-    from worker.models import resolve_model
+    """The converted bundled model (the same copy the model stack's workers use, signed alike)."""
+    from gateway.pki import ensure_dev_pki
+    from worker.models import BundlePolicy, resolve_model
 
-    return resolve_model("bundled", state_dir / "models")
+    pki = ensure_dev_pki(state_dir)
+    policy = BundlePolicy(pki.bundle_trusted, True, pki.bundle_key)
+    return resolve_model("bundled", state_dir / "models", policy)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
@@ -22,6 +22,7 @@ from airlock.attestation import SUITES
 from airlock.types import Limits
 from worker.attestation import WorkerAttestor
 from worker.engine import Engine
+from worker.models import BundlePolicy
 from worker.server import SERVICE, WorkerService, WorkerTls, create_server
 
 _log = logging.getLogger("airlock.worker")
@@ -56,6 +57,7 @@ class WorkerSettings:
     device: str = "cpu"
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 << 20
+    bundles: BundlePolicy = field(default_factory=BundlePolicy)
     hpke_suite: str = SUITES[0]
 
 
@@ -82,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--log-level", default="info")
     p.add_argument("--hpke-suite", choices=SUITES, default=SUITES[0],
                    help="how tenant and end-to-end keys are sealed to this worker")  # fmt: skip
+    p.add_argument("--trusted-keys", type=Path, help="PEM public keys model bundles must be signed by")
+    p.add_argument("--allow-unsigned", action="store_true", help="load unsigned models (with a warning)")
+    p.add_argument("--bundle-signing-key", type=Path, help="development: sign the bundled model's conversion")
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
     return WorkerSettings(
@@ -100,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
         hpke_suite=a.hpke_suite,
+        bundles=BundlePolicy(a.trusted_keys, not a.allow_unsigned, a.bundle_signing_key),
     )
 
 
@@ -109,12 +115,14 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
         from worker.echo import EchoEngine
 
         return EchoEngine(settings.echo_tokens_per_second), b"echo"
-    from worker.models import MANIFEST, resolve_model
+    from airlock.bundle import MANIFEST
+    from worker.models import resolve_model
     from worker.transformers_engine import TransformersEngine
 
-    model_dir = resolve_model(settings.model_path, settings.cache_dir)
+    model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
     engine = TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
-    return engine, (model_dir / MANIFEST).read_bytes()
+    manifest = model_dir / MANIFEST  # the bundle's digests of every file (checked just now)
+    return engine, manifest.read_bytes() if manifest.exists() else b"unsigned:" + str(model_dir).encode()
 
 
 def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:

