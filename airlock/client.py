@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 import grpc
 import jwt
 
+from airlock.attestation import AttestationPolicy, Verified
+from airlock.e2e import EndToEnd
+from airlock.envelope import Opener
 from airlock.errors import AirlockError, AuthenticationError
 from airlock.rpcstatus import from_rpc_error
 from airlock.types import FINISH_REASONS, REQUEST_ID_HEADER, Chunk, Completion, Message, new_request_id
@@ -138,6 +141,8 @@ class AsyncClient:
         refresh_before: float = 60.0,
         keepalive_seconds: float | None = 30.0,
         max_message_bytes: int = 4 << 20,
+        end_to_end: AttestationPolicy | None = None,
+        worker_ca: bytes | str | Path | None = None,
     ) -> None:
         """`token`: a string, or a callable (plain or async) returning a fresh one; it is called again
         `refresh_before` seconds before the last token's `exp`. `client_cert` and `client_key` instead
@@ -146,7 +151,10 @@ class AsyncClient:
         deadline in seconds (retries included). `retries`: how many times a call refused with
         UNAVAILABLE before any output is tried again (0 to 4), backoff from `retry_backoff[0]` doubling
         up to `retry_backoff[1]` seconds, with jitter. `keepalive_seconds`: ping interval while calls
-        are open (None: no pings; the gateway refuses pings more often than every 10 s)."""
+        are open (None: no pings; the gateway refuses pings more often than every 10 s).
+        `end_to_end`: seal prompts to the worker's attested key, which this client verifies against
+        the policy given (and `worker_ca`, default `ca_cert`, as the CA of worker certificates); the
+        gateway then can't open prompts or answers (docs/sealing.md)."""
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
         if not 0 <= retries <= 4:
@@ -177,6 +185,12 @@ class AsyncClient:
             ]
         self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._e2e: EndToEnd | None = None
+        if end_to_end is not None:
+            ca = _read(worker_ca if worker_ca is not None else ca_cert)
+            if ca is None:
+                raise ValueError("end_to_end needs worker_ca (or ca_cert): the CA of worker certificates")
+            self._e2e = EndToEnd(self._fetch_attestation, ca_pem=ca, policy=end_to_end)
 
     async def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         metadata: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),)
@@ -217,20 +231,28 @@ class AsyncClient:
         `params`: model, max_tokens, temperature, top_p, seed, stop, request_id (generated if absent;
         it comes back on the answer and on any error as `.request_id`).
         """
-        request = self._request(prompt, **params)
-        request.request_id = request.request_id or new_request_id()
-        try:
-            reply = await self._stub.Generate(
-                request,
-                timeout=timeout or self._timeout,
-                metadata=await self._metadata(request.request_id),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc, request.request_id) from None
+        plain = self._request(prompt, **params)
+        plain.request_id = plain.request_id or new_request_id()
+        for attempt in (1, 2):
+            request, opener = await self._sealed(plain)
+            try:
+                reply = await self._stub.Generate(
+                    request,
+                    timeout=timeout or self._timeout,
+                    metadata=await self._metadata(request.request_id),
+                )
+                break
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 2 or not self._stale(exc, plain.model):
+                    raise _error(exc, request.request_id) from None
+        text = reply.text
+        if opener is not None:
+            text = opener.open(reply.sealed_text).decode()
+            opener.finish()
         return Completion(
             request_id=reply.request_id,
             model=reply.model,
-            text=reply.text,
+            text=text,
             finish_reason=FINISH_REASONS.get(reply.finish_reason, "unknown"),
             prompt_tokens=reply.usage.prompt_tokens,
             completion_tokens=reply.usage.completion_tokens,
@@ -241,28 +263,85 @@ class AsyncClient:
     ) -> AsyncGenerator[Chunk, None]:
         """Stream the answer chunk by chunk; leaving the loop early (or `aclose()`) cancels the call,
         which stops generation on the server. Retried only until the first chunk arrives."""
-        request = self._request(prompt, **params)
-        request.request_id = request.request_id or new_request_id()
+        plain = self._request(prompt, **params)
+        plain.request_id = plain.request_id or new_request_id()
+        request, opener = await self._sealed(plain)
         call = self._stub.GenerateStream(
             request,
             timeout=timeout or self._timeout,
             metadata=await self._metadata(request.request_id),
         )
         try:
-            async for c in call:
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if not self._stale(exc, plain.model):
+                    raise
+                request, opener = await self._sealed(plain)  # the worker restarted: attest it again
+                call = self._stub.GenerateStream(
+                    request,
+                    timeout=timeout or self._timeout,
+                    metadata=await self._metadata(request.request_id),
+                )
+                first = await call.read()
+            async for c in _chain(first, call):
                 finished = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 yield Chunk(
                     request_id=c.request_id,
-                    text=c.text,
+                    text=opener.open(c.sealed_text).decode() if opener is not None else c.text,
                     tokens=c.tokens,
                     finish_reason=FINISH_REASONS.get(c.finish_reason) if finished else None,
                     prompt_tokens=c.usage.prompt_tokens,
                     completion_tokens=c.usage.completion_tokens,
                 )
+            if opener is not None:
+                opener.finish()
         except grpc.aio.AioRpcError as exc:
             raise _error(exc, request.request_id) from None
         finally:
             call.cancel()
+
+    async def _sealed(self, plain: pb.GenerateRequest) -> tuple[pb.GenerateRequest, Opener | None]:
+        if self._e2e is None:
+            return plain, None
+        await self._token.get()  # the tenant it acts in may come from the token
+        return await self._e2e.seal(plain, self._expected_tenant())
+
+    def _stale(self, exc: grpc.aio.AioRpcError, model: str) -> bool:
+        """The worker we sealed to is gone (restarted): forget its attestation and try once more."""
+        if self._e2e is None or from_rpc_error(exc).reason != "ATTESTATION_STALE":
+            return False
+        self._e2e.forget(model)
+        return True
+
+    def _expected_tenant(self) -> str:
+        """The tenant whose worker must attest: the one this client acts in."""
+        token = self._token._value
+        claims = _claims(token) if token else {}
+        tenant = self._tenant or claims.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError("end-to-end mode with a client certificate needs tenant= (the service's own)")
+        return tenant
+
+    async def _fetch_attestation(self, model: str, nonce: bytes) -> pb.Attestation:
+        request_id = new_request_id()
+        try:
+            reply: pb.Attestation = await self._stub.GetAttestation(
+                pb.AttestationRequest(model=model, nonce=nonce),
+                timeout=self._timeout,
+                metadata=await self._metadata(request_id),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, request_id) from None
+        return reply
+
+    async def attestation(self, model: str = "") -> Verified:
+        """Fresh evidence of what the worker serving `model` runs, verified against this client's
+        `end_to_end` policy (AttestationError when it falls short)."""
+        if self._e2e is None:
+            raise ValueError("attestation() checks evidence against end_to_end=AttestationPolicy(...)")
+        await self._token.get()
+        return await self._e2e.attest(model, self._expected_tenant())
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
         """The names of the models this caller may use, the tenant's default first."""
@@ -285,6 +364,22 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _chain(first: Any, call: Any) -> AsyncGenerator[pb.GenerateChunk, None]:
+    """The first message already read, then the rest of the call (the end of a stream reads as EOF)."""
+    message = first
+    while message is not grpc.aio.EOF:  # read(), not iteration: gRPC refuses to mix the two
+        yield message
+        message = await call.read()
+
+
+def _claims(token: str) -> dict[str, Any]:
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return {}
+    return claims
 
 
 def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
@@ -325,6 +420,10 @@ class Client:
                     return
         finally:
             self._call(agen.aclose())
+
+    def attestation(self, model: str = "") -> Verified:
+        result: Verified = self._call(self._async.attestation(model))
+        return result
 
     def list_models(self, **options: Any) -> list[str]:
         result: list[str] = self._call(self._async.list_models(**options))
