@@ -42,6 +42,7 @@ bench: venv
 	$(PY) bench/authz.py
 	$(PY) bench/quota.py
 	$(PY) bench/audit.py
+	$(PY) bench/sealing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -3,7 +3,9 @@
 This package ships alone to application teams; it never imports the gateway or the worker.
 """
 
+from airlock.attestation import AttestationPolicy
 from airlock.client import AsyncClient, Client
+from airlock.envelope import SealError
 from airlock.errors import (
     AirlockError,
     AttestationError,
@@ -22,6 +24,7 @@ __all__ = [
     "AirlockError",
     "AsyncClient",
     "AttestationError",
+    "AttestationPolicy",
     "AuthenticationError",
     "CancelledError",
     "Chunk",
@@ -33,5 +36,6 @@ __all__ = [
     "MessageTooLargeError",
     "PermissionDeniedError",
     "QuotaExceededError",
+    "SealError",
     "UnavailableError",
 ]

@@ -28,9 +28,13 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from bench_policy import bench_policy_dir  # noqa: E402
 
+from airlock.attestation import AttestationPolicy  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
+from gateway.audit import AuditLog  # noqa: E402
+from gateway.keystore import open_keystore  # noqa: E402
+from gateway.sealing import GatewaySealing, open_text  # noqa: E402
 from gateway.stack import Stack  # noqa: E402
 from gateway.tokens import mint_dev_token  # noqa: E402
 
@@ -117,10 +121,21 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str,
     ):
         worker = worker_pb2_grpc.WorkerStub(wch)
         gateway = inference_pb2_grpc.InferenceStub(gch)
-        work = worker_pb2.WorkerRequest(tenant="bench", request=request)
+        # Workers take only sealed prompts: the direct path seals and opens like the gateway does
+        # (after attesting the worker and releasing the tenant key), the least any caller pays.
+        sealing = GatewaySealing(
+            open_keystore(stack.config.state_dir), ca_pem=pki.ca_cert.read_bytes(),
+            policy_for=lambda _tenant: AttestationPolicy(), audit=AuditLog(None),
+        )  # fmt: skip
+        await sealing.ensure_released("bench", "echo", worker)
 
         async def direct() -> object:
-            return await worker.Generate(work, timeout=30)
+            work = worker_pb2.WorkerRequest(tenant="bench", request=request)
+            work.request.model = "echo"
+            opener = sealing.seal("bench", work.request)
+            assert opener is not None
+            reply = await worker.Generate(work, timeout=30)
+            return open_text(opener, reply.sealed_text, "bench", sealing.audit)
 
         async def through() -> object:
             return await gateway.Generate(request, metadata=metadata, timeout=30)

@@ -18,7 +18,7 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
 def test_the_doc_has_the_examples_this_test_expects() -> None:
-    assert len(EXAMPLES) == 5
+    assert len(EXAMPLES) == 6
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
@@ -45,7 +45,8 @@ def test_sdk_doc_example_runs(echo_stack: LiveStack, tmp_path: Path, index: int)
         1: ["['Say hello.', 'Say goodbye.']", "Describe an air gap in one sentence.", "[stop, "],
         2: ["ping"],
         3: ["A batch job says hello."],
-        4: ["fix the request: params.max_tokens INVALID_ARGUMENT"],
+        4: ["level software suite mlkem768-x25519", "Only the worker can read this."],
+        5: ["fix the request: params.max_tokens INVALID_ARGUMENT"],
     }[index]
     for text in expected:
         assert text in result.stdout, result.stdout
