@@ -117,6 +117,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         await self.sealing.ensure_released(work.tenant, work.request.model, stub)
         return True
 
+    def _failed(self, work: worker_pb2.WorkerRequest, exc: grpc.aio.AioRpcError) -> AirlockError:
+        err = _worker_error(exc)
+        if err.reason.startswith("SEAL_"):  # the worker refused a sealed prompt: tampered or misplaced
+            self._audit.record("integrity", decision="refused", tenant=work.tenant, reason=err.reason,
+                               direction="request", request_id=work.request.request_id)  # fmt: skip
+        return err
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -132,7 +139,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     break
                 except grpc.aio.AioRpcError as exc:
                     if attempt == 2 or not await self._rekey(work, stub, exc):
-                        raise _worker_error(exc) from None
+                        raise self._failed(work, exc) from None
             if opener is not None:
                 response.text = open_text(opener, response.sealed_text, work.tenant, self._audit)
                 response.ClearField("sealed_text")
@@ -161,7 +168,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     break
                 except grpc.aio.AioRpcError as exc:
                     if started or attempt == 2 or not await self._rekey(work, stub, exc):
-                        raise _worker_error(exc) from None
+                        raise self._failed(work, exc) from None
                 finally:
                     call.cancel()  # no-op when finished; aborts the engine when the caller went away
             if opener is not None:

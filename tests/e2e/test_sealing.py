@@ -128,6 +128,8 @@ async def test_a_tampered_end_to_end_prompt_is_refused_and_audited(echo_stack: L
     assert b"SEAL_TAMPERED" in dict(err.value.trailing_metadata())["grpc-status-details-bin"]  # type: ignore[operator]
     [record] = echo_stack.audit_records(event="request", request_id="tamper-rid")
     assert record["code"] == "INVALID_ARGUMENT"
+    [integrity] = echo_stack.audit_records(event="integrity", request_id="tamper-rid")
+    assert integrity["reason"] == "SEAL_TAMPERED" and integrity["tenant"] == "acme"
     async with echo_stack.client() as client:  # nothing crashed
         assert (await client.generate("still serving", model="echo")).text == "still serving"
 

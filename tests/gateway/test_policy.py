@@ -258,7 +258,7 @@ def test_tenant_patterns_accepted_in_p_lines(policy_dir: Path) -> None:
         ('[tenants.Acme]\nissuers = ["a"]\n', "tenants.Acme: tenant names are lowercase"),
         ('[tenants."acme/x"]\nissuers = ["a"]\n', "tenant names are lowercase"),
         ('[tenants."-acme"]\nissuers = ["a"]\n', "tenant names are lowercase"),
-        ('[tenants.acme]\nissuers = ["a"]\nmodels = ["x"]\n', "tenants.acme: only 'issuers', 'quota' and 'attestation'"),
+        ('[tenants.acme]\nissuers = ["a"]\nmodels = ["x"]\n', "tenants.acme: only 'issuers', 'quota'"),
         ('[tenants]\nacme = "yes"\n', "tenants.acme: only 'issuers', 'quota' and 'attestation' may be set"),
         ('[tenants.acme]\nissuers = "airlock-dev"\n', "tenants.acme.issuers: must be a list"),
         ('[tenants.acme]\nissuers = ["ok", ""]\n', "tenants.acme.issuers: must be a list"),
