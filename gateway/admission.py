@@ -94,6 +94,8 @@ class Ticket:
         self._lease = ""
         self._start = 0.0
         self._span: Any = None
+        self.request_bytes = 0  # the caller's request, as received
+        self.response_bytes = 0  # what went back to the caller
 
     async def __aenter__(self) -> Ticket:
         caller = current_caller()
@@ -110,6 +112,7 @@ class Ticket:
         self.request_id = request.request_id
         self.model = request.model
         self.max_tokens = request.params.max_tokens
+        self.request_bytes = request.ByteSize()
         limits = self.admission.limits_for(self.tenant)
         if limits is None:  # fail closed: a tenant without settings has no quota to spend
             raise PermissionDeniedError("tenant is not in the policy", reason="TENANT_UNKNOWN")
@@ -129,6 +132,7 @@ class Ticket:
 
     def chunk(self, chunk: pb.GenerateChunk) -> None:
         """Count a streamed chunk; the final one carries the exact usage."""
+        self.response_bytes += chunk.ByteSize()
         if chunk.HasField("usage"):
             self.usage(chunk.usage)
         elif not self.finished:
@@ -169,6 +173,8 @@ class Ticket:
             code=code.name,
             reason=reason,
             max_tokens=self.max_tokens,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             latency_ms=round(seconds * 1000, 3),

@@ -145,6 +145,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 response.ClearField("sealed_text")
                 finish(opener, work.tenant, self._audit)
             ticket.usage(response.usage)
+            ticket.response_bytes = response.ByteSize()
             return response
 
     async def GenerateStream(

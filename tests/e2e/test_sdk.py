@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import grpc
@@ -34,9 +35,15 @@ async def test_the_request_id_is_sent_echoed_and_audited(echo_stack: LiveStack) 
         generated = await client.generate("hello", model="echo")
     assert answer.request_id == "sdk-rid-1"
     assert len(generated.request_id) == 32  # made by the SDK when the caller gives none
-    records = echo_stack.audit_records(request_id="sdk-rid-1")
+    # (the first call to a worker also releases it its keys, audited under the same request id)
+    records = [r for r in echo_stack.audit_records(request_id="sdk-rid-1") if r["event"] != "key_release"]
     assert [r["event"] for r in records] == ["authorization", "request"]
     assert records[0]["decision"] == "allow" and records[0]["resource"] == "model:echo"
+    request = records[1]  # who, what, outcome, sizes, tokens, latency; never the text
+    assert (request["subject"], request["code"], request["model"]) == ("acme/tester", "OK", "echo")
+    assert request["request_bytes"] > 0 and request["response_bytes"] > 0 and request["latency_ms"] > 0
+    assert request["prompt_tokens"] == request["completion_tokens"] == 1
+    assert "hello" not in json.dumps(records)
 
 
 async def _raw_call(
