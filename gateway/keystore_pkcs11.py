@@ -94,7 +94,13 @@ class Pkcs11Keystore(StoredKeystore):
         p11 = self._p11
         with _TOKEN_LOCK:
             try:
-                with self._token.open(rw=True, user_pin=self._pin) as session:
+                try:
+                    session = self._token.open(rw=True, user_pin=self._pin)
+                except p11.exceptions.UserAlreadyLoggedIn:
+                    # Login state belongs to the whole process: another session of it (an operator
+                    # tool, a test) is logged in, so ours is too and must not log out when done.
+                    session = self._token.open(rw=True)
+                with session:
                     return work(session)
             except p11.exceptions.PinIncorrect:
                 raise KeystoreError(f"PKCS#11 token {self._token.label!r}: the user PIN is wrong") from None
@@ -113,7 +119,10 @@ class Pkcs11Keystore(StoredKeystore):
         if keys:
             return keys[0]
         if not create:
-            raise KeystoreError(f"PKCS#11 token has no key-encryption key for tenant {tenant!r}")
+            raise KeystoreError(
+                f"PKCS#11 token {self._token.label!r} has no key-encryption key for tenant {tenant!r} "
+                f"(deleted, or the wrong token)"
+            )
         return session.generate_key(
             p11.KeyType.AES,
             256,
@@ -174,8 +183,8 @@ class Pkcs11Keystore(StoredKeystore):
 
         try:
             data_key = bytes(self._session(work))
-        except p11.exceptions.PKCS11Error:
-            raise refused from None
+        except p11.exceptions.PKCS11Error as exc:
+            raise KeystoreError(f"{refused} ({type(exc).__name__})") from None
         try:
             _binding(data_key, tenant, key_id).verify(blob[_WRAPPED:])
         except InvalidSignature:
