@@ -7,70 +7,19 @@ PKCS#11 backend runs against the session's SoftHSM2 token, where per-tenant KEKs
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import sys
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gateway.config import load
-from gateway.keystore import KeyNotFoundError, Keystore, KeystoreError, ensure_tenant_keys, open_keystore
-from tests.softhsm import SoftHsm
-
-MINIMAL = """
-[models.echo]
-engine = "echo"
-
-[tenants.acme]
-models = ["echo"]
-"""
-
-
-@dataclass(frozen=True)
-class Site:
-    """A configuration file and state directory, as an operator's CLI and gateway would share them."""
-
-    backend: str
-    config: Path
-    state_dir: Path
-
-    def open(self) -> Keystore:
-        cfg = load(self.config, state_dir=self.state_dir)
-        return open_keystore(cfg.keys, cfg.state_dir)
-
-    @property
-    def store(self) -> Path:
-        return self.state_dir / "keys" / "keystore.json"
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())", *args,
-             "--config", str(self.config), "--state-dir", str(self.state_dir)],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-
-    def entries(self) -> list[dict[str, object]]:
-        return list(json.loads(self.store.read_text())["keys"])
-
-    def rewrite(self, change: Callable[[list[dict[str, object]]], None]) -> None:
-        raw = json.loads(self.store.read_text())
-        change(raw["keys"])
-        self.store.write_text(json.dumps(raw))
+from gateway.keystore import KeyNotFoundError, KeystoreError, ensure_tenant_keys
+from tests.keystore_site import Site, make_site
 
 
 @pytest.fixture(params=["file", "pkcs11"])
 def site(request: pytest.FixtureRequest, tmp_path: Path) -> Site:
-    keys = ""
-    if request.param == "pkcs11":
-        softhsm: SoftHsm = request.getfixturevalue("softhsm")
-        keys = softhsm.toml()
-    config = tmp_path / "airlock.toml"
-    config.write_text(textwrap.dedent(MINIMAL) + keys)
-    return Site(request.param, config, tmp_path / "state")
+    return make_site(request, tmp_path)
 
 
 def test_create_makes_one_active_32_byte_key(site: Site) -> None:
@@ -189,8 +138,9 @@ def test_reload_sees_a_rotation_made_by_the_cli(site: Site) -> None:
 def test_concurrent_cli_rotations_lose_no_update(site: Site) -> None:
     site.open().create("acme")
     script = (
-        "import sys; from gateway.config import load; from gateway.keystore import open_keystore\n"
-        "cfg = load(__import__('pathlib').Path(sys.argv[1]), state_dir=__import__('pathlib').Path(sys.argv[2]))\n"
+        "import sys; from pathlib import Path; from gateway.config import load\n"
+        "from gateway.keystore import open_keystore\n"
+        "cfg = load(Path(sys.argv[1]), state_dir=Path(sys.argv[2]))\n"
         "ks = open_keystore(cfg.keys, cfg.state_dir)\n"
         "for _ in range(5): ks.rotate('acme')\n"
     )
