@@ -47,7 +47,6 @@ KeyState = Literal["active", "decrypt-only", "retired"]
 KEY_BYTES = 32  # AES-256
 _STATES: tuple[str, ...] = get_args(KeyState)
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_KEY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}-k[0-9a-f]{8}")
 _FORMAT = 1
 
 
@@ -209,8 +208,13 @@ class StoredKeystore:
 
     def reload(self) -> bool:
         with self._mutex:
-            if self._stat() == self._stamp:
+            now = self._stat()
+            if now == self._stamp:
                 return False
+            if now is None:
+                # Keep serving what we have: a vanished store is an accident to report, not an
+                # instruction to forget every tenant's keys.
+                raise KeystoreError(f"keystore {self.store}: the file is gone; keeping the keys loaded")
             records, stamp = self._read()
             self._stamp = stamp
             if records == self._records:
@@ -282,7 +286,7 @@ class StoredKeystore:
         try:
             raw = json.loads(data)
             return self._parse(raw), stamp
-        except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
             # Never quote the file: it holds wrapped keys.
             raise KeystoreError(f"keystore {self.store}: not a valid store ({type(exc).__name__})") from None
 
@@ -297,7 +301,7 @@ class StoredKeystore:
         records: dict[str, _Record] = {}
         for entry in raw["keys"]:
             tenant, key_id, state = str(entry["tenant"]), str(entry["key_id"]), entry["state"]
-            valid = _TENANT.fullmatch(tenant) and _KEY_ID.fullmatch(key_id) and key_id.startswith(tenant)
+            valid = _TENANT.fullmatch(tenant) and re.fullmatch(rf"{re.escape(tenant)}-k[0-9a-f]{{8}}", key_id)
             if not valid or state not in _STATES or key_id in records:
                 raise KeystoreError(f"keystore {self.store}: bad or duplicate entry for key {key_id[:80]!r}")
             blob = None if entry["blob"] is None else base64.b64decode(entry["blob"], validate=True)

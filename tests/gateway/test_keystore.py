@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,69 @@ def test_a_corrupt_store_is_refused_without_quoting_it(site: Site) -> None:
     with pytest.raises(KeystoreError, match="not a valid store") as err:
         site.open()
     assert "SECRET" not in str(err.value)
+
+
+def test_a_vanished_store_keeps_the_loaded_keys(site: Site) -> None:
+    ks = site.open()
+    ks.create("acme")
+    before = ks.active("acme")
+    site.store.unlink()
+    with pytest.raises(KeystoreError, match="the file is gone"):
+        ks.reload()
+    assert ks.active("acme") == before
+
+
+def _entry(key_id: str, state: str = "active", blob: str | None = "AA==") -> dict[str, object]:
+    return {"tenant": "acme", "key_id": key_id, "state": state, "created": 1.0, "blob": blob}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        _entry("acme-corp-k0123abcd"),  # another tenant's id pattern
+        _entry("globex-k0123abcd"),
+        _entry("acme-k0123abcd", "paused"),
+        _entry("acme-k0123abcd", "retired"),  # retired, yet a wrapped key
+        _entry("acme-k0123abcd", "active", None),  # usable, yet no wrapped key
+        _entry("acme-k0123abcd", "decrypt-only"),  # a tenant without an active key
+        _entry("acme-k0123abcd", blob="not base64!"),
+        "not an object",
+    ],
+)
+def test_malformed_entries_are_refused(site: Site, entry: object) -> None:
+    site.open().create("globex")
+    site.rewrite(lambda entries: entries.append(entry))  # type: ignore[arg-type]
+    with pytest.raises(KeystoreError, match=r"keystore .*keystore\.json"):
+        site.open()
+
+
+def test_readers_never_lose_a_key_while_keys_rotate(site: Site) -> None:
+    """What a request sealed under the active key still opens after any number of rotations."""
+    gateway = site.open()
+    gateway.create("acme")
+    operator = site.open()  # another instance, as the CLI would be
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                key_id, key = gateway.active("acme")  # "seal"
+                gateway.reload()
+                assert gateway.key("acme", key_id) == key  # "open", after the keys changed
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    readers = [threading.Thread(target=serve) for _ in range(3)]
+    for t in readers:
+        t.start()
+    for _ in range(10):
+        operator.rotate("acme")
+    stop.set()
+    for t in readers:
+        t.join(timeout=60)
+    assert failures == []
+    assert gateway.reload() in (True, False)
+    assert gateway.active("acme")[0] == operator.active("acme")[0]
+    assert len(gateway.usable("acme")) == 11
