@@ -379,6 +379,13 @@ def ensure_tenant_keys(keystore: Keystore, tenants: Iterable[str]) -> list[KeyIn
     """Create a first key for every tenant that has none (the dev setup); returns the new keys."""
     made = []
     for tenant in tenants:
-        if not any(i.state == "active" for i in keystore.list(tenant)):
+        if any(i.state == "active" for i in keystore.list(tenant)):
+            continue
+        try:
             made.append(keystore.create(tenant))
+        except KeystoreError:
+            # Another process may have created it since we loaded the store: that is fine.
+            keystore.reload()
+            if not any(i.state == "active" for i in keystore.list(tenant)):
+                raise
     return made

@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 
 from gateway.keystore import KeystoreError, StoredKeystore, aad, check_private_file
 
+try:  # the `hsm` extra; without it, only constructing a Pkcs11Keystore fails (with a clear error)
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, Session
+    from pkcs11.exceptions import PinIncorrect, PinLocked, PKCS11Error, UserAlreadyLoggedIn
+    from pkcs11.types import UnwrapMixin, WrapMixin
+except ImportError:
+    HAVE_PKCS11 = False
+else:
+    HAVE_PKCS11 = True
+
 if TYPE_CHECKING:
+    from pkcs11 import SecretKey
+
     from gateway.config import Pkcs11KeysConfig
+
+T = TypeVar("T")
 
 __all__ = ["MODULE_PATHS", "Pkcs11Keystore", "find_module", "kek_label"]
 
@@ -58,13 +73,8 @@ class Pkcs11Keystore(StoredKeystore):
     backend = "pkcs11"
 
     def __init__(self, store: Path, *, module: Path, token_label: str, pin: str) -> None:
-        try:
-            import pkcs11
-        except ImportError:
-            raise KeystoreError(
-                "the pkcs11 keys backend needs python-pkcs11: pip install 'airlock[hsm]'"
-            ) from None
-        self._p11: Any = pkcs11
+        if not HAVE_PKCS11:
+            raise KeystoreError("the pkcs11 keys backend needs python-pkcs11: pip install 'airlock[hsm]'")
         self._pin = pin
         try:
             with _TOKEN_LOCK:
@@ -72,7 +82,7 @@ class Pkcs11Keystore(StoredKeystore):
                 self._token = lib.get_token(token_label=token_label)
         except pkcs11.exceptions.NoSuchToken:
             raise KeystoreError(f"PKCS#11 module {module}: no token labelled {token_label!r}") from None
-        except pkcs11.exceptions.PKCS11Error as exc:
+        except PKCS11Error as exc:
             raise KeystoreError(f"PKCS#11 module {module}: cannot load ({type(exc).__name__})") from None
         self._session(lambda s: None)  # fail at start-up on a wrong PIN, not at the first request
         super().__init__(store)
@@ -89,31 +99,29 @@ class Pkcs11Keystore(StoredKeystore):
             raise KeystoreError(f"PKCS#11 module {module}: no such file")
         return cls(store, module=module, token_label=config.token_label, pin=_read_pin(config))
 
-    def _session(self, work: Any) -> Any:
+    def _session(self, work: Callable[[Session], T]) -> T:
         """Run `work(session)` in a fresh logged-in read/write session."""
-        p11 = self._p11
         with _TOKEN_LOCK:
             try:
                 try:
                     session = self._token.open(rw=True, user_pin=self._pin)
-                except p11.exceptions.UserAlreadyLoggedIn:
+                except UserAlreadyLoggedIn:
                     # Login state belongs to the whole process: another session of it (an operator
                     # tool, a test) is logged in, so ours is too and must not log out when done.
+                    # (python-pkcs11 leaves the refused session open; the gateway is normally the
+                    # only PKCS#11 user in its process, so this path is rare.)
                     session = self._token.open(rw=True)
                 with session:
                     return work(session)
-            except p11.exceptions.PinIncorrect:
+            except PinIncorrect:
                 raise KeystoreError(f"PKCS#11 token {self._token.label!r}: the user PIN is wrong") from None
-            except p11.exceptions.PinLocked:
+            except PinLocked:
                 raise KeystoreError(f"PKCS#11 token {self._token.label!r}: the user PIN is locked") from None
 
-    def _kek(self, session: Any, tenant: str, *, create: bool) -> Any:
-        p11 = self._p11
-        keys = list(
-            session.get_objects(
-                {p11.Attribute.CLASS: p11.ObjectClass.SECRET_KEY, p11.Attribute.LABEL: kek_label(tenant)}
-            )
-        )
+    def _kek(self, session: Session, tenant: str, *, create: bool) -> SecretKey:
+        label = kek_label(tenant)
+        found = session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        keys = [k for k in found if isinstance(k, pkcs11.SecretKey)]
         if len(keys) > 1:
             raise KeystoreError(f"PKCS#11 token holds {len(keys)} keys labelled {kek_label(tenant)!r}")
         if keys:
@@ -124,44 +132,43 @@ class Pkcs11Keystore(StoredKeystore):
                 f"(deleted, or the wrong token)"
             )
         return session.generate_key(
-            p11.KeyType.AES,
+            KeyType.AES,
             256,
             label=kek_label(tenant),
             store=True,
-            capabilities=p11.MechanismFlag.WRAP | p11.MechanismFlag.UNWRAP,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
             template={
-                p11.Attribute.SENSITIVE: True,
-                p11.Attribute.EXTRACTABLE: False,
-                p11.Attribute.PRIVATE: True,
-                p11.Attribute.MODIFIABLE: False,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: False,
             },
         )
 
     def _wrap_new(self, tenant: str, key_id: str) -> bytes:
-        p11 = self._p11
-
-        def work(session: Any) -> bytes:
+        def work(session: Session) -> bytes:
             kek = self._kek(session, tenant, create=True)
+            if not isinstance(kek, WrapMixin):
+                raise KeystoreError(f"PKCS#11 key {kek_label(tenant)!r} cannot wrap keys")
             data_key = session.generate_key(
-                p11.KeyType.AES, 256, label=key_id, store=False,
-                template={p11.Attribute.SENSITIVE: False, p11.Attribute.EXTRACTABLE: True},
+                KeyType.AES, 256, label=key_id, store=False,
+                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
             )  # fmt: skip
             try:
-                wrapped = bytes(kek.wrap_key(data_key, mechanism=p11.Mechanism.AES_KEY_WRAP))
-                tag = _binding(bytes(data_key[p11.Attribute.VALUE]), tenant, key_id).finalize()
+                wrapped = bytes(kek.wrap_key(data_key, mechanism=Mechanism.AES_KEY_WRAP))
+                tag = _binding(bytes(data_key[Attribute.VALUE]), tenant, key_id).finalize()
             finally:
                 data_key.destroy()
             return wrapped + tag
 
         try:
-            return bytes(self._session(work))
-        except p11.exceptions.PKCS11Error as exc:
+            return self._session(work)
+        except PKCS11Error as exc:
             raise KeystoreError(
                 f"PKCS#11: making a key for tenant {tenant!r} failed ({type(exc).__name__})"
             ) from None
 
     def _unwrap(self, tenant: str, key_id: str, blob: bytes) -> bytes:
-        p11 = self._p11
         refused = KeystoreError(
             f"key {key_id} of tenant {tenant!r} in {self.store} fails to unwrap "
             f"(altered, moved from another entry, or wrapped by another token's key)"
@@ -169,21 +176,23 @@ class Pkcs11Keystore(StoredKeystore):
         if len(blob) != _WRAPPED + 32:
             raise refused
 
-        def work(session: Any) -> bytes:
+        def work(session: Session) -> bytes:
             kek = self._kek(session, tenant, create=False)
+            if not isinstance(kek, UnwrapMixin):
+                raise KeystoreError(f"PKCS#11 key {kek_label(tenant)!r} cannot unwrap keys")
             key = kek.unwrap_key(
-                p11.ObjectClass.SECRET_KEY, p11.KeyType.AES, blob[:_WRAPPED],
-                mechanism=p11.Mechanism.AES_KEY_WRAP, store=False,
-                template={p11.Attribute.SENSITIVE: False, p11.Attribute.EXTRACTABLE: True},
+                ObjectClass.SECRET_KEY, KeyType.AES, blob[:_WRAPPED],
+                mechanism=Mechanism.AES_KEY_WRAP, store=False,
+                template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
             )  # fmt: skip
             try:
-                return bytes(key[p11.Attribute.VALUE])
+                return bytes(key[Attribute.VALUE])
             finally:
                 key.destroy()
 
         try:
-            data_key = bytes(self._session(work))
-        except p11.exceptions.PKCS11Error as exc:
+            data_key = self._session(work)
+        except PKCS11Error as exc:
             raise KeystoreError(f"{refused} ({type(exc).__name__})") from None
         try:
             _binding(data_key, tenant, key_id).verify(blob[_WRAPPED:])
