@@ -162,6 +162,10 @@ def test_ensure_tenant_keys_creates_only_missing_keys(site: Site) -> None:
     assert [(i.tenant, i.state) for i in made] == [("globex", "active")]
     assert ks.active("acme")[0] == existing.key_id
     assert ensure_tenant_keys(ks, ["acme", "globex"]) == []
+    stale = site.open()
+    fresh = site.open().create("initech")  # by another process, after `stale` loaded the store
+    assert ensure_tenant_keys(stale, ["initech"]) == []
+    assert stale.active("initech")[0] == fresh.key_id
 
 
 def test_store_never_holds_a_data_key(site: Site) -> None:
