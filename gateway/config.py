@@ -282,9 +282,9 @@ class _Parser:
         if "pin" in p:
             raise self.fail("keys.pkcs11.pin", "never the PIN itself: use pin_file or pin_env")
         pkcs11 = Pkcs11KeysConfig(
-            module=self.path(p, "keys.pkcs11.module"),
+            module=self.keys_path(p, "keys.pkcs11.module"),
             token_label=self.get(p, "keys.pkcs11.token_label", str, ""),
-            pin_file=self.path(p, "keys.pkcs11.pin_file"),
+            pin_file=self.keys_path(p, "keys.pkcs11.pin_file"),
             pin_env=self.get(p, "keys.pkcs11.pin_env", str, ""),
         )
         if pkcs11.pin_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pkcs11.pin_env):
@@ -294,10 +294,10 @@ class _Parser:
                 raise self.fail("keys.pkcs11.token_label", 'is required with backend = "pkcs11"')
             if (pkcs11.pin_file is None) == (not pkcs11.pin_env):
                 raise self.fail("keys.pkcs11", "set exactly one of pin_file and pin_env (never the PIN)")
-        master = self.path(f, "keys.file.master_key")
-        return KeysConfig(backend, self.path(t, "keys.store"), FileKeysConfig(master), pkcs11)
+        master = self.keys_path(f, "keys.file.master_key")
+        return KeysConfig(backend, self.keys_path(t, "keys.store"), FileKeysConfig(master), pkcs11)
 
-    def path(self, table: dict[str, Any], key: str) -> Path | None:
+    def keys_path(self, table: dict[str, Any], key: str) -> Path | None:
         value = self.get(table, key, str, "")
         return Path(value).expanduser().absolute() if value else None
 

@@ -9,9 +9,11 @@ destroys the object. Developed against SoftHSM2; any PKCS#11 v2.40 token with CK
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -76,8 +78,10 @@ class Pkcs11Keystore(StoredKeystore):
         if not HAVE_PKCS11:
             raise KeystoreError("the pkcs11 keys backend needs python-pkcs11: pip install 'airlock[hsm]'")
         self._pin = pin
+        self._token_lock_path = store.with_name(store.name + ".token.lock")
+        store.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            with _TOKEN_LOCK:
+            with self._token_locked():
                 lib = pkcs11.lib(str(module))
                 self._token = lib.get_token(token_label=token_label)
         except pkcs11.exceptions.NoSuchToken:
@@ -86,6 +90,20 @@ class Pkcs11Keystore(StoredKeystore):
             raise KeystoreError(f"PKCS#11 module {module}: cannot load ({type(exc).__name__})") from None
         self._session(lambda s: None)  # fail at start-up on a wrong PIN, not at the first request
         super().__init__(store)
+
+    @contextlib.contextmanager
+    def _token_locked(self) -> Iterator[None]:
+        # Token work is serialised within the process (shared login state) and across the processes
+        # that share this store (the CLI beside a gateway): SoftHSM2's file-backed tokens fail with
+        # CKR_GENERAL_ERROR or vanish under concurrent multi-process use (SoftHSMv2 #757). Keys are
+        # cached once unwrapped, so this costs only create, rotate and a key's first use.
+        with _TOKEN_LOCK:
+            fd = os.open(self._token_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
 
     @classmethod
     def from_config(cls, config: Pkcs11KeysConfig, store: Path) -> Pkcs11Keystore:
@@ -101,7 +119,7 @@ class Pkcs11Keystore(StoredKeystore):
 
     def _session(self, work: Callable[[Session], T]) -> T:
         """Run `work(session)` in a fresh logged-in read/write session."""
-        with _TOKEN_LOCK:
+        with self._token_locked():
             try:
                 try:
                     session = self._token.open(rw=True, user_pin=self._pin)
