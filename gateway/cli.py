@@ -9,6 +9,8 @@
     airlock policy explain --subject S --tenant T --resource R --action A [--dir DIR]
                                             the decision for one request and the rules behind it
     airlock audit verify | bundle create|sign|verify|keygen | health    (gateway/cli_ops.py)
+    airlock keys create|rotate|retire|list --tenant T [--key-id K]
+                                            manage tenant data keys (docs/keys.md)
 
 Exit codes: 0 success, 1 runtime failure (lint errors, failing cases), 2 bad configuration or usage.
 """
@@ -28,6 +30,8 @@ from typing import Any
 from airlock import AirlockError, Client
 from gateway import config as config_mod
 from gateway.cli_ops import add_ops_commands
+from gateway.keys_cli import add_keys_commands
+from gateway.keystore import KeystoreError, ensure_tenant_keys, open_keystore
 from gateway.pki import ensure_dev_pki, issue_service_cert
 from gateway.policy import ACTIONS, Decision, Policy, PolicyError, Rule, load_policy
 from gateway.policy_lint import home_tenant, lint_directory
@@ -51,6 +55,8 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    for made in ensure_tenant_keys(open_keystore(cfg.keys, cfg.state_dir), cfg.tenants):
+        _err(f"created key {made.key_id} for tenant {made.tenant} ({made.backend} keystore)")
     stack = Stack(cfg, listen=args.listen, log_level=args.log_level)
     # While starting, Ctrl-C or SIGTERM interrupts the start (which stops what it started);
     # once up, they ask the loop below to stop everything in order.
@@ -335,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_policy_commands(sub)
     add_ops_commands(sub, common)
+    add_keys_commands(sub, common)
     return parser
 
 
@@ -345,3 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         _err(f"config error: {exc}")
         return 2
+    except KeystoreError as exc:
+        _err(f"keystore: {exc}")
+        return 1

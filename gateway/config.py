@@ -21,11 +21,14 @@ __all__ = [
     "BundleConfig",
     "Config",
     "ConfigError",
+    "FileKeysConfig",
     "GatewayConfig",
     "IssuerConfig",
+    "KeysConfig",
     "LockoutConfig",
     "ModelConfig",
     "MtlsConfig",
+    "Pkcs11KeysConfig",
     "QuotaConfig",
     "TelemetryConfig",
     "TenantConfig",
@@ -153,6 +156,31 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class FileKeysConfig:
+    master_key: Path | None = None  # None: state_dir/keys/master.key (made on first use)
+
+
+@dataclass(frozen=True)
+class Pkcs11KeysConfig:
+    """A PKCS#11 token; the user PIN comes from a 0600 file or an environment variable, never from here."""
+
+    module: Path | None = None  # None: SoftHSM2 in the usual Debian paths
+    token_label: str = ""
+    pin_file: Path | None = None
+    pin_env: str = ""
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The tenant keystore (docs/keys.md): "file" (a master key file) or "pkcs11" (an HSM token)."""
+
+    backend: str = "file"
+    store: Path | None = None  # None: state_dir/keys/keystore.json
+    file: FileKeysConfig = field(default_factory=FileKeysConfig)
+    pkcs11: Pkcs11KeysConfig = field(default_factory=Pkcs11KeysConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     state_dir: Path
@@ -166,6 +194,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     bundles: BundleConfig = field(default_factory=BundleConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -250,7 +279,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
-        top |= {"quota", "telemetry", "audit", "bundles"}
+        top |= {"quota", "telemetry", "audit", "bundles", "keys"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -273,7 +302,37 @@ class _Parser:
             telemetry=self.telemetry(raw),
             audit=self.audit(raw),
             bundles=self.bundles(raw),
+            keys=self.keys(raw),
         )
+
+    def keys(self, raw: dict[str, Any]) -> KeysConfig:
+        t = self.table(raw, "keys", {"backend", "store", "file", "pkcs11"})
+        backend = self.get(t, "keys.backend", str, "file")
+        if backend not in ("file", "pkcs11"):
+            raise self.fail("keys.backend", f'must be "file" or "pkcs11", got {backend!r}')
+        f = self.table(t, "keys.file", {"master_key"})
+        p = self.table(t, "keys.pkcs11", {"module", "token_label", "pin_file", "pin_env", "pin"})
+        if "pin" in p:
+            raise self.fail("keys.pkcs11.pin", "never the PIN itself: use pin_file or pin_env")
+        pkcs11 = Pkcs11KeysConfig(
+            module=self.keys_path(p, "keys.pkcs11.module"),
+            token_label=self.get(p, "keys.pkcs11.token_label", str, ""),
+            pin_file=self.keys_path(p, "keys.pkcs11.pin_file"),
+            pin_env=self.get(p, "keys.pkcs11.pin_env", str, ""),
+        )
+        if pkcs11.pin_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pkcs11.pin_env):
+            raise self.fail("keys.pkcs11.pin_env", "must be an environment variable name (the PIN stays out)")
+        if backend == "pkcs11":
+            if not pkcs11.token_label:
+                raise self.fail("keys.pkcs11.token_label", 'is required with backend = "pkcs11"')
+            if (pkcs11.pin_file is None) == (not pkcs11.pin_env):
+                raise self.fail("keys.pkcs11", "set exactly one of pin_file and pin_env (never the PIN)")
+        master = self.keys_path(f, "keys.file.master_key")
+        return KeysConfig(backend, self.keys_path(t, "keys.store"), FileKeysConfig(master), pkcs11)
+
+    def keys_path(self, table: dict[str, Any], key: str) -> Path | None:
+        value = self.get(table, key, str, "")
+        return Path(value).expanduser().absolute() if value else None
 
     def quota(self, raw: dict[str, Any]) -> QuotaConfig:
         t = self.table(raw, "quota", {"backend", "redis_url", "key_prefix", "lease_seconds"})

@@ -128,7 +128,7 @@ def build_sealing(
 ) -> GatewaySealing:
     """The tenant keystore and key release; refuses to start when a served tenant has no key (fail
     closed: its prompts could not be sealed)."""
-    keystore = open_keystore(cfg.state_dir)
+    keystore = open_keystore(cfg.keys, cfg.state_dir)
     missing = sorted(
         t for t in tenants if not any(k.tenant == t and k.state == "active" for k in keystore.list())
     )

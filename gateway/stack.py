@@ -115,7 +115,7 @@ class Stack:
     def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
         self.pki = pki = ensure_dev_pki(self.config.state_dir)
         # Development: every tenant gets a key on first start (production keys are made by operators).
-        ensure_tenant_keys(open_keystore(self.config.state_dir), list(self.config.tenants))
+        ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         limits = self.config.gateway.limits
         for tenant in self.config.tenants.values():

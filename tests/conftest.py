@@ -22,6 +22,7 @@ import pytest
 
 from gateway import config as config_mod
 from gateway.stack import Stack
+from tests.softhsm import SoftHsm
 from tests.support import LiveStack
 
 ECHO_TOML = """
@@ -146,3 +147,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """A fresh SoftHSM2 token for the session (softhsm2 is installed by scripts/bootstrap.sh)."""
+    from tests.softhsm import make_token, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    token = make_token(tmp_path_factory.mktemp("softhsm"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOFTHSM2_CONF", str(token.conf))
+        yield token

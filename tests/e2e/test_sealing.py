@@ -99,7 +99,7 @@ async def test_end_to_end_mode_answers_and_the_gateway_cannot_open_it(echo_stack
         prompt = pb.GenerateRequest(request_id="e2e-capture", model="echo",
                                     messages=[pb.ChatMessage(role="user", content="captured")])  # fmt: skip
         sealed, _ = await e2e.seal(prompt, "acme")
-    keystore = open_keystore(echo_stack.config.state_dir)
+    keystore = open_keystore(echo_stack.config.keys, echo_stack.config.state_dir)
     for key_id, key in keystore.usable("acme").items():
         for claimed in (key_id, "e2e"):
             attempt = pb.GenerateRequest()
@@ -163,7 +163,7 @@ async def test_a_restarted_worker_is_attested_again_in_both_modes(make_stack) ->
 
 async def test_rotating_the_tenant_key_under_load_loses_no_request(make_stack) -> None:  # type: ignore[no-untyped-def]
     live: LiveStack = make_stack()
-    keystore = open_keystore(live.config.state_dir)  # as `airlock keys rotate` would, another process's view
+    keystore = open_keystore(live.config.keys, live.config.state_dir)  # another process, as `airlock keys` is
     before = keystore.active("acme")[0]
 
     words = " ".join(f"w{j}" for j in range(30))  # 1.5 s at the slow model's 20 tokens/s
