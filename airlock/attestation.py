@@ -10,9 +10,10 @@ deployment's CA):
 
 `software` is the weaker level: the worker vouches for its own measurements with a key the
 deployment issued; it proves which worker of this deployment answers and what it says it runs, not
-that the host is honest. `nvidia-cc` adds an NVIDIA confidential-computing attestation token for the
-GPU (verified by NVIDIA's local verifier where the GPU runs in CC mode). Verification (`verify`) is
-shared by the gateway (before releasing a tenant's key) and the SDK (before sealing end to end).
+that the host is honest. `nvidia-cc` adds the GPUs' own confidential-computing evidence, bound to the
+same nonce, which the verifier checks itself with NVIDIA's local verifier (`nv-attestation-sdk`, the
+`gpu` extra; without it that level never verifies). Verification (`verify`) is shared by the gateway
+(before releasing a tenant's key) and the SDK (before sealing end to end).
 
 HPKE (RFC 9180) seals small secrets (tenant keys, end-to-end request keys) to the worker's attested
 public key: DHKEM(X25519) or the post-quantum hybrid ML-KEM-768 + X25519, with HKDF-SHA256 and
@@ -48,6 +49,7 @@ __all__ = [
     "key_release_info",
     "sign_statement",
     "verify",
+    "verify_nvidia_evidence",
 ]
 
 LEVELS = ("software", "nvidia-cc")  # weakest first
@@ -154,6 +156,25 @@ class Verified:
     worker_id: str
 
 
+def verify_nvidia_evidence(evidence_json: str, nonce: bytes) -> bool:
+    """Check NVIDIA GPU evidence here with NVIDIA's local verifier (signatures up to NVIDIA's root,
+    measurements against the reference values, the nonce). Air-gapped sites point the SDK's RIM and
+    OCSP settings at local mirrors. Fails closed: no SDK, bad input or any error is False."""
+    try:
+        from nv_attestation_sdk import attestation as nv  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    try:
+        evidence = json.loads(evidence_json)
+        client = nv.Attestation()
+        client.set_name("airlock-verifier")
+        client.set_nonce(nonce.hex())
+        client.add_verifier(nv.Devices.GPU, nv.Environment.LOCAL, "", "")
+        return bool(evidence) and bool(client.attest(evidence))
+    except Exception:
+        return False
+
+
 def _refuse(message: str, reason: str) -> AttestationError:
     return AttestationError(message, reason=reason)
 
@@ -166,11 +187,11 @@ def verify(
     tenant: str,
     policy: AttestationPolicy,
     now: float | None = None,
-    verify_nvidia: Any = None,
+    verify_nvidia: Any = verify_nvidia_evidence,
 ) -> Verified:
     """Check evidence: certificate from our CA and in date, signature, our nonce, the tenant, fresh,
     level at least the policy's, allowed measurements, HPKE key bound to the worker id.
-    `verify_nvidia(token, nonce) -> bool` checks an `nvidia-cc` token; without one, that level fails."""
+    `verify_nvidia(evidence_json, nonce) -> bool` checks the GPUs' evidence for level `nvidia-cc`."""
     now = time.time() if now is None else now
     try:
         cert = x509.load_pem_x509_certificate(evidence.certificate)
@@ -207,7 +228,7 @@ def verify(
     _public_key(suite, public_key)
     if level not in LEVELS:
         raise _refuse(f"unknown evidence level {level!r}", "ATTESTATION_MALFORMED")
-    if level == "nvidia-cc" and not (verify_nvidia and verify_nvidia(evidence.nvidia_token, nonce)):
+    if level == "nvidia-cc" and not verify_nvidia(evidence.nvidia_evidence, nonce):
         raise _refuse("NVIDIA confidential-computing evidence did not verify", "ATTESTATION_INSUFFICIENT")
     if LEVELS.index(level) < LEVELS.index(policy.min_level):
         raise _refuse(f"evidence level {level} is below the required {policy.min_level}",

@@ -5,7 +5,7 @@ At start the worker makes an HPKE key pair that lives only in this process and m
 runs: its code (airlock/ and worker/ sources), its configuration, and its model (the converted
 model's manifest of sha256 digests). Evidence binds those to the verifier's nonce and the HPKE key,
 signed with the worker's certificate key. On a GPU running in NVIDIA confidential-computing mode it
-adds NVIDIA's attestation token (level `nvidia-cc`); otherwise the level is `software`.
+adds the GPUs' own evidence for the same nonce (level `nvidia-cc`); otherwise the level is `software`.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ def _measure_json(value: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def nvidia_cc_token(nonce: bytes) -> str | None:
-    """NVIDIA's local GPU attestation token for `nonce`, or None where the SDK or a GPU in CC mode is
-    absent. Runs NVIDIA's verifier locally (no network: the RIM and OCSP settings of an air-gapped
-    site point at local mirrors, see docs/sealing.md)."""
+def nvidia_cc_evidence(nonce: bytes) -> str | None:
+    """The GPUs' confidential-computing evidence for `nonce` (JSON, from NVIDIA's attestation SDK),
+    or None where the SDK is absent or the GPU is not in CC mode. The verifier checks it itself."""
     try:
         from nv_attestation_sdk import attestation as nv  # type: ignore[import-not-found]
     except ImportError:
@@ -62,9 +61,8 @@ def nvidia_cc_token(nonce: bytes) -> str | None:
         client.set_name("airlock-worker")
         client.set_nonce(nonce.hex())
         client.add_verifier(nv.Devices.GPU, nv.Environment.LOCAL, "", "")
-        if not client.attest(client.get_evidence()):
-            return None
-        return str(client.get_token())
+        evidence = client.get_evidence()
+        return json.dumps(evidence) if evidence else None
     except Exception as exc:  # no CC-capable GPU, CC off, driver mismatch: not this level
         _log.info("no NVIDIA confidential-computing evidence: %s", type(exc).__name__)
         return None
@@ -105,10 +103,10 @@ class WorkerAttestor:
     def evidence(self, nonce: bytes) -> pb.Evidence:
         if not 16 <= len(nonce) <= 64:
             raise AttestationError("the nonce must be 16..64 bytes", reason="ATTESTATION_BAD_NONCE")
-        token = nvidia_cc_token(nonce) if self._nvidia else None
+        gpu_evidence = nvidia_cc_evidence(nonce) if self._nvidia else None
         statement = {
             "version": 1,
-            "level": "nvidia-cc" if token else "software",
+            "level": "nvidia-cc" if gpu_evidence else "software",
             "tenant": self.tenant,
             "model": self.model,
             "measurements": self.measurements,
@@ -119,8 +117,8 @@ class WorkerAttestor:
             "issued_at": time.time(),
         }
         evidence = sign_statement(statement, self._signing_key, self._cert)
-        if token:
-            evidence.nvidia_token = token
+        if gpu_evidence:
+            evidence.nvidia_evidence = gpu_evidence
         return evidence
 
     def release(self, request: worker_pb2.KeyRelease) -> list[str]:

@@ -176,16 +176,16 @@ class AttestationRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class Evidence(_message.Message):
-    __slots__ = ("statement", "signature", "certificate", "nvidia_token")
+    __slots__ = ("statement", "signature", "certificate", "nvidia_evidence")
     STATEMENT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
-    NVIDIA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NVIDIA_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     statement: bytes
     signature: bytes
     certificate: bytes
-    nvidia_token: str
-    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., nvidia_token: _Optional[str] = ...) -> None: ...
+    nvidia_evidence: str
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., nvidia_evidence: _Optional[str] = ...) -> None: ...
 
 class Attestation(_message.Message):
     __slots__ = ("model", "evidence")
