@@ -8,6 +8,9 @@
     airlock policy test [--dir DIR]         run the policy's tests.yaml cases, list every failure
     airlock policy explain --subject S --tenant T --resource R --action A [--dir DIR]
                                             the decision for one request and the rules behind it
+    airlock domains [--json]                this host's isolation domains (MIG, GPUs, or the CPU)
+    airlock plan --model M --domain D [--gpus N]
+                                            weights + KV cache + margin; refuses what can't fit
 
 Exit codes: 0 success, 1 runtime failure (lint errors, failing cases), 2 bad configuration or usage.
 """
@@ -18,6 +21,7 @@ import argparse
 import json
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -290,6 +294,15 @@ def _name(text: str) -> str:
     return text
 
 
+# Commands the worker package implements: the gateway never imports worker code (it would pull
+# in torch and NVML), so these run as `python -m worker.<module>` with the arguments passed on.
+WORKER_COMMANDS = {"domains": "worker.domains", "plan": "worker.plan"}
+
+
+def _run_worker_command(module: str, argv: list[str]) -> int:
+    return subprocess.run([sys.executable, "-m", module, *argv], check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,10 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     _add_policy_commands(sub)
+    sub.add_parser("domains", add_help=False, help="list isolation domains (--help for options)")
+    sub.add_parser("plan", add_help=False, help="check a model fits a domain (--help for options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in WORKER_COMMANDS:
+        return _run_worker_command(WORKER_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
