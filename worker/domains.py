@@ -94,7 +94,8 @@ class NvmlDiscovery:
         finally:
             nvml.nvmlShutdown()
         if not domains:
-            return CpuDiscovery("NVML found no GPU (or no MIG instance in MIG mode): CPU domain only").discover()
+            note = "NVML found no GPU (or no MIG instance in MIG mode): CPU domain only"
+            return CpuDiscovery(note).discover()
         return Discovery(tuple(domains))
 
     def _device(self, nvml: Any, index: int) -> list[Domain]:
@@ -138,7 +139,7 @@ def _text(value: str | bytes) -> str:
 
 def _profile(name: str) -> str:
     """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' -> '1g.10gb' (NVML names MIG devices this way)."""
-    head, sep, tail = name.rpartition(" MIG ")
+    _head, sep, tail = name.rpartition(" MIG ")
     return tail.strip() if sep else ""
 
 
@@ -150,9 +151,8 @@ def format_table(found: Discovery) -> str:
     lines = [f"{'domain':<14} {'kind':<4} {'memory':>10}  {'profile':<9} {'CUDA_VISIBLE_DEVICES':<44} name"]
     for d in found.domains:
         pin = cuda_visible_devices(d) or '""'
-        lines.append(
-            f"{d.id:<14} {d.kind:<4} {d.memory_bytes / 2**30:>7.1f} GiB  {d.profile or '-':<9} {pin:<44} {d.name}"
-        )
+        memory = f"{d.memory_bytes / 2**30:>7.1f} GiB"
+        lines.append(f"{d.id:<14} {d.kind:<4} {memory}  {d.profile or '-':<9} {pin:<44} {d.name}")
     if found.note:
         lines.append(f"note: {found.note}")
     return "\n".join(lines)

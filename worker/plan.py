@@ -153,7 +153,7 @@ def plan(model: ModelShape, domain: DomainShape) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="airlock plan", description="Check that a model fits a domain.")
     p.add_argument("--model", default="smollm2-135m", help=f"preset: {', '.join(MODELS)}")
-    p.add_argument("--domain", default="cpu", help=f"{', '.join(DOMAINS)} or mig-<N>g.<M>gb (e.g. mig-1g.10gb)")
+    p.add_argument("--domain", default="cpu", help=f"{', '.join(DOMAINS)} or mig-<N>g.<M>gb")
     p.add_argument("--gpus", type=int, default=1, help="devices in the domain (tensor parallel size)")
     p.add_argument("--context", type=int, help="tokens per sequence (default: the preset's)")
     p.add_argument("--concurrency", type=int, help="concurrent sequences at full context (default 1)")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from worker.plan import GiB, MODELS, PlanError, domain_shape, plan
+from worker.plan import MODELS, GiB, PlanError, domain_shape, plan
 
 
 def airlock_plan(*args: str) -> subprocess.CompletedProcess[str]:
