@@ -86,7 +86,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.demo:
             _demo(cfg, stack)
         while not stop.wait(0.5):
-            dead = [c for c in stack.children() if c.process.poll() is not None]
+            # The supervisor restarts workers (after scrubbing their domain); only the gateway's exit,
+            # or a worker's when restarts are off, ends `up`.
+            watched = stack.children() if not cfg.supervisor.restart else [stack.gateway]
+            dead = [c for c in watched if c is not None and c.process.poll() is not None]
             if dead:
                 _err(
                     f"{dead[0].name} exited unexpectedly (code {dead[0].process.returncode}); "

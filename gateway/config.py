@@ -24,6 +24,7 @@ __all__ = [
     "LockoutConfig",
     "ModelConfig",
     "MtlsConfig",
+    "SupervisorConfig",
     "TenantConfig",
     "load",
 ]
@@ -106,6 +107,19 @@ class LockoutConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    """Worker supervision: restarts with backoff, domain scrubbing, its own metrics endpoint."""
+
+    restart: bool = True  # restart a crashed worker (after its domain's scrub verified)
+    backoff_seconds: float = 0.5  # first restart delay; doubles per consecutive crash
+    backoff_max_seconds: float = 30.0
+    health_interval_seconds: float = 2.0
+    metrics_listen: str = ""  # Prometheus /metrics of the supervisor; "" disables
+    scrub: str = "request"  # request state zeroing: "request", "tenant-switch" or "off"
+    arena_mb: int = 16  # the CPU domain's arena per worker
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     state_dir: Path
@@ -115,6 +129,7 @@ class Config:
     tenants: dict[str, TenantConfig]
     policy_dir: Path = field(default_factory=lambda: default_policy_dir())
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -194,7 +209,7 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
-        top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
+        top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -213,6 +228,7 @@ class _Parser:
             tenants=self.tenants(raw, models),
             policy_dir=policy_dir,
             lockout=self.lockout(raw),
+            supervisor=self.supervisor(raw),
         )
 
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
@@ -309,6 +325,27 @@ class _Parser:
             if value <= 0:
                 raise self.fail(key, "must be > 0")
         return LockoutConfig(failures, window, duration)
+
+    def supervisor(self, raw: dict[str, Any]) -> SupervisorConfig:
+        keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",
+                "metrics_listen", "scrub", "arena_mb"}  # fmt: skip
+        t = self.table(raw, "supervisor", keys)
+        d = SupervisorConfig()
+        values: dict[str, Any] = {}
+        for key in ("backoff_seconds", "backoff_max_seconds", "health_interval_seconds"):
+            values[key] = self.get(t, f"supervisor.{key}", float, getattr(d, key))
+            if values[key] <= 0:
+                raise self.fail(f"supervisor.{key}", "must be > 0")
+        scrub = self.get(t, "supervisor.scrub", str, d.scrub)
+        if scrub not in ("request", "tenant-switch", "off"):
+            raise self.fail("supervisor.scrub", "must be one of request, tenant-switch, off")
+        return SupervisorConfig(
+            restart=self.get(t, "supervisor.restart", bool, d.restart),
+            metrics_listen=self.address(t, "supervisor.metrics_listen", d.metrics_listen, optional=True),
+            scrub=scrub,
+            arena_mb=self.positive(t, "supervisor.arena_mb", d.arena_mb),
+            **values,
+        )
 
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.audit import AuditLog
 from gateway.config import Config
 from gateway.pki import DevPki, ensure_dev_pki
+from gateway.supervisor import Domain, Supervisor, SupervisorMetrics
 
 __all__ = ["Child", "Stack", "StackError"]
 
@@ -46,6 +49,7 @@ class Child:
     log: Path
     ready_file: Path
     info: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def port(self) -> int:
@@ -76,6 +80,12 @@ class Stack:
         self.pki: DevPki | None = None
         self.workers: dict[tuple[str, str], Child] = {}
         self.gateway: Child | None = None
+        # Isolation domains (CPU arenas) per worker, the arguments that start each worker (for
+        # restarts), and the supervisor that scrubs and restarts them.
+        self.domains: dict[tuple[str, str], Domain] = {}
+        self._worker_args: dict[tuple[str, str], list[str]] = {}
+        self.supervisor: Supervisor | None = None
+        self.supervisor_metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -110,6 +120,9 @@ class Stack:
         self.pki = pki = ensure_dev_pki(self.config.state_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        audit = AuditLog(self.config.state_dir / "audit" / "supervisor.jsonl")
+        self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
         for tenant in self.config.tenants.values():
             for model_name in tenant.models:
                 model = self.config.models[model_name]
@@ -130,10 +143,18 @@ class Stack:
                     "--threads", str(model.threads),
                     "--max-message-bytes", str(self.config.gateway.max_message_bytes),
                 ]  # fmt: skip
+                key = (tenant.name, model.name)
+                self.domains[key] = domain = Domain.for_worker(self.run_dir, name)
+                args += ["--arena", str(domain.arena), "--arena-bytes", str(sup.arena_mb << 20),
+                         "--canary-file", str(domain.canaries), "--scrub", sup.scrub]  # fmt: skip
+                self._worker_args[key] = args
+                # Whatever an earlier worker left in the domain goes before this one gets it.
+                scrubbed = supervisor.scrub(key, "start")
+                if not scrubbed["verified"]:
+                    raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
+                                     f"{scrubbed.get('reason')}")  # fmt: skip
                 # A CPU isolation domain: the worker must not see any GPU.
-                self.workers[(tenant.name, model.name)] = self._spawn(
-                    name, args, {"CUDA_VISIBLE_DEVICES": ""}
-                )
+                self.workers[key] = self._spawn(name, args, {"CUDA_VISIBLE_DEVICES": ""})
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
         routes = [
@@ -149,6 +170,10 @@ class Stack:
         self.gateway = self._spawn("gateway", gateway_args + routes, {})
         self._wait_ready([self.gateway], deadline, progress)
         self._check_health(deadline)
+        if sup.metrics_listen:
+            host, _, port = sup.metrics_listen.rpartition(":")
+            self.supervisor_metrics_port = supervisor.metrics.serve(host, int(port))
+        supervisor.start()
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
                 "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
@@ -209,15 +234,43 @@ class Stack:
                         raise StackError(f"gateway health check failed: {exc.code().name}") from None
                 time.sleep(0.1)
 
+    def respawn_worker(self, key: tuple[str, str], stop: threading.Event) -> Child | None:
+        """Start a worker again on its old address (its domain was scrubbed); None if stopped first."""
+        old = self.workers[key]
+        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{old.port}"]
+        child = self.workers[key] = self._spawn(old.name, args, {"CUDA_VISIBLE_DEVICES": ""})
+        while not child.ready_file.exists():
+            if child.process.poll() is not None:
+                raise StackError(f"{child.name} exited with code {child.process.returncode} on restart")
+            if stop.wait(0.05):
+                return None
+        child.info = json.loads(child.ready_file.read_text())
+        return child
+
+    def kill_worker(self, key: tuple[str, str]) -> None:
+        _signal_group(self.workers[key], signal.SIGKILL)
+
+    def reap(self, child: Child) -> None:
+        _signal_group(child, signal.SIGKILL)
+
     def children(self) -> list[Child]:
         return ([self.gateway] if self.gateway else []) + list(self.workers.values())
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers."""
         grace = self.config.gateway.grace_seconds if timeout is None else timeout
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()  # no restarts while shutting down
         if self.gateway is not None:
             _terminate([self.gateway], grace + 5)
         _terminate(list(self.workers.values()), 15)
+        if supervisor is not None:
+            # Drained and stopped: scrub every domain so no tenant's data outlives the stack.
+            for key, domain in self.domains.items():
+                if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
+                    domain.arena.unlink(missing_ok=True)
+            supervisor.audit.close()
 
     def __enter__(self) -> Stack:
         return self

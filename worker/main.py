@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from airlock import logs
 from airlock.types import Limits
+from worker.arena import SCRUB_MODES, Arena, RequestState, write_cuda_canaries
 from worker.engine import Engine
 from worker.server import SERVICE, WorkerService, WorkerTls, create_server
 
@@ -54,6 +55,10 @@ class WorkerSettings:
     device: str = "cpu"
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 << 20
+    arena: Path | None = None  # the CPU domain's memory arena (/dev/shm), scrubbed after exit
+    arena_bytes: int = 16 << 20
+    canary_file: Path | None = None  # where the canaries' hashes go for the scrubber
+    scrub: str = "request"
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
@@ -76,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--device", default="cpu")
     p.add_argument("--grace-seconds", type=float, default=10.0)
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--arena", type=Path, help="CPU domain arena file (request state and canaries)")
+    p.add_argument("--arena-bytes", type=int, default=16 << 20)
+    p.add_argument("--canary-file", type=Path, help="record canary hashes here at start")
+    p.add_argument("--scrub", choices=SCRUB_MODES, default="request", help="when request state is zeroed")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
@@ -94,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         device=a.device,
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
+        arena=a.arena,
+        arena_bytes=a.arena_bytes,
+        canary_file=a.canary_file,
+        scrub=a.scrub,
     )
 
 
@@ -116,7 +129,8 @@ async def serve(settings: WorkerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    service = WorkerService(settings.tenant, settings.model, engine, settings.limits)
+    state, cuda_canaries = _domain_memory(settings)
+    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, state)
     server, port, health = await create_server(
         service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes
     )
@@ -131,6 +145,21 @@ async def serve(settings: WorkerSettings) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(settings.grace_seconds)
     await engine.close()
+    del cuda_canaries  # held until here on purpose: the scrubber must not find them later
+
+
+def _domain_memory(settings: WorkerSettings) -> tuple[RequestState | None, object]:
+    """Open the domain's arena and write this worker's canaries (hashes go to the canary file)."""
+    state = None
+    if settings.arena is not None:
+        arena = Arena(settings.arena, settings.arena_bytes)
+        if settings.canary_file is not None:
+            arena.write_canaries(settings.canary_file)
+        state = RequestState(arena, settings.scrub)
+    cuda = None
+    if settings.device.startswith("cuda") and settings.canary_file is not None:
+        cuda = write_cuda_canaries(16, settings.canary_file, settings.device)
+    return state, cuda
 
 
 def _write_ready(path: Path, info: dict[str, object]) -> None:

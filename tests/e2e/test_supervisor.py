@@ -1,0 +1,153 @@
+"""The supervisor in a live stack: crash, scrub, restart on the same address; a failed scrub keeps
+the domain out of service. Real worker and gateway processes, real TLS, EchoEngine workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airlock import UnavailableError
+from tests.support import LiveStack
+
+WORDS = " ".join(f"w{i}" for i in range(60))
+TOML = """
+[gateway]
+max_tokens = 512
+grace_seconds = 5
+
+[models.slow]
+engine = "echo"
+tokens_per_second = 20
+
+[tenants.acme]
+models = ["slow"]
+
+[tenants.globex]
+models = ["slow"]
+
+[supervisor]
+backoff_seconds = 0.2
+health_interval_seconds = 1
+metrics_listen = "127.0.0.1:0"
+arena_mb = 4
+"""
+
+
+def audit_records(live: LiveStack, domain: str) -> list[dict[str, Any]]:
+    path = live.config.state_dir / "audit" / "supervisor.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if r.get("domain") == domain]
+
+
+def scrape(live: LiveStack) -> str:
+    port = live.stack.supervisor_metrics_port
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+async def wait_for(condition: Callable[[], bool], limit: float = 60.0) -> None:
+    end = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def canaries_in(arena: Path, record: Path) -> int:
+    import hashlib
+
+    hashes = set(json.loads(record.read_text())["hashes"])
+    data = arena.read_bytes()
+    pages = (data[i : i + 4096] for i in range(0, len(data), 4096))
+    return sum(hashlib.sha256(p).hexdigest() in hashes for p in pages)
+
+
+async def test_sigkill_mid_stream_scrubs_then_restarts_on_the_same_address(
+    make_stack: Callable[[str], LiveStack],
+) -> None:
+    live = make_stack(TOML)
+    key = ("acme", "slow")
+    victim = live.stack.workers[key]
+    domain = live.stack.domains[key]
+    assert canaries_in(domain.arena, domain.canaries) == 16  # the worker wrote its canaries
+    async with live.client("acme") as acme, live.client("globex") as globex:
+        theirs = globex.stream(WORDS, model="slow", max_tokens=60)
+        mine = acme.stream(WORDS, model="slow", max_tokens=60)
+        first_theirs = await theirs.__anext__()
+        await mine.__anext__()
+        os.kill(victim.process.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            async for _ in mine:
+                pass
+        # "Within a second", bounded generously because the test machine is shared and noisy.
+        assert time.monotonic() - started < 3.0
+        rest = [c async for c in theirs]  # the other tenant's stream is untouched
+        assert first_theirs.text + "".join(c.text for c in rest) == WORDS
+        assert rest[-1].completion_tokens == 60
+
+        await wait_for(lambda: live.stack.workers[key] is not victim and bool(live.stack.workers[key].info))
+        restarted = live.stack.workers[key]
+        assert restarted.port == victim.port and restarted.process.pid != victim.process.pid
+        # The gateway's channel to that address reconnects by itself.
+        answer = await _generate_when_back(acme)
+        assert answer == "back again"
+
+    events = audit_records(live, domain.id)
+    kinds = [r["event"] for r in events]
+    crash = kinds.index("worker_exit")
+    assert kinds[crash : crash + 3] == ["worker_exit", "domain_scrub", "worker_restart"]
+    scrub = events[crash + 1]
+    assert scrub["phase"] == "crash" and scrub["verified"] is True
+    assert scrub["canaries_before"] == 16 and scrub["canary_hits"] == 0
+    assert scrub["bytes"] == 4 << 20 and scrub["gbps"] > 0
+    assert events[crash]["code"] == -signal.SIGKILL
+    metrics = scrape(live)
+    assert 'airlock_worker_restarts_total{model="slow",tenant="acme"} 1.0' in metrics
+    assert 'airlock_domain_scrubs_total{model="slow",result="verified",tenant="acme"} 2.0' in metrics
+    assert 'airlock_worker_restarts_total{model="slow",tenant="globex"}' not in metrics
+
+
+async def _generate_when_back(client: Any) -> str:
+    end = time.monotonic() + 30
+    while True:
+        try:
+            return str((await client.generate("back again", model="slow", timeout=10)).text)
+        except UnavailableError:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_failed_scrub_keeps_the_domain_out_of_service(make_stack: Callable[[str], LiveStack]) -> None:
+    live = make_stack(TOML)
+    key = ("acme", "slow")
+    victim = live.stack.workers[key]
+    domain = live.stack.domains[key]
+    # Destroy the evidence the scrubber verifies against, then crash the worker.
+    os.truncate(domain.arena, 4096)
+    os.kill(victim.process.pid, signal.SIGKILL)
+    supervisor = live.stack.supervisor
+    assert supervisor is not None
+    await wait_for(lambda: key in supervisor.out_of_service)
+    assert "the worker recorded" in supervisor.out_of_service[key]
+    await asyncio.sleep(1.0)  # well past the 0.2 s backoff: no restart may happen
+    assert live.stack.workers[key] is victim
+    async with live.client("acme") as acme, live.client("globex") as globex:
+        with pytest.raises(UnavailableError):
+            await acme.generate("anyone there", model="slow", timeout=10)
+        assert (await globex.generate("fine here", model="slow", timeout=30)).text == "fine here"
+    events = [r["event"] for r in audit_records(live, domain.id)]
+    assert events[-2:] == ["domain_scrub", "domain_out_of_service"]
+    assert "airlock_domains_out_of_service 1.0" in scrape(live)
+    assert 'airlock_worker_restarts_total{model="slow",tenant="acme"}' not in scrape(live)
