@@ -37,6 +37,7 @@ bench: venv
 	$(PY) bench/overhead.py
 	$(PY) bench/model_tokens.py
 	$(PY) bench/authz.py
+	$(PY) bench/scrub.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
