@@ -29,32 +29,39 @@ CANARY_BYTES = 4096  # one page; canaries sit at page-aligned offsets so a scan 
 
 @dataclass(frozen=True)
 class CanaryRecord:
-    """What the scrubber checks against: sha256 of each canary, never the canaries themselves."""
+    """What the scrubber checks against: sha256 of each canary, never the canaries themselves.
+
+    `offsets` (CPU arena only) let the scrubber confirm the canaries were there before it
+    overwrote them, without hashing the whole arena; after the overwrite it checks every byte.
+    """
 
     arena_bytes: int
     canary_bytes: int
     hashes: tuple[str, ...]
+    offsets: tuple[int, ...] = ()
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"arena_bytes": self.arena_bytes, "canary_bytes": self.canary_bytes,
-                       "hashes": list(self.hashes)}, fh)  # fmt: skip
+                       "hashes": list(self.hashes), "offsets": list(self.offsets)}, fh)  # fmt: skip
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> CanaryRecord:
         raw = json.loads(path.read_text())
-        return cls(int(raw["arena_bytes"]), int(raw["canary_bytes"]), tuple(raw["hashes"]))
+        offsets = tuple(int(o) for o in raw.get("offsets", ()))
+        return cls(int(raw["arena_bytes"]), int(raw["canary_bytes"]), tuple(raw["hashes"]), offsets)
 
 
 def new_canaries(count: int) -> list[bytes]:
     return [secrets.token_bytes(CANARY_BYTES) for _ in range(count)]
 
 
-def record_for(canaries: list[bytes], arena_bytes: int) -> CanaryRecord:
-    return CanaryRecord(arena_bytes, CANARY_BYTES, tuple(hashlib.sha256(c).hexdigest() for c in canaries))
+def record_for(canaries: list[bytes], arena_bytes: int, offsets: tuple[int, ...] = ()) -> CanaryRecord:
+    hashes = tuple(hashlib.sha256(c).hexdigest() for c in canaries)
+    return CanaryRecord(arena_bytes, CANARY_BYTES, hashes, offsets)
 
 
 @dataclass
@@ -86,9 +93,10 @@ class Arena:
     def write_canaries(self, record_path: Path) -> CanaryRecord:
         """Write fresh random canaries; record only their hashes (the scrubber must not find them)."""
         canaries = new_canaries(self._canary_count)
-        for i, canary in enumerate(canaries):
-            self._map[i * CANARY_BYTES : (i + 1) * CANARY_BYTES] = canary
-        record = record_for(canaries, self.size)
+        offsets = tuple(i * CANARY_BYTES for i in range(len(canaries)))
+        for offset, canary in zip(offsets, canaries, strict=True):
+            self._map[offset : offset + CANARY_BYTES] = canary
+        record = record_for(canaries, self.size, offsets)
         record.save(record_path)
         return record
 
