@@ -7,7 +7,6 @@ parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orp
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -37,9 +36,16 @@ class StackError(Exception):
     """A part of the stack failed to start; the message says which and quotes its log."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# The parent-death signal is set by a tiny exec shim, not by a preexec_fn: Python code between
+# fork and exec can abort the child when another thread (the supervisor's, gRPC's, torch's) held
+# malloc's or the loader's locks at fork time. The shim checks its parent is still the launcher
+# (it may have died before prctl ran), then execs the real command; the setting survives exec.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 @dataclass
@@ -184,14 +190,14 @@ class Stack:
         ready.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
         with log.open("ab") as fh:
+            shim = [self.python, "-c", _DIE_WITH_PARENT, str(os.getpid())]
             process = subprocess.Popen(
-                [self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
+                [*shim, self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         return Child(name, process, log, ready)
 
@@ -261,12 +267,13 @@ class Stack:
         grace = self.config.gateway.grace_seconds if timeout is None else timeout
         supervisor, self.supervisor = self.supervisor, None
         if supervisor is not None:
-            supervisor.stop()  # no restarts while shutting down
+            supervisor.stop()  # no restarts while shutting down (its thread lives on, see close())
         if self.gateway is not None:
             _terminate([self.gateway], grace + 5)
         _terminate(list(self.workers.values()), 15)
         if supervisor is not None:
             # Drained and stopped: scrub every domain so no tenant's data outlives the stack.
+            supervisor.close()
             for key, domain in self.domains.items():
                 if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
                     domain.arena.unlink(missing_ok=True)

@@ -97,6 +97,7 @@ class Supervisor:
         self.metrics = metrics
         self.out_of_service: dict[tuple[str, str], str] = {}
         self._stop = threading.Event()
+        self._release = threading.Event()
         self._crashes: dict[tuple[str, str], int] = {}
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._next_health = 0.0
@@ -128,11 +129,22 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
+        """No more health checks or restarts; the thread stays until `close()`."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Call once the workers are down: the thread that started a worker must outlive it,
+        because the kernel sends PR_SET_PDEATHSIG when the *thread* that forked the child exits."""
+        self._stop.set()
+        self._release.set()
         if self._thread.is_alive():
             self._thread.join(timeout=60)
 
     def _run(self) -> None:
+        self._watch()
+        self._release.wait()
+
+    def _watch(self) -> None:
         while not self._stop.wait(0.1):
             for key, child in list(self.stack.workers.items()):
                 if self._stop.is_set() or key in self.out_of_service:

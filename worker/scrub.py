@@ -89,13 +89,11 @@ def scrub_arena(arena: Path, record: CanaryRecord | None) -> ScrubResult:
         words.fill(0)  # memset
         nonzero = hits = 0
         for a in range(0, size, CHUNK):
-            chunk = words[a : a + CHUNK]
-            if chunk.max() != 0:  # one vectorised pass reads every byte back
-                nonzero += int(np.count_nonzero(chunk))
-                hits += _hits(chunk.tobytes(), hashes)
+            if words[a : a + CHUNK].max() != 0:  # one vectorised pass reads every byte back
+                nonzero += int(np.count_nonzero(words[a : a + CHUNK]))
+                hits += _hits(words[a : a + CHUNK].tobytes(), hashes)
         seconds = time.perf_counter() - start
-        chunk = None
-        del words, chunk  # the mapping can't close while numpy views of it are alive
+        del words  # the mapping can't close while numpy views of it are alive
     ok = nonzero == 0 and hits == 0
     reason = "" if ok else f"{nonzero} byte(s) not zero, {hits} canary hit(s) after overwrite"
     return ScrubResult(ok, size, seconds, before, hits, nonzero, reason)
