@@ -151,6 +151,7 @@ async def test_failed_scrub_keeps_the_domain_out_of_service(make_stack: Callable
     assert events[-2:] == ["domain_scrub", "domain_out_of_service"]
     assert "airlock_domains_out_of_service 1.0" in scrape(live)
     assert 'airlock_worker_restarts_total{model="slow",tenant="acme"}' not in scrape(live)
+    domain.arena.unlink()  # an out-of-service domain keeps its arena for investigation; tidy up
 
 
 def _alive(pid: int) -> bool:
