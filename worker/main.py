@@ -59,13 +59,16 @@ class WorkerSettings:
     arena_bytes: int = 16 << 20
     canary_file: Path | None = None  # where the canaries' hashes go for the scrubber
     scrub: str = "request"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    isolation: str = "dedicated"
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     p.add_argument("--tenant", required=True)
     p.add_argument("--model", required=True, help="model name callers use")
-    p.add_argument("--engine", choices=("transformers", "echo"), default="transformers")
+    p.add_argument("--engine", choices=("transformers", "echo", "vllm"), default="transformers")
     p.add_argument("--model-path", default="bundled", help="'bundled' or a local HF model directory")
     p.add_argument("--cache-dir", type=Path, required=True, help="where converted models are kept")
     p.add_argument("--listen", default="127.0.0.1:0")
@@ -85,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--arena-bytes", type=int, default=16 << 20)
     p.add_argument("--canary-file", type=Path, help="record canary hashes here at start")
     p.add_argument("--scrub", choices=SCRUB_MODES, default="request", help="when request state is zeroed")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs in the domain")
+    p.add_argument("--max-model-len", type=int, help="vllm: context per sequence (default: the model's)")
+    p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated", help="vllm")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
@@ -107,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         arena_bytes=a.arena_bytes,
         canary_file=a.canary_file,
         scrub=a.scrub,
+        tensor_parallel_size=a.tensor_parallel_size,
+        max_model_len=a.max_model_len,
+        isolation=a.isolation,
     )
 
 
@@ -115,6 +124,16 @@ def build_engine(settings: WorkerSettings) -> Engine:
         from worker.echo import EchoEngine
 
         return EchoEngine(settings.echo_tokens_per_second)
+    if settings.engine == "vllm":
+        from worker.vllm_engine import VllmEngine, VllmSettings
+
+        vllm = VllmSettings(
+            Path(settings.model_path).expanduser(),
+            tensor_parallel_size=settings.tensor_parallel_size,
+            max_model_len=settings.max_model_len,
+            isolation=settings.isolation,
+        )
+        return VllmEngine(vllm, tenant=settings.tenant)
     from worker.models import resolve_model
     from worker.transformers_engine import TransformersEngine
 
