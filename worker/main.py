@@ -138,7 +138,9 @@ def build_engine(settings: WorkerSettings) -> Engine:
     from worker.transformers_engine import TransformersEngine
 
     model_dir = resolve_model(settings.model_path, settings.cache_dir)
-    return TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
+    return TransformersEngine(
+        model_dir, threads=settings.threads, device=settings.device, scrub_kv=settings.scrub == "request"
+    )
 
 
 async def serve(settings: WorkerSettings) -> None:
