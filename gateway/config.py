@@ -29,7 +29,7 @@ __all__ = [
     "load",
 ]
 
-ENGINES = ("transformers", "echo")
+ENGINES = ("transformers", "echo", "vllm")
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 T = TypeVar("T")
@@ -54,6 +54,9 @@ class ModelConfig:
 class TenantConfig:
     name: str
     models: tuple[str, ...]
+    # model -> the GPUs (CUDA UUIDs: GPU-… or one MIG-…, as `airlock domains` prints) of its
+    # worker's domain; a model not listed runs in a CPU domain.
+    domains: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -367,7 +370,9 @@ class _Parser:
             if threads < 0:
                 raise self.fail(f"{key}.threads", "must be >= 0")
             path = self.get(m, f"{key}.path", str, "bundled")
-            if engine == "transformers" and path != "bundled" and not Path(path).expanduser().is_dir():
+            if engine == "vllm" and path == "bundled":
+                raise self.fail(f"{key}.path", "the vllm engine needs a local model directory")
+            if engine != "echo" and path != "bundled" and not Path(path).expanduser().is_dir():
                 raise self.fail(f"{key}.path", f"{path!r} is not a directory")
             out[name] = ModelConfig(name, engine, path, rate, threads)
         return out
@@ -377,11 +382,12 @@ class _Parser:
         if not isinstance(t, dict) or not t:
             raise self.fail("tenants", "must define at least one [tenants.NAME] table")
         out = {}
+        taken: dict[str, str] = {}
         for name in t:
             key = f"tenants.{name}"
             if not _NAME.fullmatch(name):
                 raise self.fail(key, "name must be lowercase letters, digits and '-'")
-            tt = self.table(t, key, {"models"})
+            tt = self.table(t, key, {"models", "domains"})
             names = self.get(tt, f"{key}.models", list, [])
             if not names:
                 raise self.fail(f"{key}.models", "must list at least one model")
@@ -392,5 +398,29 @@ class _Parser:
                     raise self.fail(f"{key}.models", f"unknown model {model!r}")
             if len(set(names)) != len(names):
                 raise self.fail(f"{key}.models", "lists a model twice")
-            out[name] = TenantConfig(name, tuple(names))
+            out[name] = TenantConfig(name, tuple(names), self.domains(tt, key, names, taken))
+        return out
+
+    def domains(
+        self, table: dict[str, Any], key: str, models: list[str], taken: dict[str, str]
+    ) -> dict[str, tuple[str, ...]]:
+        raw = self.get(table, f"{key}.domains", dict, {})
+        out = {}
+        for model, devices in raw.items():
+            where = f"{key}.domains.{model}"
+            if model not in models:
+                raise self.fail(where, "not one of this tenant's models")
+            uuids = isinstance(devices, list) and all(
+                isinstance(d, str) and d.startswith(("GPU-", "MIG-")) for d in devices
+            )
+            if not devices or not uuids:
+                raise self.fail(where, "must list CUDA UUIDs (GPU-… or MIG-…), as `airlock domains` prints")
+            if any(d.startswith("MIG-") for d in devices) and len(devices) > 1:
+                raise self.fail(where, "a MIG instance is a domain on its own (MIG slices can't be grouped)")
+            for device in devices:
+                # A domain belongs to one worker, hence one tenant, at a time.
+                if device in taken:
+                    raise self.fail(where, f"{device} is already the domain of {taken[device]}")
+                taken[device] = f"{key}.domains.{model}"
+            out[model] = tuple(devices)
         return out

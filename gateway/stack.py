@@ -150,17 +150,21 @@ class Stack:
                     "--max-message-bytes", str(self.config.gateway.max_message_bytes),
                 ]  # fmt: skip
                 key = (tenant.name, model.name)
-                self.domains[key] = domain = Domain.for_worker(self.run_dir, name)
+                devices = tenant.domains.get(model.name, ())
+                self.domains[key] = domain = Domain.for_worker(self.run_dir, name, devices)
                 args += ["--arena", str(domain.arena), "--arena-bytes", str(sup.arena_mb << 20),
-                         "--canary-file", str(domain.canaries), "--scrub", sup.scrub]  # fmt: skip
+                         "--canary-file", str(domain.canaries), "--scrub", sup.scrub,
+                         "--device", domain.device]  # fmt: skip
+                if model.engine == "vllm":
+                    args += ["--tensor-parallel-size", str(max(1, len(devices)))]
                 self._worker_args[key] = args
                 # Whatever an earlier worker left in the domain goes before this one gets it.
                 scrubbed = supervisor.scrub(key, "start")
                 if not scrubbed["verified"]:
                     raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
                                      f"{scrubbed.get('reason')}")  # fmt: skip
-                # A CPU isolation domain: the worker must not see any GPU.
-                self.workers[key] = self._spawn(name, args, {"CUDA_VISIBLE_DEVICES": ""})
+                # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
+                self.workers[key] = self._spawn(name, args, domain.env)
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
         routes = [
@@ -244,7 +248,7 @@ class Stack:
         """Start a worker again on its old address (its domain was scrubbed); None if stopped first."""
         old = self.workers[key]
         args = [*self._worker_args[key], "--listen", f"127.0.0.1:{old.port}"]
-        child = self.workers[key] = self._spawn(old.name, args, {"CUDA_VISIBLE_DEVICES": ""})
+        child = self.workers[key] = self._spawn(old.name, args, self.domains[key].env)
         while not child.ready_file.exists():
             if child.process.poll() is not None:
                 raise StackError(f"{child.name} exited with code {child.process.returncode} on restart")

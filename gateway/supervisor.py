@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -45,21 +46,48 @@ class Domain:
     id: str
     arena: Path
     canaries: Path
+    devices: tuple[str, ...] = ()  # CUDA UUIDs; none: a CPU domain
 
     @classmethod
-    def for_worker(cls, run_dir: Path, name: str) -> Domain:
+    def for_worker(cls, run_dir: Path, name: str, devices: tuple[str, ...] = ()) -> Domain:
         # /dev/shm is memory (tmpfs); the run directory's digest keeps parallel stacks apart.
         digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
         base = SHM if SHM.is_dir() else run_dir
-        return cls(f"cpu:{digest}:{name}", base / f"airlock-{digest}-{name}.arena",
-                   run_dir / f"{name}.canaries.json")  # fmt: skip
+        kind = ",".join(devices) if devices else "cpu"
+        return cls(f"{kind}:{digest}:{name}", base / f"airlock-{digest}-{name}.arena",
+                   run_dir / f"{name}.canaries.json", devices)  # fmt: skip
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Pins a process to this domain: its GPUs only, or none at all for a CPU domain."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)}
+
+    @property
+    def cuda_canaries(self) -> Path:
+        return self.canaries.with_suffix(".cuda.json")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.devices else "cpu"
 
 
 def run_scrub(python: str, domain: Domain, timeout: float = 300.0) -> dict[str, Any]:
     """Scrub `domain` in a separate process; returns its result (with `verified`), never raises."""
     cmd = [python, "-m", "worker.scrub", "--arena", str(domain.arena), "--canaries", str(domain.canaries)]
+    cuda = [python, "-m", "worker.scrub", "--device", "cuda", "--canaries", str(domain.cuda_canaries)]
+    runs = [cuda, cmd] if domain.devices else [cmd]
+    result: dict[str, Any] = {}
+    for run in runs:  # a GPU domain: its device memory, then the arena its worker kept on the host
+        result = _scrub_once(run, domain, timeout)
+        if not result["verified"]:
+            break
+    return result
+
+
+def _scrub_once(cmd: list[str], domain: Domain, timeout: float) -> dict[str, Any]:
+    env = {**os.environ, **domain.env}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"verified": False, "reason": f"scrubber did not run: {type(exc).__name__}"}
     try:

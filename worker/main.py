@@ -179,7 +179,8 @@ def _domain_memory(settings: WorkerSettings) -> tuple[RequestState | None, objec
         state = RequestState(arena, settings.scrub)
     cuda = None
     if settings.device.startswith("cuda") and settings.canary_file is not None:
-        cuda = write_cuda_canaries(16, settings.canary_file, settings.device)
+        # Its own record (the launcher's scrub of the GPU reads this one, of the arena the other).
+        cuda = write_cuda_canaries(16, settings.canary_file.with_suffix(".cuda.json"), settings.device)
     return state, cuda
 
 
