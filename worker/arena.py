@@ -79,8 +79,12 @@ class Arena:
             raise ValueError(f"arena of {size} bytes is too small")
         self.path = path
         self.size = size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # /dev/shm is shared by every user: never follow a planted link, never use someone else's file.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                raise PermissionError(f"{path} belongs to another user")
+            os.fchmod(fd, 0o600)
             os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:

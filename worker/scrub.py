@@ -75,7 +75,7 @@ def scrub_arena(arena: Path, record: CanaryRecord | None) -> ScrubResult:
     if size == 0:
         return ScrubResult(True, 0, 0.0, 0, 0, 0, "empty arena")
     hashes = frozenset(record.hashes) if record else frozenset()
-    fd = os.open(arena, os.O_RDWR)
+    fd = os.open(arena, os.O_RDWR | os.O_NOFOLLOW)
     try:
         mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:

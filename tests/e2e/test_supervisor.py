@@ -210,3 +210,17 @@ def test_killed_launcher_leaves_no_orphan_even_after_a_restart(tmp_path: Path) -
 
     for name in ("worker-acme-slow", "worker-globex-slow"):
         Domain.for_worker(tmp_path / "state" / "run", name).arena.unlink(missing_ok=True)
+
+
+async def test_hung_worker_is_killed_and_replaced(make_stack: Callable[[str], LiveStack]) -> None:
+    live = make_stack(TOML)
+    key = ("acme", "slow")
+    victim = live.stack.workers[key]
+    domain = live.stack.domains[key]
+    os.kill(victim.process.pid, signal.SIGSTOP)  # alive but answering nothing
+    await wait_for(lambda: live.stack.workers[key] is not victim and bool(live.stack.workers[key].info))
+    assert victim.process.wait(timeout=10) == -signal.SIGKILL
+    async with live.client("acme") as acme:
+        assert await _generate_when_back(acme) == "back again"
+    kinds = [r["event"] for r in audit_records(live, domain.id)]
+    assert kinds[-3:] == ["worker_exit", "domain_scrub", "worker_restart"]

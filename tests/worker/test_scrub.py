@@ -116,3 +116,12 @@ def test_cuda_scrub_needs_a_gpu() -> None:
         pytest.skip("no CUDA device here: the CUDA scrub (allocate free memory, zero_, verify) needs a GPU")
     result = scrub_cuda(None)
     assert result.verified and result.bytes > 0
+
+
+def test_arena_refuses_a_planted_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    (tmp_path / "a.arena").symlink_to(target)
+    with pytest.raises(OSError):
+        Arena(tmp_path / "a.arena", 1 << 20)
+    assert target.read_bytes() == b""
