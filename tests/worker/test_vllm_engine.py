@@ -54,9 +54,10 @@ async def test_streams_aborts_and_salts_shared_requests(bundled_model_dir: Path)
     try:
         outs = [o async for o in engine.generate(_spec("Say hello."), tenant="acme")]
         assert outs[-1].finish_reason in ("stop", "length") and outs[-1].completion_tokens > 0
-        assert engine.prompt_for(_spec("x"), "acme")["cache_salt"] != engine.prompt_for(_spec("x"), "globex")[
-            "cache_salt"
-        ]
+        assert (
+            engine.prompt_for(_spec("x"), "acme")["cache_salt"]
+            != engine.prompt_for(_spec("x"), "globex")["cache_salt"]
+        )
         stream = engine.generate(_spec("Count to one hundred.", max_tokens=512, request_id="long"))
         await stream.__anext__()
         await stream.aclose()  # leaving early aborts the request in vLLM
