@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +89,7 @@ class Stack:
         # restarts), and the supervisor that scrubs and restarts them.
         self.domains: dict[tuple[str, str], Domain] = {}
         self._worker_args: dict[tuple[str, str], list[str]] = {}
+        self._ports: dict[tuple[str, str], int] = {}  # a restarted worker binds its first port again
         self.supervisor: Supervisor | None = None
         self.supervisor_metrics_port: int | None = None
 
@@ -167,6 +167,7 @@ class Stack:
                 self.workers[key] = self._spawn(name, args, domain.env)
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
+        self._ports = {key: child.port for key, child in self.workers.items()}
         routes = [
             f"--route={tenant}/{model}/{self.config.models[model].engine}=127.0.0.1:{child.port}"
             for (tenant, model), child in self.workers.items()
@@ -244,17 +245,14 @@ class Stack:
                         raise StackError(f"gateway health check failed: {exc.code().name}") from None
                 time.sleep(0.1)
 
-    def respawn_worker(self, key: tuple[str, str], stop: threading.Event) -> Child | None:
-        """Start a worker again on its old address (its domain was scrubbed); None if stopped first."""
+    def spawn_worker(self, key: tuple[str, str]) -> Child:
+        """Start a worker again, on its first address (the supervisor scrubbed its domain first).
+
+        Returns at once; the new child has no `info` until its ready file appears.
+        """
         old = self.workers[key]
-        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{old.port}"]
+        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{self._ports[key]}"]
         child = self.workers[key] = self._spawn(old.name, args, self.domains[key].env)
-        while not child.ready_file.exists():
-            if child.process.poll() is not None:
-                raise StackError(f"{child.name} exited with code {child.process.returncode} on restart")
-            if stop.wait(0.05):
-                return None
-        child.info = json.loads(child.ready_file.read_text())
         return child
 
     def kill_worker(self, key: tuple[str, str]) -> None:

@@ -129,7 +129,11 @@ class Supervisor:
         self._crashes: dict[tuple[str, str], int] = {}
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._next_health = 0.0
-        self._unhealthy: dict[tuple[str, str], int] = {}
+        self._unhealthy: dict[tuple[str, str], int] = {}  # consecutive failed health checks
+        self._due: dict[tuple[str, str], float] = {}  # scrubbed, restart due at this monotonic time
+        self._delays: dict[tuple[str, str], float] = {}
+        self._starting: dict[tuple[str, str], float] = {}  # restarted, not ready yet
+        self._down: set[tuple[str, str]] = set()  # exited with restarts off
 
     def scrub(self, key: tuple[str, str], phase: str) -> dict[str, Any]:
         """Scrub one worker's domain and record it; a failed scrub takes the domain out of service."""
@@ -173,19 +177,28 @@ class Supervisor:
         self._release.wait()
 
     def _watch(self) -> None:
+        # One pass every 0.1 s; nothing here waits for a backoff or a model load, so one domain's
+        # crash loop never delays another tenant's recovery.
         while not self._stop.wait(0.1):
             for key, child in list(self.stack.workers.items()):
-                if self._stop.is_set() or key in self.out_of_service:
+                if self._stop.is_set() or key in self.out_of_service or key in self._down:
                     continue
-                if child.process.poll() is not None:
+                if key in self._due:
+                    if time.monotonic() >= self._due[key]:
+                        self._respawn(key)
+                elif child.process.poll() is not None:
                     self._recover(key, child)
+                elif key in self._starting and child.ready_file.exists():
+                    self._started(key, child)
             if time.monotonic() >= self._next_health:
                 self._next_health = time.monotonic() + self.settings.health_interval_seconds
                 self._health_checks()
 
     def _health_checks(self) -> None:
         for key, child in list(self.stack.workers.items()):
-            if key in self.out_of_service or child.process.poll() is not None or self._stop.is_set():
+            if self._stop.is_set() or key in self.out_of_service or key in self._starting or not child.info:
+                continue
+            if child.process.poll() is not None:
                 continue
             if self._healthy(child):
                 self._unhealthy.pop(key, None)
@@ -211,29 +224,43 @@ class Supervisor:
             return False
 
     def _recover(self, key: tuple[str, str], child: Child) -> None:
+        """A worker exited: reap its group, scrub its domain, and schedule a restart after a backoff."""
         tenant, model = key
         code = child.process.returncode
+        self._starting.pop(key, None)
+        self._unhealthy.pop(key, None)
         self.stack.reap(child)  # nothing the worker started may outlive it
         self.audit.record("worker_exit", tenant=tenant, model=model, domain=self.stack.domains[key].id,
                           code=code, pid=child.process.pid)  # fmt: skip
         _log.warning("worker exited", extra={"worker": child.name, "code": code})
-        if not self.scrub(key, "crash")["verified"] or not self.settings.restart:
+        if not self.scrub(key, "crash")["verified"]:
+            return  # out of service, and said so
+        if not self.settings.restart:
+            self._down.add(key)
             return
         crashes = self._crashes.get(key, 0)
-        if time.monotonic() - child.started > 60:
-            crashes = 0  # it ran a good while: start the backoff over
+        if child.info and time.monotonic() - child.started > 60:
+            crashes = 0  # it served a good while: start the backoff over
         delay = min(self.settings.backoff_max_seconds, self.settings.backoff_seconds * 2**crashes)
         self._crashes[key] = crashes + 1
-        if self._stop.wait(delay):
-            return
+        self._due[key] = time.monotonic() + delay
+        self._delays[key] = delay
+
+    def _respawn(self, key: tuple[str, str]) -> None:
+        del self._due[key]
         try:
-            new = self.stack.respawn_worker(key, self._stop)
-        except Exception as exc:  # a failed start is another crash: retried, with a longer delay
-            _log.error("worker restart failed", extra={"worker": child.name, "error": str(exc)})
+            self.stack.spawn_worker(key)
+        except OSError as exc:  # the old, dead child stays: the next pass treats it as another crash
+            name = self.stack.workers[key].name
+            _log.error("worker restart failed", extra={"worker": name, "error": str(exc)})
             return
-        if new is None:
-            return
+        self._starting[key] = time.monotonic()
+
+    def _started(self, key: tuple[str, str], child: Child) -> None:
+        tenant, model = key
+        child.info = json.loads(child.ready_file.read_text())
+        del self._starting[key]
         self.metrics.restarts.labels(tenant, model).inc()
         self.audit.record("worker_restart", tenant=tenant, model=model, domain=self.stack.domains[key].id,
-                          attempt=crashes + 1, delay_seconds=delay, port=new.port,
-                          pid=new.process.pid)  # fmt: skip
+                          attempt=self._crashes.get(key, 0), delay_seconds=self._delays.get(key),
+                          port=child.port, pid=child.process.pid)  # fmt: skip

@@ -224,3 +224,19 @@ async def test_hung_worker_is_killed_and_replaced(make_stack: Callable[[str], Li
         assert await _generate_when_back(acme) == "back again"
     kinds = [r["event"] for r in audit_records(live, domain.id)]
     assert kinds[-3:] == ["worker_exit", "domain_scrub", "worker_restart"]
+
+
+async def test_with_restarts_off_an_exit_is_scrubbed_and_recorded_once(
+    make_stack: Callable[[str], LiveStack],
+) -> None:
+    live = make_stack(TOML + "restart = false\n")
+    key = ("acme", "slow")
+    domain = live.stack.domains[key]
+    os.kill(live.stack.workers[key].process.pid, signal.SIGKILL)
+    await wait_for(lambda: "worker_exit" in [r["event"] for r in audit_records(live, domain.id)])
+    await asyncio.sleep(1.0)  # ten supervisor passes: the dead worker must not be handled again
+    kinds = [r["event"] for r in audit_records(live, domain.id)]
+    assert kinds.count("worker_exit") == 1 and kinds[-2:] == ["worker_exit", "domain_scrub"]
+    assert "worker_restart" not in kinds
+    supervisor = live.stack.supervisor
+    assert supervisor is not None and key not in supervisor.out_of_service
