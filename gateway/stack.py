@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.audit import AuditLog
-from gateway.config import Config
+from gateway.config import Config, ModelConfig, TenantConfig
 from gateway.pki import DevPki, ensure_dev_pki
 from gateway.supervisor import Domain, Supervisor, SupervisorMetrics
 
@@ -125,39 +125,15 @@ class Stack:
     def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
         self.pki = pki = ensure_dev_pki(self.config.state_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        limits = self.config.gateway.limits
         sup = self.config.supervisor
         audit = AuditLog(self.config.state_dir / "audit" / "supervisor.jsonl")
         self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
         for tenant in self.config.tenants.values():
             for model_name in tenant.models:
-                model = self.config.models[model_name]
-                name = f"worker-{tenant.name}-{model.name}"
-                args = [
-                    "-m", "worker",
-                    "--tenant", tenant.name,
-                    "--model", model.name,
-                    "--engine", model.engine,
-                    "--model-path", model.path,
-                    "--cache-dir", str(self.config.model_cache_dir),
-                    "--tls-cert", str(pki.worker_cert),
-                    "--tls-key", str(pki.worker_key),
-                    "--client-ca", str(pki.ca_cert),
-                    "--max-tokens", str(limits.max_tokens),
-                    "--default-max-tokens", str(limits.default_max_tokens),
-                    "--echo-tokens-per-second", str(model.tokens_per_second),
-                    "--threads", str(model.threads),
-                    "--max-message-bytes", str(self.config.gateway.max_message_bytes),
-                ]  # fmt: skip
-                key = (tenant.name, model.name)
-                devices = tenant.domains.get(model.name, ())
-                self.domains[key] = domain = Domain.for_worker(self.run_dir, name, devices)
-                args += ["--arena", str(domain.arena), "--arena-bytes", str(sup.arena_mb << 20),
-                         "--canary-file", str(domain.canaries), "--scrub", sup.scrub,
-                         "--device", domain.device]  # fmt: skip
-                if model.engine == "vllm":
-                    args += ["--tensor-parallel-size", str(max(1, len(devices)))]
-                self._worker_args[key] = args
+                key = (tenant.name, model_name)
+                name = f"worker-{tenant.name}-{model_name}"
+                args, domain = self.worker_command(pki, tenant, self.config.models[model_name])
+                self.domains[key], self._worker_args[key] = domain, args
                 # Whatever an earlier worker left in the domain goes before this one gets it.
                 scrubbed = supervisor.scrub(key, "start")
                 if not scrubbed["verified"]:
@@ -188,6 +164,39 @@ class Stack:
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
                 "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def worker_command(
+        self, pki: DevPki, tenant: TenantConfig, model: ModelConfig
+    ) -> tuple[list[str], Domain]:
+        """The arguments of one (tenant, model) worker, and the isolation domain it is pinned to."""
+        limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        devices = tenant.domains.get(model.name, ())
+        domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
+        args = [
+            "-m", "worker",
+            "--tenant", tenant.name,
+            "--model", model.name,
+            "--engine", model.engine,
+            "--model-path", model.path,
+            "--cache-dir", str(self.config.model_cache_dir),
+            "--tls-cert", str(pki.worker_cert),
+            "--tls-key", str(pki.worker_key),
+            "--client-ca", str(pki.ca_cert),
+            "--max-tokens", str(limits.max_tokens),
+            "--default-max-tokens", str(limits.default_max_tokens),
+            "--echo-tokens-per-second", str(model.tokens_per_second),
+            "--threads", str(model.threads),
+            "--max-message-bytes", str(self.config.gateway.max_message_bytes),
+            "--arena", str(domain.arena),
+            "--arena-bytes", str(sup.arena_mb << 20),
+            "--canary-file", str(domain.canaries),
+            "--scrub", sup.scrub,
+            "--device", domain.device,
+        ]  # fmt: skip
+        if model.engine == "vllm":
+            args += ["--tensor-parallel-size", str(max(1, len(devices)))]
+        return args, domain
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:
         log = self.run_dir / f"{name}.log"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, SupervisorConfig, load
+from gateway.config import Config, ConfigError, SupervisorConfig, load
 from gateway.supervisor import Domain
 
 BASE = """
@@ -25,7 +25,7 @@ models = ["echo", "big"]
 """
 
 
-def parse(tmp_path: Path, extra: str) -> object:
+def parse(tmp_path: Path, extra: str) -> Config:
     path = tmp_path / "airlock.toml"
     path.write_text(BASE + textwrap.dedent(extra))
     return load(path, state_dir=tmp_path)
@@ -38,7 +38,7 @@ def refused(tmp_path: Path, extra: str) -> ConfigError:
 
 
 def test_supervisor_defaults_and_values(tmp_path: Path) -> None:
-    assert parse(tmp_path, "").supervisor == SupervisorConfig()  # type: ignore[attr-defined]
+    assert parse(tmp_path, "").supervisor == SupervisorConfig()
     cfg = parse(tmp_path, """
         [supervisor]
         restart = false
@@ -48,7 +48,7 @@ def test_supervisor_defaults_and_values(tmp_path: Path) -> None:
         scrub = "tenant-switch"
         arena_mb = 64
     """)  # fmt: skip
-    assert cfg.supervisor == SupervisorConfig(  # type: ignore[attr-defined]
+    assert cfg.supervisor == SupervisorConfig(
         restart=False, backoff_seconds=1.0, backoff_max_seconds=8.5, metrics_listen="127.0.0.1:9465",
         scrub="tenant-switch", arena_mb=64,
     )  # fmt: skip
@@ -77,7 +77,7 @@ def test_gpu_domains_pin_workers_and_belong_to_one_tenant(tmp_path: Path) -> Non
         [tenants.globex.domains]
         big = ["MIG-ccc"]
     """)  # fmt: skip
-    acme, globex = cfg.tenants["acme"], cfg.tenants["globex"]  # type: ignore[attr-defined]
+    acme, globex = cfg.tenants["acme"], cfg.tenants["globex"]
     assert acme.domains == {"big": ("GPU-aaa", "GPU-bbb")} and globex.domains == {"big": ("MIG-ccc",)}
     domain = Domain.for_worker(tmp_path, "worker-acme-big", acme.domains["big"])
     assert domain.env == {"CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"} and domain.device == "cuda"
@@ -111,3 +111,22 @@ def test_vllm_engine_needs_a_model_directory(tmp_path: Path) -> None:
     model_dir = tmp_path / "maverick"
     path.write_text(f'[models.m]\nengine = "vllm"\npath = "{model_dir}"\n[tenants.t]\nmodels = ["m"]\n')
     assert load(path, state_dir=tmp_path).models["m"].engine == "vllm"
+
+
+def test_workers_are_pinned_to_their_domain(tmp_path: Path) -> None:
+    from gateway.pki import ensure_dev_pki
+    from gateway.stack import Stack
+
+    cfg = parse(tmp_path, """
+        [tenants.acme.domains]
+        big = ["GPU-aaa", "GPU-bbb"]
+    """)  # fmt: skip
+    stack = Stack(cfg, run_dir=tmp_path / "run")
+    pki = ensure_dev_pki(tmp_path)
+    acme = cfg.tenants["acme"]
+    args, domain = stack.worker_command(pki, acme, cfg.models["big"])
+    assert domain.env == {"CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
+    assert args[args.index("--device") + 1] == "cuda"
+    assert args[args.index("--arena") + 1] == str(domain.arena)
+    args, domain = stack.worker_command(pki, acme, cfg.models["echo"])
+    assert domain.env == {"CUDA_VISIBLE_DEVICES": ""} and args[args.index("--device") + 1] == "cpu"
