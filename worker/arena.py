@@ -170,16 +170,20 @@ class RequestState:
                 self.zeroed_bytes += used if self.mode == "request" else 0
 
 
-def write_cuda_canaries(count: int, record_path: Path, device: str = "cuda") -> Any:
-    """Put canaries in device memory and keep them allocated for the worker's life (returns the tensor).
+def write_cuda_canaries(count: int, record_path: Path) -> list[Any]:
+    """Put canaries in every visible GPU's memory, kept allocated for the worker's life.
 
-    The scrubber later allocates the domain's free memory and must not find these patterns.
+    A domain may be a group of GPUs: each gets `count` canaries. The scrubber later allocates each
+    device's free memory and must not find any of them. Returns the tensors (keep them referenced).
     """
     import torch
 
-    canaries = new_canaries(count)
-    host = torch.frombuffer(bytearray(b"".join(canaries)), dtype=torch.uint8)
-    tensor = host.to(device)
-    _free, total = torch.cuda.mem_get_info(device)
-    record_for(canaries, int(total)).save(record_path)
-    return tensor
+    canaries, tensors, total = [], [], 0
+    for index in range(torch.cuda.device_count()):
+        mine = new_canaries(count)
+        host = torch.frombuffer(bytearray(b"".join(mine)), dtype=torch.uint8)
+        tensors.append(host.to(f"cuda:{index}"))
+        total += int(torch.cuda.mem_get_info(index)[1])
+        canaries += mine
+    record_for(canaries, total).save(record_path)
+    return tensors

@@ -180,7 +180,7 @@ def _domain_memory(settings: WorkerSettings) -> tuple[RequestState | None, objec
     cuda = None
     if settings.device.startswith("cuda") and settings.canary_file is not None:
         # Its own record (the launcher's scrub of the GPU reads this one, of the arena the other).
-        cuda = write_cuda_canaries(16, settings.canary_file.with_suffix(".cuda.json"), settings.device)
+        cuda = write_cuda_canaries(16, settings.canary_file.with_suffix(".cuda.json"))
     return state, cuda
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from worker.arena import CANARY_BYTES, CanaryRecord
 
-__all__ = ["ScrubResult", "scrub_arena", "scrub_cuda"]
+__all__ = ["ScrubResult", "scrub_all_cuda", "scrub_arena", "scrub_cuda"]
 
 CHUNK = 16 << 20
 
@@ -143,11 +143,32 @@ def scrub_cuda(record: CanaryRecord | None, device: str = "cuda", chunk: int = 2
     return ScrubResult(ok, scrubbed, seconds, -1, hits, nonzero, reason)
 
 
+def scrub_all_cuda(record: CanaryRecord | None) -> ScrubResult:
+    """Scrub every GPU this process sees (the domain's, through CUDA_VISIBLE_DEVICES); all must verify."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        reason = "no CUDA device visible: the GPU domain can't be scrubbed"
+        return ScrubResult(False, 0, 0.0, -1, 0, 0, reason)
+    parts = [scrub_cuda(record, f"cuda:{i}") for i in range(count)]
+    failed = [f"cuda:{i}: {p.reason}" for i, p in enumerate(parts) if not p.verified]
+    return ScrubResult(
+        verified=not failed,
+        bytes=sum(p.bytes for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        canaries_before=-1,
+        canary_hits=sum(p.canary_hits for p in parts),
+        nonzero_bytes=sum(p.nonzero_bytes for p in parts),
+        reason="; ".join(failed),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m worker.scrub", description=__doc__)
     p.add_argument("--arena", type=Path, help="the CPU domain's arena file")
     p.add_argument("--canaries", type=Path, help="the previous worker's canary record")
-    p.add_argument("--device", default="cpu", help="'cpu' (the arena) or a CUDA device")
+    p.add_argument("--device", default="cpu", help="'cpu' (the arena) or 'cuda' (every visible GPU)")
     a = p.parse_args(argv)
     record = None
     if a.canaries is not None and a.canaries.exists():
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error("--arena is required for the CPU domain")
             result = scrub_arena(a.arena, record)
         else:
-            result = scrub_cuda(record, a.device)
+            result = scrub_all_cuda(record)
     except Exception as exc:  # any failure means "not verified", and must say so, not crash silently
         print(json.dumps({"verified": False, "reason": f"scrub failed: {type(exc).__name__}: {exc}"}))
         return 3
