@@ -11,6 +11,9 @@
     airlock audit verify | bundle create|sign|verify|keygen | health    (gateway/cli_ops.py)
     airlock keys create|rotate|retire|list --tenant T [--key-id K]
                                             manage tenant data keys (docs/keys.md)
+    airlock domains [--json]                this host's isolation domains (MIG, GPUs, or the CPU)
+    airlock plan --model M --domain D [--gpus N]
+                                            weights + KV cache + margin; refuses what can't fit
 
 Exit codes: 0 success, 1 runtime failure (lint errors, failing cases), 2 bad configuration or usage.
 """
@@ -21,6 +24,7 @@ import argparse
 import json
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -90,7 +94,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.demo:
             _demo(cfg, stack)
         while not stop.wait(0.5):
-            dead = [c for c in stack.children() if c.process.poll() is not None]
+            # The supervisor restarts workers (after scrubbing their domain); only the gateway's exit,
+            # or a worker's when restarts are off, ends `up`.
+            watched = stack.children() if not cfg.supervisor.restart else [stack.gateway]
+            dead = [c for c in watched if c is not None and c.process.poll() is not None]
             if dead:
                 _err(
                     f"{dead[0].name} exited unexpectedly (code {dead[0].process.returncode}); "
@@ -298,6 +305,15 @@ def _name(text: str) -> str:
     return text
 
 
+# Commands the worker package implements: the gateway never imports worker code (it would pull
+# in torch and NVML), so these run as `python -m worker.<module>` with the arguments passed on.
+WORKER_COMMANDS = {"domains": "worker.domains", "plan": "worker.plan"}
+
+
+def _run_worker_command(module: str, argv: list[str]) -> int:
+    return subprocess.run([sys.executable, "-m", module, *argv], check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airlock", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -342,10 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_commands(sub)
     add_ops_commands(sub, common)
     add_keys_commands(sub, common)
+    sub.add_parser("domains", add_help=False, help="list isolation domains (--help for options)")
+    sub.add_parser("plan", add_help=False, help="check a model fits a domain (--help for options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in WORKER_COMMANDS:
+        return _run_worker_command(WORKER_COMMANDS[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

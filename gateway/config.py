@@ -30,12 +30,13 @@ __all__ = [
     "MtlsConfig",
     "Pkcs11KeysConfig",
     "QuotaConfig",
+    "SupervisorConfig",
     "TelemetryConfig",
     "TenantConfig",
     "load",
 ]
 
-ENGINES = ("transformers", "echo")
+ENGINES = ("transformers", "echo", "vllm")
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 T = TypeVar("T")
@@ -60,6 +61,9 @@ class ModelConfig:
 class TenantConfig:
     name: str
     models: tuple[str, ...]
+    # model -> the GPUs (CUDA UUIDs: GPU-… or one MIG-…, as `airlock domains` prints) of its
+    # worker's domain; a model not listed runs in a CPU domain.
+    domains: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,19 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    """Worker supervision: restarts with backoff, domain scrubbing, its own metrics endpoint."""
+
+    restart: bool = True  # restart a crashed worker (after its domain's scrub verified)
+    backoff_seconds: float = 0.5  # first restart delay; doubles per consecutive crash
+    backoff_max_seconds: float = 30.0
+    health_interval_seconds: float = 2.0
+    metrics_listen: str = ""  # Prometheus /metrics of the supervisor; "" disables
+    scrub: str = "request"  # request state zeroing: "request", "tenant-switch" or "off"
+    arena_mb: int = 16  # the CPU domain's arena per worker
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     state_dir: Path
@@ -195,6 +212,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     bundles: BundleConfig = field(default_factory=BundleConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -278,7 +296,7 @@ class _Parser:
         return value
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
-        top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants"}
+        top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
         top |= {"quota", "telemetry", "audit", "bundles", "keys"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
@@ -303,6 +321,7 @@ class _Parser:
             audit=self.audit(raw),
             bundles=self.bundles(raw),
             keys=self.keys(raw),
+            supervisor=self.supervisor(raw),
         )
 
     def keys(self, raw: dict[str, Any]) -> KeysConfig:
@@ -494,6 +513,27 @@ class _Parser:
                 raise self.fail(key, "must be > 0")
         return LockoutConfig(failures, window, duration)
 
+    def supervisor(self, raw: dict[str, Any]) -> SupervisorConfig:
+        keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",
+                "metrics_listen", "scrub", "arena_mb"}  # fmt: skip
+        t = self.table(raw, "supervisor", keys)
+        d = SupervisorConfig()
+        values: dict[str, Any] = {}
+        for key in ("backoff_seconds", "backoff_max_seconds", "health_interval_seconds"):
+            values[key] = self.get(t, f"supervisor.{key}", float, getattr(d, key))
+            if values[key] <= 0:
+                raise self.fail(f"supervisor.{key}", "must be > 0")
+        scrub = self.get(t, "supervisor.scrub", str, d.scrub)
+        if scrub not in ("request", "tenant-switch", "off"):
+            raise self.fail("supervisor.scrub", "must be one of request, tenant-switch, off")
+        return SupervisorConfig(
+            restart=self.get(t, "supervisor.restart", bool, d.restart),
+            metrics_listen=self.address(t, "supervisor.metrics_listen", d.metrics_listen, optional=True),
+            scrub=scrub,
+            arena_mb=self.positive(t, "supervisor.arena_mb", d.arena_mb),
+            **values,
+        )
+
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})
         if not isinstance(t, dict) or not t:
@@ -514,7 +554,9 @@ class _Parser:
             if threads < 0:
                 raise self.fail(f"{key}.threads", "must be >= 0")
             path = self.get(m, f"{key}.path", str, "bundled")
-            if engine == "transformers" and path != "bundled" and not Path(path).expanduser().is_dir():
+            if engine == "vllm" and path == "bundled":
+                raise self.fail(f"{key}.path", "the vllm engine needs a local model directory")
+            if engine != "echo" and path != "bundled" and not Path(path).expanduser().is_dir():
                 raise self.fail(f"{key}.path", f"{path!r} is not a directory")
             out[name] = ModelConfig(name, engine, path, rate, threads)
         return out
@@ -524,11 +566,12 @@ class _Parser:
         if not isinstance(t, dict) or not t:
             raise self.fail("tenants", "must define at least one [tenants.NAME] table")
         out = {}
+        taken: dict[str, str] = {}
         for name in t:
             key = f"tenants.{name}"
             if not _NAME.fullmatch(name):
                 raise self.fail(key, "name must be lowercase letters, digits and '-'")
-            tt = self.table(t, key, {"models"})
+            tt = self.table(t, key, {"models", "domains"})
             names = self.get(tt, f"{key}.models", list, [])
             if not names:
                 raise self.fail(f"{key}.models", "must list at least one model")
@@ -539,5 +582,29 @@ class _Parser:
                     raise self.fail(f"{key}.models", f"unknown model {model!r}")
             if len(set(names)) != len(names):
                 raise self.fail(f"{key}.models", "lists a model twice")
-            out[name] = TenantConfig(name, tuple(names))
+            out[name] = TenantConfig(name, tuple(names), self.domains(tt, key, names, taken))
+        return out
+
+    def domains(
+        self, table: dict[str, Any], key: str, models: list[str], taken: dict[str, str]
+    ) -> dict[str, tuple[str, ...]]:
+        raw = self.get(table, f"{key}.domains", dict, {})
+        out = {}
+        for model, devices in raw.items():
+            where = f"{key}.domains.{model}"
+            if model not in models:
+                raise self.fail(where, "not one of this tenant's models")
+            uuids = isinstance(devices, list) and all(
+                isinstance(d, str) and d.startswith(("GPU-", "MIG-")) for d in devices
+            )
+            if not devices or not uuids:
+                raise self.fail(where, "must list CUDA UUIDs (GPU-… or MIG-…), as `airlock domains` prints")
+            if any(d.startswith("MIG-") for d in devices) and len(devices) > 1:
+                raise self.fail(where, "a MIG instance is a domain on its own (MIG slices can't be grouped)")
+            for device in devices:
+                # A domain belongs to one worker, hence one tenant, at a time.
+                if device in taken:
+                    raise self.fail(where, f"{device} is already the domain of {taken[device]}")
+                taken[device] = f"{key}.domains.{model}"
+            out[model] = tuple(devices)
         return out

@@ -7,7 +7,6 @@ parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orp
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -22,9 +21,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import Config
+from gateway.audit import AuditLog
+from gateway.config import Config, ModelConfig, TenantConfig
 from gateway.keystore import ensure_tenant_keys, open_keystore
 from gateway.pki import DevPki, ensure_dev_pki
+from gateway.supervisor import Domain, Supervisor, SupervisorMetrics
 
 __all__ = ["Child", "Stack", "StackError"]
 
@@ -40,9 +41,16 @@ class StackError(Exception):
     """A part of the stack failed to start; the message says which and quotes its log."""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# The parent-death signal is set by a tiny exec shim, not by a preexec_fn: Python code between
+# fork and exec can abort the child when another thread (the supervisor's, gRPC's, torch's) held
+# malloc's or the loader's locks at fork time. The shim checks its parent is still the launcher
+# (it may have died before prctl ran), then execs the real command; the setting survives exec.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Child:
     log: Path
     ready_file: Path
     info: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def port(self) -> int:
@@ -82,6 +91,13 @@ class Stack:
         self.pki: DevPki | None = None
         self.workers: dict[tuple[str, str], Child] = {}
         self.gateway: Child | None = None
+        # Isolation domains (CPU arenas) per worker, the arguments that start each worker (for
+        # restarts), and the supervisor that scrubs and restarts them.
+        self.domains: dict[tuple[str, str], Domain] = {}
+        self._worker_args: dict[tuple[str, str], list[str]] = {}
+        self._ports: dict[tuple[str, str], int] = {}  # a restarted worker binds its first port again
+        self.supervisor: Supervisor | None = None
+        self.supervisor_metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -117,34 +133,25 @@ class Stack:
         # Development: every tenant gets a key on first start (production keys are made by operators).
         ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        audit = AuditLog(self.config.state_dir / "audit" / "supervisor.jsonl")
+        self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
         for tenant in self.config.tenants.values():
             for model_name in tenant.models:
-                model = self.config.models[model_name]
-                name = f"worker-{tenant.name}-{model.name}"
-                args = [
-                    "-m", "worker",
-                    "--tenant", tenant.name,
-                    "--model", model.name,
-                    "--engine", model.engine,
-                    "--model-path", model.path,
-                    "--cache-dir", str(self.config.model_cache_dir),
-                    "--tls-cert", str(pki.worker_cert),
-                    "--tls-key", str(pki.worker_key),
-                    "--client-ca", str(pki.ca_cert),
-                    "--max-tokens", str(limits.max_tokens),
-                    "--default-max-tokens", str(limits.default_max_tokens),
-                    "--echo-tokens-per-second", str(model.tokens_per_second),
-                    "--threads", str(model.threads),
-                    "--max-message-bytes", str(self.config.gateway.max_message_bytes),
-                    *self._bundle_args(pki, model.path),
-                ]  # fmt: skip
-                # A CPU isolation domain: the worker must not see any GPU.
-                self.workers[(tenant.name, model.name)] = self._spawn(
-                    name, args, {"CUDA_VISIBLE_DEVICES": ""}
-                )
+                key = (tenant.name, model_name)
+                name = f"worker-{tenant.name}-{model_name}"
+                args, domain = self.worker_command(pki, tenant, self.config.models[model_name])
+                self.domains[key], self._worker_args[key] = domain, args
+                # Whatever an earlier worker left in the domain goes before this one gets it.
+                scrubbed = supervisor.scrub(key, "start")
+                if not scrubbed["verified"]:
+                    raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
+                                     f"{scrubbed.get('reason')}")  # fmt: skip
+                # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
+                self.workers[key] = self._spawn(name, args, domain.env)
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
+        self._ports = {key: child.port for key, child in self.workers.items()}
         routes = [
             f"--route={tenant}/{model}/{self.config.models[model].engine}=127.0.0.1:{child.port}"
             for (tenant, model), child in self.workers.items()
@@ -158,9 +165,47 @@ class Stack:
         self.gateway = self._spawn("gateway", gateway_args + routes, {})
         self._wait_ready([self.gateway], deadline, progress)
         self._check_health(deadline)
+        if sup.metrics_listen:
+            host, _, port = sup.metrics_listen.rpartition(":")
+            self.supervisor_metrics_port = supervisor.metrics.serve(host, int(port))
+        supervisor.start()
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
                 "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def worker_command(
+        self, pki: DevPki, tenant: TenantConfig, model: ModelConfig
+    ) -> tuple[list[str], Domain]:
+        """The arguments of one (tenant, model) worker, and the isolation domain it is pinned to."""
+        limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        devices = tenant.domains.get(model.name, ())
+        domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
+        args = [
+            "-m", "worker",
+            "--tenant", tenant.name,
+            "--model", model.name,
+            "--engine", model.engine,
+            "--model-path", model.path,
+            "--cache-dir", str(self.config.model_cache_dir),
+            "--tls-cert", str(pki.worker_cert),
+            "--tls-key", str(pki.worker_key),
+            "--client-ca", str(pki.ca_cert),
+            "--max-tokens", str(limits.max_tokens),
+            "--default-max-tokens", str(limits.default_max_tokens),
+            "--echo-tokens-per-second", str(model.tokens_per_second),
+            "--threads", str(model.threads),
+            "--max-message-bytes", str(self.config.gateway.max_message_bytes),
+            "--arena", str(domain.arena),
+            "--arena-bytes", str(sup.arena_mb << 20),
+            "--canary-file", str(domain.canaries),
+            "--scrub", sup.scrub,
+            "--device", domain.device,
+            *self._bundle_args(pki, model.path),
+        ]  # fmt: skip
+        if model.engine == "vllm":
+            args += ["--tensor-parallel-size", str(max(1, len(devices)))]
+        return args, domain
 
     def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
         """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""
@@ -178,14 +223,14 @@ class Stack:
         ready.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **ALLOCATOR_ENV, **extra_env}
         with log.open("ab") as fh:
+            shim = [self.python, "-c", _DIE_WITH_PARENT, str(os.getpid())]
             process = subprocess.Popen(
-                [self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
+                [*shim, self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         return Child(name, process, log, ready)
 
@@ -231,15 +276,41 @@ class Stack:
                                      f"with:\n{self.gateway.log_tail()}")  # fmt: skip
                 time.sleep(0.1)
 
+    def spawn_worker(self, key: tuple[str, str]) -> Child:
+        """Start a worker again, on its first address (the supervisor scrubbed its domain first).
+
+        Returns at once; the new child has no `info` until its ready file appears.
+        """
+        old = self.workers[key]
+        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{self._ports[key]}"]
+        child = self.workers[key] = self._spawn(old.name, args, self.domains[key].env)
+        return child
+
+    def kill_worker(self, key: tuple[str, str]) -> None:
+        _signal_group(self.workers[key], signal.SIGKILL)
+
+    def reap(self, child: Child) -> None:
+        _signal_group(child, signal.SIGKILL)
+
     def children(self) -> list[Child]:
         return ([self.gateway] if self.gateway else []) + list(self.workers.values())
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers."""
         grace = self.config.gateway.grace_seconds if timeout is None else timeout
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()  # no restarts while shutting down (its thread lives on, see close())
         if self.gateway is not None:
             _terminate([self.gateway], grace + 5)
         _terminate(list(self.workers.values()), 15)
+        if supervisor is not None:
+            # Drained and stopped: scrub every domain so no tenant's data outlives the stack.
+            supervisor.close()
+            for key, domain in self.domains.items():
+                if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
+                    domain.arena.unlink(missing_ok=True)
+            supervisor.audit.close()
 
     def __enter__(self) -> Stack:
         return self

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from airlock import logs
 from airlock.attestation import SUITES
 from airlock.types import Limits
+from worker.arena import SCRUB_MODES, Arena, RequestState, write_cuda_canaries
 from worker.attestation import WorkerAttestor
 from worker.engine import Engine
 from worker.models import BundlePolicy
@@ -59,13 +60,20 @@ class WorkerSettings:
     max_message_bytes: int = 4 << 20
     bundles: BundlePolicy = field(default_factory=BundlePolicy)
     hpke_suite: str = SUITES[0]
+    arena: Path | None = None  # the CPU domain's memory arena (/dev/shm), scrubbed after exit
+    arena_bytes: int = 16 << 20
+    canary_file: Path | None = None  # where the canaries' hashes go for the scrubber
+    scrub: str = "request"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    isolation: str = "dedicated"
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     p.add_argument("--tenant", required=True)
     p.add_argument("--model", required=True, help="model name callers use")
-    p.add_argument("--engine", choices=("transformers", "echo"), default="transformers")
+    p.add_argument("--engine", choices=("transformers", "echo", "vllm"), default="transformers")
     p.add_argument("--model-path", default="bundled", help="'bundled' or a local HF model directory")
     p.add_argument("--cache-dir", type=Path, required=True, help="where converted models are kept")
     p.add_argument("--listen", default="127.0.0.1:0")
@@ -81,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--device", default="cpu")
     p.add_argument("--grace-seconds", type=float, default=10.0)
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--arena", type=Path, help="CPU domain arena file (request state and canaries)")
+    p.add_argument("--arena-bytes", type=int, default=16 << 20)
+    p.add_argument("--canary-file", type=Path, help="record canary hashes here at start")
+    p.add_argument("--scrub", choices=SCRUB_MODES, default="request", help="when request state is zeroed")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs in the domain")
+    p.add_argument("--max-model-len", type=int, help="vllm: context per sequence (default: the model's)")
+    p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated", help="vllm")
     p.add_argument("--log-level", default="info")
     p.add_argument("--hpke-suite", choices=SUITES, default=SUITES[0],
                    help="how tenant and end-to-end keys are sealed to this worker")  # fmt: skip
@@ -106,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         max_message_bytes=a.max_message_bytes,
         hpke_suite=a.hpke_suite,
         bundles=BundlePolicy(a.trusted_keys, not a.allow_unsigned, a.bundle_signing_key),
+        arena=a.arena,
+        arena_bytes=a.arena_bytes,
+        canary_file=a.canary_file,
+        scrub=a.scrub,
+        tensor_parallel_size=a.tensor_parallel_size,
+        max_model_len=a.max_model_len,
+        isolation=a.isolation,
     )
 
 
@@ -117,12 +139,27 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
         return EchoEngine(settings.echo_tokens_per_second), b"echo"
     from airlock.bundle import MANIFEST
     from worker.models import resolve_model
+
+    # Every model directory is checked against its signed bundle before it is loaded.
+    model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
+    manifest = model_dir / MANIFEST  # the bundle's digests of every file (checked just now)
+    measured = manifest.read_bytes() if manifest.exists() else b"unsigned:" + str(model_dir).encode()
+    if settings.engine == "vllm":
+        from worker.vllm_engine import VllmEngine, VllmSettings
+
+        vllm = VllmSettings(
+            model_dir,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            max_model_len=settings.max_model_len,
+            isolation=settings.isolation,
+        )
+        return VllmEngine(vllm, tenant=settings.tenant), measured
     from worker.transformers_engine import TransformersEngine
 
-    model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
-    engine = TransformersEngine(model_dir, threads=settings.threads, device=settings.device)
-    manifest = model_dir / MANIFEST  # the bundle's digests of every file (checked just now)
-    return engine, manifest.read_bytes() if manifest.exists() else b"unsigned:" + str(model_dir).encode()
+    engine = TransformersEngine(
+        model_dir, threads=settings.threads, device=settings.device, scrub_kv=settings.scrub == "request"
+    )
+    return engine, measured
 
 
 def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
@@ -130,6 +167,7 @@ def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
         "tenant": settings.tenant, "model": settings.model, "engine": settings.engine,
         "model_path": settings.model_path, "max_tokens": settings.limits.max_tokens,
         "default_max_tokens": settings.limits.default_max_tokens, "device": settings.device,
+        "scrub": settings.scrub, "isolation": settings.isolation,
     }  # fmt: skip
     return WorkerAttestor(
         tenant=settings.tenant, model=settings.model, settings=measured, model_manifest=manifest,
@@ -146,7 +184,8 @@ async def serve(settings: WorkerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, attestor)
+    state, cuda_canaries = _domain_memory(settings)
+    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, attestor, state)
     server, port, health = await create_server(
         service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes
     )
@@ -161,6 +200,22 @@ async def serve(settings: WorkerSettings) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(settings.grace_seconds)
     await engine.close()
+    del cuda_canaries  # held until here on purpose: the scrubber must not find them later
+
+
+def _domain_memory(settings: WorkerSettings) -> tuple[RequestState | None, object]:
+    """Open the domain's arena and write this worker's canaries (hashes go to the canary file)."""
+    state = None
+    if settings.arena is not None:
+        arena = Arena(settings.arena, settings.arena_bytes)
+        if settings.canary_file is not None:
+            arena.write_canaries(settings.canary_file)
+        state = RequestState(arena, settings.scrub)
+    cuda = None
+    if settings.device.startswith("cuda") and settings.canary_file is not None:
+        # Its own record (the launcher's scrub of the GPU reads this one, of the arena the other).
+        cuda = write_cuda_canaries(16, settings.canary_file.with_suffix(".cuda.json"))
+    return state, cuda
 
 
 def _write_ready(path: Path, info: dict[str, object]) -> None:

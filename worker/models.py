@@ -14,7 +14,6 @@ default setup runs signed (docs/operations.md).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
@@ -34,6 +33,7 @@ from airlock.bundle import (
     create_manifest,
     load_private_key,
     load_trusted_keys,
+    sha256_file,
     sign_bundle,
     verify_bundle,
 )
@@ -103,14 +103,6 @@ def resolve_model(path: str, cache_dir: Path, policy: BundlePolicy | None = None
     if policy is not None:
         check_bundle(model_dir, policy)
     return model_dir
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _prepare_bundled(cache_dir: Path, signing_key: Path | None = None) -> Path:

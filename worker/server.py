@@ -6,6 +6,7 @@ peer interceptor admits only the gateway's certificate name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from airlock.serving import ErrorInterceptor, GuardInterceptor, bind, new_server
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
+from worker.arena import RequestState
 from worker.attestation import WorkerAttestor
 from worker.engine import Engine
 
@@ -40,14 +42,26 @@ class WorkerTls:
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(
-        self, tenant: str, model: str, engine: Engine, limits: Limits, attestor: WorkerAttestor
+        self,
+        tenant: str,
+        model: str,
+        engine: Engine,
+        limits: Limits,
+        attestor: WorkerAttestor,
+        state: RequestState | None = None,
     ) -> None:
         self.tenant = tenant
         self.model = model
         self.engine = engine
         self.limits = limits
         self.attestor = attestor
+        self.state = state  # the domain arena that holds request state, zeroed per the scrub mode
         self.requests_started = 0
+
+    def _hold(self, request: worker_pb2.WorkerRequest) -> contextlib.AbstractContextManager[None]:
+        if self.state is None:
+            return contextlib.nullcontext()
+        return self.state.hold(request.tenant, request.request.SerializeToString())
 
     def _admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer]:
         """Check and open a request: the prompt only ever arrives sealed, under a tenant key this
@@ -85,12 +99,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         spec, sealer = self._admit(request)
         parts: list[str] = []
         response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
-        async for out in self.engine.generate(spec):
-            parts.append(out.text)
-            if out.finish_reason is not None:
-                response.finish_reason = FINISH_CODES[out.finish_reason]
-                response.usage.prompt_tokens = out.prompt_tokens
-                response.usage.completion_tokens = out.completion_tokens
+        with self._hold(request):
+            async for out in self.engine.generate(spec):
+                parts.append(out.text)
+                if out.finish_reason is not None:
+                    response.finish_reason = FINISH_CODES[out.finish_reason]
+                    response.usage.prompt_tokens = out.prompt_tokens
+                    response.usage.completion_tokens = out.completion_tokens
         response.sealed_text.CopyFrom(sealer.seal("".join(parts).encode(), final=True))
         return response
 
@@ -99,18 +114,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         spec, sealer = self._admit(request)
         outputs = self.engine.generate(spec)
-        try:
-            async for out in outputs:
-                final = out.finish_reason is not None
-                chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=out.tokens)
-                chunk.sealed_text.CopyFrom(sealer.seal(out.text.encode(), final=final))
-                if out.finish_reason is not None:
-                    chunk.finish_reason = FINISH_CODES[out.finish_reason]
-                    chunk.usage.prompt_tokens = out.prompt_tokens
-                    chunk.usage.completion_tokens = out.completion_tokens
-                yield chunk
-        finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+        with self._hold(request):
+            try:
+                async for out in outputs:
+                    final = out.finish_reason is not None
+                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=out.tokens)
+                    chunk.sealed_text.CopyFrom(sealer.seal(out.text.encode(), final=final))
+                    if out.finish_reason is not None:
+                        chunk.finish_reason = FINISH_CODES[out.finish_reason]
+                        chunk.usage.prompt_tokens = out.prompt_tokens
+                        chunk.usage.completion_tokens = out.completion_tokens
+                    yield chunk
+            finally:
+                await outputs.aclose()  # type: ignore[attr-defined]
 
     async def GetEvidence(
         self, request: worker_pb2.EvidenceRequest, context: grpc.aio.ServicerContext

@@ -33,7 +33,9 @@ class _Piece:
 class TransformersEngine:
     kind = "transformers"
 
-    def __init__(self, model_dir: Path, *, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, model_dir: Path, *, threads: int = 0, device: str = "cpu", scrub_kv: bool = True
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +49,9 @@ class TransformersEngine:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.produced_tokens = 0
         self.active = 0
+        # Zero each request's KV cache when it ends (the worker's "request" scrub mode).
+        self.scrub_kv = scrub_kv
+        self.zeroed_kv_bytes = 0
         self._slot = asyncio.Semaphore(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._stops: dict[str, threading.Event] = {}
@@ -133,10 +138,21 @@ class TransformersEngine:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.inference_mode():
-                self.model.generate(**inputs.to(self.device), **kwargs)
+            cache = self._new_cache()
+            with torch.inference_mode():  # the cache's tensors are inference tensors: zero them here
+                try:
+                    # `past_key_values` works across transformers 5.x (newer ones call it `cache`).
+                    self.model.generate(**inputs.to(self.device), past_key_values=cache, **kwargs)
+                finally:
+                    if self.scrub_kv:
+                        self.zeroed_kv_bytes += _zero_cache(cache)
         finally:
             streamer.end()
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
 
     async def abort(self, request_id: str) -> None:
         stop = self._stops.get(request_id)
@@ -147,6 +163,23 @@ class TransformersEngine:
         for stop in self._stops.values():
             stop.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _zero_cache(cache: Any) -> int:
+    """Zero the keys and values a request left in its cache; returns the bytes zeroed.
+
+    DynamicCache grows by concatenation, so earlier, shorter copies went back to the allocator
+    unzeroed: this clears the final (complete) tensors; the domain scrub covers the rest.
+    """
+    import torch
+
+    zeroed = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                tensor.zero_()
+                zeroed += tensor.numel() * tensor.element_size()
+    return zeroed
 
 
 class _Streamer:

@@ -22,6 +22,7 @@ from airlock import (
 )
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
+from tests.conftest import ECHO_TOML
 from tests.support import LiveStack
 
 WORDS = " ".join(f"w{i}" for i in range(200))
@@ -254,7 +255,9 @@ async def test_reflection_needs_a_token(echo_stack: LiveStack) -> None:
 
 
 async def test_killed_worker_gives_unavailable_quickly(make_stack) -> None:  # type: ignore[no-untyped-def]
-    live: LiveStack = make_stack()
+    # Restarts off: the worker must stay down for the second call (tests/e2e/test_supervisor.py
+    # covers the restart).
+    live: LiveStack = make_stack(ECHO_TOML + "\n[supervisor]\nrestart = false\n")
     victim = live.stack.workers[("acme", "slow")].process
     async with live.client("acme") as acme, live.client("globex") as globex:
         stream = acme.stream(WORDS, model="slow", max_tokens=200)

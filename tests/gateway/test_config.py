@@ -250,7 +250,7 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
             "models.Echo",
             "name must be",
         ),
-        ("[models.m]\nengine = 'vllm'\n[tenants.a]\nmodels = ['m']\n", "models.m.engine", "must be one of"),
+        ("[models.m]\nengine = 'tgi'\n[tenants.a]\nmodels = ['m']\n", "models.m.engine", "must be one of"),
         (
             "[models.m]\npath = '/no/such/dir'\n[tenants.a]\nmodels = ['m']\n",
             "models.m.path",

@@ -91,3 +91,30 @@ async def test_prompt_longer_than_the_context_is_invalid(bundled_model_dir: Path
         assert outs[-1].finish_reason == "length"
     assert prompt + outs[-1].completion_tokens <= 64
     await engine.close()
+
+
+async def test_kv_cache_is_zeroed_when_the_request_ends(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    caches: list[object] = []
+    new_cache = engine._new_cache
+
+    def recording() -> object:
+        caches.append(new_cache())
+        return caches[-1]
+
+    monkeypatch.setattr(engine, "_new_cache", recording)
+    before = engine.zeroed_kv_bytes
+    outs = await collect(engine.generate(spec("Name a colour.", max_tokens=6, temperature=0.0)))
+    assert outs[-1].completion_tokens > 0
+    (cache,) = caches
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # type: ignore[attr-defined]
+    assert tensors and all(isinstance(t, torch.Tensor) and t.numel() > 0 for t in tensors)
+    assert all(not t.any() for t in tensors)  # every key and value is zero now
+    assert engine.zeroed_kv_bytes - before == sum(t.numel() * t.element_size() for t in tensors)
+    # With scrubbing off the cache is left as the model wrote it (so the check above can fail).
+    monkeypatch.setattr(engine, "scrub_kv", False)
+    await collect(engine.generate(spec("Name a colour.", max_tokens=6, temperature=0.0)))
+    assert any(t.any() for layer in caches[1].layers for t in (layer.keys, layer.values))  # type: ignore[attr-defined]
