@@ -30,6 +30,7 @@ __all__ = [
     "MtlsConfig",
     "Pkcs11KeysConfig",
     "QuotaConfig",
+    "SealingConfig",
     "SupervisorConfig",
     "TelemetryConfig",
     "TenantConfig",
@@ -198,6 +199,14 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class SealingConfig:
+    """Attestation-gated key release (docs/sealing.md)."""
+
+    hpke_suite: str = "mlkem768-x25519"  # how keys are sealed to workers: or "x25519"
+    reattest_seconds: float = 600.0  # a worker is attested again at least this often
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     state_dir: Path
@@ -213,6 +222,7 @@ class Config:
     bundles: BundleConfig = field(default_factory=BundleConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    sealing: SealingConfig = field(default_factory=SealingConfig)
 
     @property
     def model_cache_dir(self) -> Path:
@@ -297,7 +307,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
-        top |= {"quota", "telemetry", "audit", "bundles", "keys"}
+        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -322,6 +332,7 @@ class _Parser:
             bundles=self.bundles(raw),
             keys=self.keys(raw),
             supervisor=self.supervisor(raw),
+            sealing=self.sealing(raw),
         )
 
     def keys(self, raw: dict[str, Any]) -> KeysConfig:
@@ -512,6 +523,17 @@ class _Parser:
             if value <= 0:
                 raise self.fail(key, "must be > 0")
         return LockoutConfig(failures, window, duration)
+
+    def sealing(self, raw: dict[str, Any]) -> SealingConfig:
+        t = self.table(raw, "sealing", {"hpke_suite", "reattest_seconds"})
+        d = SealingConfig()
+        suite = self.get(t, "sealing.hpke_suite", str, d.hpke_suite)
+        if suite not in ("mlkem768-x25519", "x25519"):
+            raise self.fail("sealing.hpke_suite", 'must be "mlkem768-x25519" or "x25519"')
+        seconds = self.get(t, "sealing.reattest_seconds", float, d.reattest_seconds)
+        if not 0 < seconds <= 86400:
+            raise self.fail("sealing.reattest_seconds", "must be in (0, 86400]")
+        return SealingConfig(suite, seconds)
 
     def supervisor(self, raw: dict[str, Any]) -> SupervisorConfig:
         keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",

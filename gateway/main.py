@@ -142,7 +142,10 @@ def build_sealing(
         settings = authorizer.policy.tenants.get(tenant)  # reloaded with the policy
         return settings.attestation if settings is not None else AttestationPolicy()
 
-    return GatewaySealing(keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit)
+    return GatewaySealing(
+        keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit,
+        reattest_seconds=cfg.sealing.reattest_seconds,
+    )  # fmt: skip
 
 
 def build_admission(

@@ -202,6 +202,7 @@ class Stack:
             "--scrub", sup.scrub,
             "--device", domain.device,
             *self._bundle_args(pki, model.path),
+            "--hpke-suite", self.config.sealing.hpke_suite,
         ]  # fmt: skip
         if model.engine == "vllm":
             args += ["--tensor-parallel-size", str(max(1, len(devices)))]

@@ -205,3 +205,12 @@ async def test_invalid_nonce_for_attestation_is_refused(echo_stack: LiveStack) -
                 metadata=[("authorization", f"Bearer {echo_stack.token()}")], timeout=10,
             )  # fmt: skip
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_classic_x25519_suite_is_configurable(make_stack) -> None:  # type: ignore[no-untyped-def]
+    live: LiveStack = make_stack('[sealing]\nhpke_suite = "x25519"\n' + ECHO_TOML)
+    async with live.client("globex") as client, _e2e_client(live, "globex") as e2e:
+        assert (await client.generate("classic", model="echo")).text == "classic"
+        assert (await e2e.attestation("echo")).hpke_suite == "x25519"
+    released = live.audit_records(event="key_release", tenant="globex")
+    assert released[-1]["suite"] == "x25519"
