@@ -71,6 +71,29 @@ def segments(path: Path) -> list[Path]:
     return [*rotated, path] if path.exists() else rotated
 
 
+def _set_aside_legacy(path: Path) -> dict[str, Any] | None:
+    """A log written before records were chained (no record has `seq`/`hash`) is kept, renamed
+    `<path>.legacy-<unix time>`, and the chain starts afresh, naming it and its sha256. A file with
+    chained records is never set aside: a broken chain stays an error (fail closed)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    lines = [line for line in data.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        records = [json.loads(line) for line in lines]
+    except ValueError:
+        return None  # not ours to judge here: opening reports the unreadable record
+    if any(not isinstance(r, dict) or "seq" in r or "hash" in r for r in records):
+        return None
+    target = path.with_name(f"{path.name}.legacy-{int(time.time())}")
+    os.rename(path, target)
+    _log.warning("audit log: unchained records from an earlier version set aside as %s", target.name)
+    return {"file": target.name, "sha256": hashlib.sha256(data).hexdigest(), "records": len(records)}
+
+
 def _last_line(path: Path) -> bytes | None:
     """The last complete line of `path`, or None when it has none."""
     try:
@@ -124,12 +147,15 @@ class AuditLog:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             with self._locked():
+                legacy = _set_aside_legacy(path)
                 self._open()
         except (OSError, ValueError, KeyError) as exc:  # unwritable, or a last record that isn't one
             why = exc.strerror if isinstance(exc, OSError) else f"unreadable last record: {exc!r}"
             raise UnavailableError(
                 f"audit log {path} cannot be opened ({why})", reason="AUDIT_UNAVAILABLE"
             ) from exc
+        if legacy is not None:  # the new chain starts by naming what came before it
+            self.record("audit_legacy_set_aside", **legacy)
         # A quiet log still gets its last records fsynced and signed on time: a background thread.
         periods = [self.config.sign_every_seconds if self._key is not None else 0.0]
         periods.append(self.config.fsync_interval_seconds if self.config.fsync == "interval" else 0.0)

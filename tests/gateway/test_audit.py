@@ -324,3 +324,31 @@ def test_reserved_field_names_are_refused(log_path: Path) -> None:
     with pytest.raises(ValueError, match="seq"):
         log.record("authorization", seq=7)
     log.close()
+
+
+def test_an_unchained_log_from_an_earlier_version_is_set_aside_and_named(log_path: Path) -> None:
+    import hashlib
+
+    log_path.parent.mkdir(parents=True)
+    legacy = b'{"ts":1.0,"event":"authorization","decision":"allow"}\n{"ts":2.0,"event":"lockout"}\n'
+    log_path.write_bytes(legacy)
+    write_log(log_path, 2)
+    [kept] = list(log_path.parent.glob("gateway.jsonl.legacy-*"))
+    assert kept.read_bytes() == legacy  # kept byte for byte, outside the chain
+    first = json.loads(lines(log_path)[0])
+    assert first["event"] == "audit_legacy_set_aside" and first["seq"] == 0
+    assert (first["file"], first["sha256"], first["records"]) == (
+        kept.name,
+        hashlib.sha256(legacy).hexdigest(),
+        2,
+    )
+    assert verify_log(log_path, PUB).ok
+
+
+def test_a_chained_log_is_never_set_aside(log_path: Path) -> None:
+    write_log(log_path, 3)
+    data = lines(log_path)
+    log_path.write_bytes(b"".join(data[:-1]) + b'{"ts":3.0,"event":"forged"}\n')  # chain broken at the end
+    with pytest.raises(UnavailableError):
+        AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=KEY)
+    assert not list(log_path.parent.glob("gateway.jsonl.legacy-*"))
