@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -72,26 +73,34 @@ def segments(path: Path) -> list[Path]:
 
 
 def _set_aside_legacy(path: Path) -> dict[str, Any] | None:
-    """A log written before records were chained (no record has `seq`/`hash`) is kept, renamed
-    `<path>.legacy-<unix time>`, and the chain starts afresh, naming it and its sha256. A file with
-    chained records is never set aside: a broken chain stays an error (fail closed)."""
+    """A log written before records were chained (its first and last records have no `seq`/`hash`)
+    is kept, renamed `<path>.legacy-<unix time>`, and the chain starts afresh, naming it and its
+    sha256. Only a regular file is considered, and a file with chained records is never set aside:
+    a broken chain stays an error (fail closed)."""
     try:
-        data = path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a device (e.g. /dev/full in a test), a fifo: not ours to move
     except FileNotFoundError:
         return None
-    lines = [line for line in data.splitlines() if line.strip()]
-    if not lines:
+    digest, records, first, last = hashlib.sha256(), 0, b"", b""
+    with path.open("rb") as fh:
+        for line in fh:
+            digest.update(line)
+            if line.strip():
+                records += 1
+                first, last = first or line, line
+    if not records:
         return None
     try:
-        records = [json.loads(line) for line in lines]
+        ends = [json.loads(first), json.loads(last)]
     except ValueError:
         return None  # not ours to judge here: opening reports the unreadable record
-    if any(not isinstance(r, dict) or "seq" in r or "hash" in r for r in records):
+    if any(not isinstance(r, dict) or "seq" in r or "hash" in r for r in ends):
         return None
     target = path.with_name(f"{path.name}.legacy-{int(time.time())}")
     os.rename(path, target)
     _log.warning("audit log: unchained records from an earlier version set aside as %s", target.name)
-    return {"file": target.name, "sha256": hashlib.sha256(data).hexdigest(), "records": len(records)}
+    return {"file": target.name, "sha256": digest.hexdigest(), "records": records}
 
 
 def _last_line(path: Path) -> bytes | None:

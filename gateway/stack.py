@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, load_signing_key
 from gateway.config import Config, ModelConfig, TenantConfig
 from gateway.keystore import ensure_tenant_keys, open_keystore
 from gateway.pki import DevPki, ensure_dev_pki
@@ -134,7 +134,11 @@ class Stack:
         ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         sup = self.config.supervisor
-        audit = AuditLog(self.config.state_dir / "audit" / "supervisor.jsonl")
+        # Beside the gateway's trail, chained and signed the same way (`airlock audit verify` checks both).
+        audit = AuditLog(
+            self.config.audit_path.with_name("supervisor.jsonl"), config=self.config.audit,
+            signing_key=load_signing_key(self.config.audit.signing_key or pki.audit_key),
+        )  # fmt: skip
         self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
         for tenant in self.config.tenants.values():
             for model_name in tenant.models:

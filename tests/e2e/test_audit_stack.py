@@ -43,6 +43,9 @@ async def test_no_payload_reaches_any_file_and_the_trail_verifies(
     report = verify_log(audit, load_public_key(stack.pki.audit_pub))
     assert report.ok, report.problems
     assert report.unsigned_tail == 0  # the gateway signed its head when it stopped
+    # The supervisor's trail (domain scrubs, restarts) sits beside it, chained and signed alike.
+    supervisor = verify_log(audit.with_name("supervisor.jsonl"), load_public_key(stack.pki.audit_pub))
+    assert supervisor.ok and supervisor.records > 0 and supervisor.unsigned_tail == 0, supervisor.problems
     assert stack.stack.gateway is not None  # and said so in its log, the off-host witness
     assert f"audit chain head signed: seq {report.last_seq} " in stack.stack.gateway.log.read_text()
     everything = files_under(stack.config.state_dir, tmp_path)
