@@ -1,7 +1,8 @@
 """Evidence of what a worker runs, how it is checked, and HPKE sealing to the worker's key.
 
-A worker's evidence is a JSON *statement* signed with the key of its certificate (issued by the
-deployment's CA):
+A worker's evidence is a JSON *statement* signed with its tenant's worker attestation key, whose
+certificate comes from the deployment's *attestation* CA (not the TLS CA: the gateway's own
+certificate must never pass for a worker's) and names `spiffe://TD/tenant/T/worker`:
 
     {"version": 1, "level": "software" | "nvidia-cc", "tenant": ..., "model": ...,
      "measurements": {"code": sha256, "config": sha256, "model": sha256},
@@ -25,6 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ __all__ = [
     "AttestationPolicy",
     "HpkeKey",
     "Verified",
+    "gpu_nonce",
     "hpke_open",
     "hpke_seal",
     "key_release_info",
@@ -106,9 +109,10 @@ def _public_key(suite: str, raw: bytes) -> Any:
         raise AttestationError("evidence has a malformed HPKE key", reason="ATTESTATION_BAD_KEY") from None
 
 
-def key_release_info(tenant: str, worker_id: str) -> bytes:
-    """HPKE `info` for a key release: binds the sealed keys to one tenant and one worker key."""
-    return b"airlock/v1/key-release|" + tenant.encode() + b"|" + worker_id.encode()
+def key_release_info(tenant: str, worker_id: str, nonce: bytes) -> bytes:
+    """HPKE `info` for a key release: binds the sealed keys to one tenant, one worker key and the
+    attestation (nonce) they answer, so a recorded release can't be replayed to the worker."""
+    return b"airlock/v1/key-release|" + tenant.encode() + b"|" + worker_id.encode() + b"|" + nonce
 
 
 def hpke_seal(suite: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
@@ -137,10 +141,13 @@ class AttestationPolicy:
     min_level: str = "software"
     measurements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     max_age_seconds: float = MAX_AGE_SECONDS
+    suites: tuple[str, ...] = (SUITES[0],)  # HPKE suites accepted: post-quantum hybrid only by default
 
     def __post_init__(self) -> None:
         if self.min_level not in LEVELS:
             raise ValueError(f"min_level must be one of {', '.join(LEVELS)}")
+        if not self.suites or set(self.suites) - set(SUITES):
+            raise ValueError(f"suites must be some of {', '.join(SUITES)}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,28 @@ class Verified:
     hpke_suite: str
     hpke_public_key: bytes
     worker_id: str
+
+
+def gpu_nonce(nonce: bytes, worker_id: str) -> bytes:
+    """The nonce the GPUs attest to: the verifier's nonce bound to the worker's HPKE key, so GPU
+    evidence fetched for the same nonce elsewhere can't be attached to another worker's statement."""
+    return hashlib.sha256(b"airlock/v1/gpu|" + nonce + b"|" + worker_id.encode()).digest()
+
+
+def _worker_identity(cert: x509.Certificate) -> str | None:
+    """The tenant of a worker attestation certificate (`spiffe://TD/tenant/T/worker`), or None."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        return None
+    scheme, _, rest = uris[0].partition("://")
+    parts = rest.split("/")
+    if scheme != "spiffe" or len(parts) != 4 or parts[1] != "tenant" or parts[3] != "worker" or not parts[2]:
+        return None
+    return parts[2]
 
 
 def verify_nvidia_evidence(evidence_json: str, nonce: bytes) -> bool:
@@ -198,7 +227,13 @@ def verify(
         ca = x509.load_pem_x509_certificate(ca_pem)
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        raise _refuse("evidence certificate is not from the deployment CA", "ATTESTATION_UNTRUSTED") from None
+        raise _refuse(
+            "evidence certificate is not from the attestation CA", "ATTESTATION_UNTRUSTED"
+        ) from None
+    if _worker_identity(cert) != tenant:
+        raise _refuse(
+            "evidence certificate is not a worker identity of this tenant", "ATTESTATION_WRONG_TENANT"
+        )
     if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
         raise _refuse("evidence certificate is not valid now", "ATTESTATION_UNTRUSTED")
     public = cert.public_key()
@@ -219,21 +254,23 @@ def verify(
         raise _refuse("evidence statement is malformed", "ATTESTATION_MALFORMED") from None
     if claimed_nonce != nonce:
         raise _refuse("evidence is not bound to this nonce (stale or replayed)", "ATTESTATION_STALE")
-    if abs(now - issued) > policy.max_age_seconds:
+    if not math.isfinite(issued) or abs(now - issued) > policy.max_age_seconds:
         raise _refuse("evidence is too old", "ATTESTATION_STALE")
     if claimed_tenant != tenant:
         raise _refuse("evidence is from another tenant's worker", "ATTESTATION_WRONG_TENANT")
     if hashlib.sha256(public_key).hexdigest() != worker_id:
         raise _refuse("evidence HPKE key does not match its worker id", "ATTESTATION_MALFORMED")
+    if suite not in policy.suites:
+        raise _refuse(f"HPKE suite {suite} is not accepted here", "ATTESTATION_SUITE")
     _public_key(suite, public_key)
     if level not in LEVELS:
         raise _refuse(f"unknown evidence level {level!r}", "ATTESTATION_MALFORMED")
-    if level == "nvidia-cc" and not verify_nvidia(evidence.nvidia_evidence, nonce):
+    if level == "nvidia-cc" and not verify_nvidia(evidence.nvidia_evidence, gpu_nonce(nonce, worker_id)):
         raise _refuse("NVIDIA confidential-computing evidence did not verify", "ATTESTATION_INSUFFICIENT")
     if LEVELS.index(level) < LEVELS.index(policy.min_level):
         raise _refuse(f"evidence level {level} is below the required {policy.min_level}",
                       "ATTESTATION_INSUFFICIENT")  # fmt: skip
-    for name, allowed in policy.measurements.items():
-        if allowed and measurements.get(name) not in allowed:
+    for name, allowed in policy.measurements.items():  # a listed measurement with no values allows none
+        if measurements.get(name) not in allowed:
             raise _refuse(f"measurement {name!r} is not an allowed value", "ATTESTATION_MEASUREMENT")
     return Verified(level, claimed_tenant, model, measurements, suite, public_key, worker_id)

@@ -153,8 +153,8 @@ class AsyncClient:
         up to `retry_backoff[1]` seconds, with jitter. `keepalive_seconds`: ping interval while calls
         are open (None: no pings; the gateway refuses pings more often than every 10 s).
         `end_to_end`: seal prompts to the worker's attested key, which this client verifies against
-        the policy given (and `worker_ca`, default `ca_cert`, as the CA of worker certificates); the
-        gateway then can't open prompts or answers (docs/sealing.md)."""
+        the policy given and `worker_ca`, the CA of worker attestation certificates (never the TLS
+        CA); the gateway then can't open prompts or answers (docs/sealing.md)."""
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
         if not 0 <= retries <= 4:
@@ -187,9 +187,10 @@ class AsyncClient:
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._e2e: EndToEnd | None = None
         if end_to_end is not None:
-            ca = _read(worker_ca if worker_ca is not None else ca_cert)
-            if ca is None:
-                raise ValueError("end_to_end needs worker_ca (or ca_cert): the CA of worker certificates")
+            if worker_ca is None:  # never the TLS CA: the gateway's certificate must not pass for a worker
+                raise ValueError("end_to_end needs worker_ca: the CA of worker attestation certificates")
+            ca = _read(worker_ca)
+            assert ca is not None
             self._e2e = EndToEnd(self._fetch_attestation, ca_pem=ca, policy=end_to_end)
 
     async def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:

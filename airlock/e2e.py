@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from airlock.attestation import AttestationPolicy, Verified, hpke_seal, verify
 from airlock.envelope import Opener
+from airlock.errors import AttestationError
 from airlock.sealing import E2E_KEY_ID, e2e_info, response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 
@@ -37,6 +38,10 @@ class EndToEnd:
         verified = verify(
             attestation.evidence, ca_pem=self.ca_pem, nonce=nonce, tenant=tenant, policy=self.policy
         )
+        if model and verified.model != model:  # the gateway must not move us to another model
+            raise AttestationError(
+                "evidence is for another model than asked", reason="ATTESTATION_WRONG_MODEL"
+            )
         self._verified[model] = self._verified[verified.model] = verified
         return verified
 

@@ -124,7 +124,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str,
         # Workers take only sealed prompts: the direct path seals and opens like the gateway does
         # (after attesting the worker and releasing the tenant key), the least any caller pays.
         sealing = GatewaySealing(
-            open_keystore(stack.config.keys, stack.config.state_dir), ca_pem=pki.ca_cert.read_bytes(),
+            open_keystore(stack.config.keys, stack.config.state_dir), ca_pem=pki.attest_ca_cert.read_bytes(),
             policy_for=lambda _tenant: AttestationPolicy(), audit=AuditLog(None),
         )  # fmt: skip
         await sealing.ensure_released("bench", "echo", worker)

@@ -39,7 +39,7 @@ from airlock.attestation import SUITES, AttestationPolicy, hpke_seal, key_releas
 from airlock.envelope import Opener, Sealer, StreamKey  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import worker_pb2  # noqa: E402
-from gateway.pki import ensure_dev_pki  # noqa: E402
+from gateway.pki import ensure_dev_pki, worker_attestation_cert  # noqa: E402
 from worker.attestation import WorkerAttestor  # noqa: E402
 
 IDENT = StreamKey("acme", "acme-k1", "bench", pb.DIRECTION_RESPONSE, "smollm2")
@@ -114,11 +114,12 @@ def per_chunk(seconds: float) -> dict[str, float]:
 def key_release(suite: str, repeats: int = 30) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         pki = ensure_dev_pki(Path(tmp))
+        identity = worker_attestation_cert(pki, "acme")
         worker = WorkerAttestor(
             tenant="acme", model="smollm2", settings={}, model_manifest=b"m",
-            tls_key=pki.worker_key, tls_cert=pki.worker_cert, suite=suite, nvidia=False,
+            attest_key=identity.key, attest_cert=identity.cert, suite=suite, nvidia=False,
         )  # fmt: skip
-        ca = pki.ca_cert.read_bytes()
+        ca = pki.attest_ca_cert.read_bytes()
         keys = worker_pb2.TenantKeys(
             keys={"acme-k1": os.urandom(32)}, active_key_id="acme-k1"
         ).SerializeToString()
@@ -127,13 +128,18 @@ def key_release(suite: str, repeats: int = 30) -> dict[str, float]:
             start = time.perf_counter()
             nonce = os.urandom(32)
             verified = verify(
-                worker.evidence(nonce), ca_pem=ca, nonce=nonce, tenant="acme", policy=AttestationPolicy()
+                worker.evidence(nonce),
+                ca_pem=ca,
+                nonce=nonce,
+                tenant="acme",
+                policy=AttestationPolicy(suites=SUITES),
             )
-            sealed = hpke_seal(
-                suite, verified.hpke_public_key, keys, key_release_info("acme", verified.worker_id)
-            )
+            info = key_release_info("acme", verified.worker_id, nonce)
+            sealed = hpke_seal(suite, verified.hpke_public_key, keys, info)
             worker.release(
-                worker_pb2.KeyRelease(tenant="acme", worker_id=verified.worker_id, sealed_keys=sealed)
+                worker_pb2.KeyRelease(
+                    tenant="acme", worker_id=verified.worker_id, sealed_keys=sealed, nonce=nonce
+                )
             )
             release_ms.append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()

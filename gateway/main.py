@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -95,7 +96,9 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
     router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
-    sealing = build_sealing(cfg, authorizer, audit, pki.ca_cert.read_bytes(), {r.tenant for r in routes})
+    sealing = build_sealing(
+        cfg, authorizer, audit, pki.attest_ca_cert.read_bytes(), {r.tenant for r in routes}
+    )
     service = InferenceService(
         router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
     )
@@ -138,9 +141,12 @@ def build_sealing(
             "create them with `airlock keys create --tenant NAME`"
         )
 
+    suites = (cfg.sealing.hpke_suite,)  # keys go only over the suite the deployment chose
+
     def policy_for(tenant: str) -> AttestationPolicy:
         settings = authorizer.policy.tenants.get(tenant)  # reloaded with the policy
-        return settings.attestation if settings is not None else AttestationPolicy()
+        policy = settings.attestation if settings is not None else AttestationPolicy()
+        return dataclasses.replace(policy, suites=suites)
 
     return GatewaySealing(
         keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit,

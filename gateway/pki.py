@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import OKPAlgorithm
 
-__all__ = ["DevPki", "ServiceCert", "ensure_dev_pki", "issue_service_cert"]
+__all__ = ["DevPki", "ServiceCert", "ensure_dev_pki", "issue_service_cert", "worker_attestation_cert"]
 
 GATEWAY_NAME = "airlock-gateway"
 WORKER_NAME = "airlock-worker"
@@ -62,6 +62,16 @@ class DevPki:
     @property
     def service_ca_key(self) -> Path:
         return self.dir / "service-ca.key"
+
+    @property
+    def attest_ca_cert(self) -> Path:
+        """The CA of worker attestation identities: separate from the TLS CA, so the gateway's own
+        certificate can never pass for a worker's (give clients this one as `worker_ca`)."""
+        return self.dir / "attest-ca.crt"
+
+    @property
+    def attest_ca_key(self) -> Path:
+        return self.dir / "attest-ca.key"
 
     @property
     def jwt_key(self) -> Path:
@@ -110,6 +120,10 @@ def ensure_dev_pki(state_dir: Path) -> DevPki:
         service_key = ec.generate_private_key(ec.SECP256R1())
         _write_key(pki.service_ca_key, service_key)
         _write_public(pki.service_ca_cert, _ca_certificate(service_key, "Airlock development service CA"))
+    if not (pki.attest_ca_cert.exists() and pki.attest_ca_key.exists()):
+        attest_key = ec.generate_private_key(ec.SECP256R1())
+        _write_key(pki.attest_ca_key, attest_key)
+        _write_public(pki.attest_ca_cert, _ca_certificate(attest_key, "Airlock development attestation CA"))
     ca_key = _load_ec_key(pki.ca_key)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     for name, cert, key in (
@@ -169,6 +183,27 @@ def issue_service_cert(
     paths = ServiceCert(
         spiffe_id, directory / f"{tenant}-{service}.crt", directory / f"{tenant}-{service}.key"
     )
+    _write_key(paths.key, key)
+    _write_public(paths.cert, cert)
+    return paths
+
+
+def worker_attestation_cert(pki: DevPki, tenant: str, trust_domain: str = "airlock.local") -> ServiceCert:
+    """The key a tenant's workers sign evidence with, and its certificate from the attestation CA:
+    SPIFFE ID `spiffe://TD/tenant/T/worker`, which verifiers match against the claimed tenant.
+    Issued once per tenant (development; production issues them on the worker hosts)."""
+    spiffe_id = f"spiffe://{trust_domain}/tenant/{tenant}/worker"
+    directory = pki.dir / "attestation"
+    paths = ServiceCert(spiffe_id, directory / f"{tenant}.crt", directory / f"{tenant}.key")
+    if paths.cert.exists() and paths.key.exists():
+        return paths
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf_certificate(
+        f"worker attestation {tenant}", key, _load_ec_key(pki.attest_ca_key),
+        x509.load_pem_x509_certificate(pki.attest_ca_cert.read_bytes()),
+        sans=[x509.UniformResourceIdentifier(spiffe_id)], usages=[ExtendedKeyUsageOID.CODE_SIGNING],
+    )  # fmt: skip
     _write_key(paths.key, key)
     _write_public(paths.cert, cert)
     return paths

@@ -116,7 +116,6 @@ class GatewaySealing:
         self, tenant: str, model: str, stub: worker_pb2_grpc.WorkerStub, policy: AttestationPolicy
     ) -> None:
         nonce = os.urandom(NONCE_BYTES)
-        generation = self.keystore.generation
         try:
             evidence = await stub.GetEvidence(worker_pb2.EvidenceRequest(nonce=nonce), timeout=10)
         except grpc.aio.AioRpcError:
@@ -129,16 +128,15 @@ class GatewaySealing:
             self.audit.record("attestation", decision="refused", tenant=tenant, model=model,
                               reason=exc.reason, request_id=current_request_id())  # fmt: skip
             raise
-        keys = await asyncio.to_thread(self.keystore.usable, tenant)
-        active_id, _ = self.active_key(tenant)
+        keys, active_id, generation = await asyncio.to_thread(self._snapshot, tenant)
         plain = worker_pb2.TenantKeys(keys=keys, active_key_id=active_id).SerializeToString()
         sealed = hpke_seal(verified.hpke_suite, verified.hpke_public_key, plain,
-                           key_release_info(tenant, verified.worker_id))  # fmt: skip
+                           key_release_info(tenant, verified.worker_id, nonce))  # fmt: skip
+        release = worker_pb2.KeyRelease(
+            tenant=tenant, worker_id=verified.worker_id, sealed_keys=sealed, nonce=nonce
+        )
         try:
-            await stub.ReleaseKeys(
-                worker_pb2.KeyRelease(tenant=tenant, worker_id=verified.worker_id, sealed_keys=sealed),
-                timeout=10,
-            )
+            await stub.ReleaseKeys(release, timeout=10)
         except grpc.aio.AioRpcError:
             raise UnavailableError(
                 "the worker did not accept its keys", reason="WORKER_UNAVAILABLE"
@@ -149,6 +147,17 @@ class GatewaySealing:
             worker_id=verified.worker_id, key_ids=sorted(keys), suite=verified.hpke_suite,
             measurements=dict(verified.measurements), request_id=current_request_id(),
         )  # fmt: skip
+
+    def _snapshot(self, tenant: str) -> tuple[dict[str, bytes], str, int]:
+        """The usable keys, the active key id and the generation they belong to, read consistently:
+        a rotation between the reads (the watcher reloads in another thread) means reading again."""
+        for _ in range(5):
+            generation = self.keystore.generation
+            keys = self.keystore.usable(tenant)
+            active_id, _ = self.keystore.active(tenant)
+            if generation == self.keystore.generation and active_id in keys:
+                return keys, active_id, generation
+        raise UnavailableError("the keystore kept changing; retry", reason="KEYSTORE_BUSY")
 
     # -- payloads ---------------------------------------------------------------------------------
     @staticmethod
@@ -164,6 +173,8 @@ class GatewaySealing:
                 not (request.HasField("end_to_end") and request.HasField("sealed_messages"))
                 or key_id != E2E_KEY_ID
             ):
+                self.audit.record("integrity", decision="refused", tenant=tenant, reason="SEAL_MALFORMED",
+                                  direction="request", request_id=request.request_id)  # fmt: skip
                 raise SealError("an end-to-end request needs both sealed_messages and end_to_end",
                                 reason="SEAL_MALFORMED")  # fmt: skip
             return None

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.audit import AuditLog, load_signing_key
 from gateway.config import Config, ModelConfig, TenantConfig
 from gateway.keystore import ensure_tenant_keys, open_keystore
-from gateway.pki import DevPki, ensure_dev_pki
+from gateway.pki import DevPki, ensure_dev_pki, worker_attestation_cert
 from gateway.supervisor import Domain, Supervisor, SupervisorMetrics
 
 __all__ = ["Child", "Stack", "StackError"]
@@ -185,6 +185,7 @@ class Stack:
         sup = self.config.supervisor
         devices = tenant.domains.get(model.name, ())
         domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
+        attest = worker_attestation_cert(pki, tenant.name, self.config.auth.mtls.trust_domain)
         args = [
             "-m", "worker",
             "--tenant", tenant.name,
@@ -207,6 +208,7 @@ class Stack:
             "--device", domain.device,
             *self._bundle_args(pki, model.path),
             "--hpke-suite", self.config.sealing.hpke_suite,
+            "--attest-cert", str(attest.cert), "--attest-key", str(attest.key),
         ]  # fmt: skip
         if model.engine == "vllm":
             args += ["--tensor-parallel-size", str(max(1, len(devices)))]

@@ -4,13 +4,15 @@ tenant keys released to it.
 At start the worker makes an HPKE key pair that lives only in this process and measures what it
 runs: its code (airlock/ and worker/ sources), its configuration, and its model (the converted
 model's manifest of sha256 digests). Evidence binds those to the verifier's nonce and the HPKE key,
-signed with the worker's certificate key. On a GPU running in NVIDIA confidential-computing mode it
-adds the GPUs' own evidence for the same nonce (level `nvidia-cc`); otherwise the level is `software`.
+signed with its tenant's worker attestation key (certificate from the attestation CA). On a GPU
+in NVIDIA confidential-computing mode it adds the GPUs' own evidence, bound to the same nonce and
+HPKE key (level `nvidia-cc`); otherwise the level is `software`.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import airlock
 import worker
-from airlock.attestation import SUITES, HpkeKey, key_release_info, sign_statement
+from airlock.attestation import SUITES, HpkeKey, gpu_nonce, key_release_info, sign_statement
 from airlock.errors import AttestationError
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2
@@ -78,19 +80,19 @@ class WorkerAttestor:
         model: str,
         settings: Mapping[str, Any],
         model_manifest: bytes,
-        tls_key: Path,
-        tls_cert: Path,
+        attest_key: Path,
+        attest_cert: Path,
         suite: str = SUITES[0],
         nvidia: bool = True,
     ) -> None:
         self.tenant = tenant
         self.model = model
         self.hpke = HpkeKey(suite)
-        key = load_pem_private_key(tls_key.read_bytes(), password=None)
+        key = load_pem_private_key(attest_key.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError("the worker's TLS key must be an EC key to sign evidence")
+            raise ValueError("the worker's attestation key must be an EC key")
         self._signing_key = key
-        self._cert = tls_cert.read_bytes()
+        self._cert = attest_cert.read_bytes()
         self.measurements = {
             "code": measure_code(),
             "config": _measure_json(settings),
@@ -99,11 +101,12 @@ class WorkerAttestor:
         self._nvidia = nvidia
         self.keys: dict[str, bytes] = {}
         self.active_key_id = ""
+        self._nonces: collections.deque[bytes] = collections.deque(maxlen=64)  # evidence not yet answered
 
     def evidence(self, nonce: bytes) -> pb.Evidence:
         if not 16 <= len(nonce) <= 64:
             raise AttestationError("the nonce must be 16..64 bytes", reason="ATTESTATION_BAD_NONCE")
-        gpu_evidence = nvidia_cc_evidence(nonce) if self._nvidia else None
+        gpu_evidence = nvidia_cc_evidence(gpu_nonce(nonce, self.hpke.worker_id)) if self._nvidia else None
         statement = {
             "version": 1,
             "level": "nvidia-cc" if gpu_evidence else "software",
@@ -117,6 +120,7 @@ class WorkerAttestor:
             "issued_at": time.time(),
         }
         evidence = sign_statement(statement, self._signing_key, self._cert)
+        self._nonces.append(nonce)
         if gpu_evidence:
             evidence.nvidia_evidence = gpu_evidence
         return evidence
@@ -127,7 +131,11 @@ class WorkerAttestor:
             raise AttestationError("keys for another tenant", reason="KEY_WRONG_TENANT")
         if request.worker_id != self.hpke.worker_id:
             raise AttestationError("keys sealed to another worker key", reason="KEY_WRONG_WORKER")
-        plain = self.hpke.open(request.sealed_keys, key_release_info(self.tenant, self.hpke.worker_id))
+        if request.nonce not in self._nonces:  # each evidence is answered once: no replayed releases
+            raise AttestationError("no evidence of this worker awaits that release", reason="KEY_REPLAYED")
+        self._nonces.remove(request.nonce)
+        info = key_release_info(self.tenant, self.hpke.worker_id, request.nonce)
+        plain = self.hpke.open(request.sealed_keys, info)
         keys = worker_pb2.TenantKeys.FromString(plain)
         if keys.active_key_id not in keys.keys or any(len(k) != 32 for k in keys.keys.values()):
             raise AttestationError("released key set is malformed", reason="KEY_MALFORMED")

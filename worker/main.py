@@ -60,6 +60,8 @@ class WorkerSettings:
     max_message_bytes: int = 4 << 20
     bundles: BundlePolicy = field(default_factory=BundlePolicy)
     hpke_suite: str = SUITES[0]
+    attest_cert: Path | None = None  # the tenant's worker attestation certificate (attestation CA)
+    attest_key: Path | None = None
     arena: Path | None = None  # the CPU domain's memory arena (/dev/shm), scrubbed after exit
     arena_bytes: int = 16 << 20
     canary_file: Path | None = None  # where the canaries' hashes go for the scrubber
@@ -97,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--max-model-len", type=int, help="vllm: context per sequence (default: the model's)")
     p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated", help="vllm")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--attest-cert",
+        type=Path,
+        required=True,
+        help="this tenant's worker attestation certificate (from the attestation CA)",
+    )
+    p.add_argument("--attest-key", type=Path, required=True, help="its private key (signs evidence)")
     p.add_argument("--hpke-suite", choices=SUITES, default=SUITES[0],
                    help="how tenant and end-to-end keys are sealed to this worker")  # fmt: skip
     p.add_argument("--trusted-keys", type=Path, help="PEM public keys model bundles must be signed by")
@@ -120,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
         hpke_suite=a.hpke_suite,
+        attest_cert=a.attest_cert,
+        attest_key=a.attest_key,
         bundles=BundlePolicy(a.trusted_keys, not a.allow_unsigned, a.bundle_signing_key),
         arena=a.arena,
         arena_bytes=a.arena_bytes,
@@ -167,11 +178,13 @@ def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
         "tenant": settings.tenant, "model": settings.model, "engine": settings.engine,
         "model_path": settings.model_path, "max_tokens": settings.limits.max_tokens,
         "default_max_tokens": settings.limits.default_max_tokens, "device": settings.device,
-        "scrub": settings.scrub, "isolation": settings.isolation,
+        "scrub": settings.scrub, "isolation": settings.isolation, "hpke_suite": settings.hpke_suite,
     }  # fmt: skip
+    if settings.attest_cert is None or settings.attest_key is None:
+        raise ValueError("a worker needs its attestation certificate and key (--attest-cert/--attest-key)")
     return WorkerAttestor(
         tenant=settings.tenant, model=settings.model, settings=measured, model_manifest=manifest,
-        tls_key=settings.tls.key, tls_cert=settings.tls.cert, suite=settings.hpke_suite,
+        attest_key=settings.attest_key, attest_cert=settings.attest_cert, suite=settings.hpke_suite,
         nvidia=settings.device != "cpu",
     )  # fmt: skip
 

@@ -14,14 +14,16 @@ class EvidenceRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class KeyRelease(_message.Message):
-    __slots__ = ("tenant", "worker_id", "sealed_keys")
+    __slots__ = ("tenant", "worker_id", "sealed_keys", "nonce")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEALED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     worker_id: str
     sealed_keys: bytes
-    def __init__(self, tenant: _Optional[str] = ..., worker_id: _Optional[str] = ..., sealed_keys: _Optional[bytes] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, tenant: _Optional[str] = ..., worker_id: _Optional[str] = ..., sealed_keys: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class TenantKeys(_message.Message):
     __slots__ = ("keys", "active_key_id")

@@ -32,6 +32,7 @@ def test_sdk_doc_example_runs(echo_stack: LiveStack, tmp_path: Path, index: int)
         "AIRLOCK_ADDRESS": echo_stack.address,
         "AIRLOCK_SERVICE_ADDRESS": echo_stack.stack.mtls_address or "",
         "AIRLOCK_CA": str(echo_stack.pki.ca_cert),
+        "AIRLOCK_WORKER_CA": str(echo_stack.pki.attest_ca_cert),
         "AIRLOCK_TOKEN": echo_stack.token("acme"),
         "AIRLOCK_CLIENT_CERT": str(issued.cert),
         "AIRLOCK_CLIENT_KEY": str(issued.key),

@@ -26,7 +26,7 @@ E2E = AttestationPolicy(min_level="software")
 
 def _e2e_client(live: LiveStack, tenant: str = "acme", **options: object) -> AsyncClient:
     return AsyncClient(live.address, token=live.token(tenant), ca_cert=live.pki.ca_cert,
-                       end_to_end=options.pop("policy", E2E), **options)  # type: ignore[arg-type]  # fmt: skip
+                       worker_ca=live.pki.attest_ca_cert, end_to_end=options.pop("policy", E2E), **options)  # type: ignore[arg-type]  # fmt: skip
 
 
 async def test_a_worker_refuses_a_plaintext_prompt_even_from_the_gateway(echo_stack: LiveStack) -> None:
@@ -95,7 +95,9 @@ async def test_end_to_end_mode_answers_and_the_gateway_cannot_open_it(echo_stack
 
     # Everything the gateway holds: every tenant key in its keystore. None opens an e2e prompt.
     async with echo_stack.client() as plain:
-        e2e = EndToEnd(plain._fetch_attestation, ca_pem=echo_stack.pki.ca_cert.read_bytes(), policy=E2E)
+        e2e = EndToEnd(
+            plain._fetch_attestation, ca_pem=echo_stack.pki.attest_ca_cert.read_bytes(), policy=E2E
+        )
         prompt = pb.GenerateRequest(request_id="e2e-capture", model="echo",
                                     messages=[pb.ChatMessage(role="user", content="captured")])  # fmt: skip
         sealed, _ = await e2e.seal(prompt, "acme")
@@ -111,7 +113,9 @@ async def test_end_to_end_mode_answers_and_the_gateway_cannot_open_it(echo_stack
 
 async def test_a_tampered_end_to_end_prompt_is_refused_and_audited(echo_stack: LiveStack) -> None:
     async with echo_stack.client() as plain:
-        e2e = EndToEnd(plain._fetch_attestation, ca_pem=echo_stack.pki.ca_cert.read_bytes(), policy=E2E)
+        e2e = EndToEnd(
+            plain._fetch_attestation, ca_pem=echo_stack.pki.attest_ca_cert.read_bytes(), policy=E2E
+        )
         prompt = pb.GenerateRequest(request_id="tamper-rid", model="echo",
                                     messages=[pb.ChatMessage(role="user", content="hello")])  # fmt: skip
         sealed, _ = await e2e.seal(prompt, "acme")
@@ -209,8 +213,22 @@ async def test_invalid_nonce_for_attestation_is_refused(echo_stack: LiveStack) -
 
 async def test_the_classic_x25519_suite_is_configurable(make_stack) -> None:  # type: ignore[no-untyped-def]
     live: LiveStack = make_stack('[sealing]\nhpke_suite = "x25519"\n' + ECHO_TOML)
-    async with live.client("globex") as client, _e2e_client(live, "globex") as e2e:
+    classic = AttestationPolicy(suites=("x25519",))  # what this deployment chose, accepted explicitly
+    async with live.client("globex") as client, _e2e_client(live, "globex", policy=classic) as e2e:
         assert (await client.generate("classic", model="echo")).text == "classic"
         assert (await e2e.attestation("echo")).hpke_suite == "x25519"
     released = live.audit_records(event="key_release", tenant="globex")
     assert released[-1]["suite"] == "x25519"
+
+
+async def test_end_to_end_refuses_a_suite_it_did_not_accept(make_stack) -> None:  # type: ignore[no-untyped-def]
+    live: LiveStack = make_stack('[sealing]\nhpke_suite = "x25519"\n' + ECHO_TOML)
+    async with _e2e_client(live, "globex") as e2e:  # default: the post-quantum hybrid only
+        with pytest.raises(AttestationError) as err:
+            await e2e.generate("never sealed over a downgraded suite", model="echo")
+    assert err.value.reason == "ATTESTATION_SUITE"
+
+
+def test_end_to_end_needs_the_worker_attestation_ca(echo_stack: LiveStack) -> None:
+    with pytest.raises(ValueError, match="worker_ca"):
+        AsyncClient(echo_stack.address, token="t", ca_cert=echo_stack.pki.ca_cert, end_to_end=E2E)
