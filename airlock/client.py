@@ -163,6 +163,8 @@ class AsyncClient:
             raise ValueError("retry_backoff is (initial, maximum) seconds, 0 < initial <= maximum")
         if keepalive_seconds is not None and keepalive_seconds < 10:
             raise ValueError("keepalive_seconds must be at least 10 (the gateway refuses faster pings)")
+        if end_to_end is not None and worker_ca is None:  # never the TLS CA: see docs/sealing.md
+            raise ValueError("end_to_end needs worker_ca: the CA of worker attestation certificates")
         self._token = _Token(token, refresh_before)
         self._tenant = tenant
         self._timeout = timeout
@@ -187,8 +189,6 @@ class AsyncClient:
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._e2e: EndToEnd | None = None
         if end_to_end is not None:
-            if worker_ca is None:  # never the TLS CA: the gateway's certificate must not pass for a worker
-                raise ValueError("end_to_end needs worker_ca: the CA of worker attestation certificates")
             ca = _read(worker_ca)
             assert ca is not None
             self._e2e = EndToEnd(self._fetch_attestation, ca_pem=ca, policy=end_to_end)

@@ -204,6 +204,7 @@ class SealingConfig:
 
     hpke_suite: str = "mlkem768-x25519"  # how keys are sealed to workers: or "x25519"
     reattest_seconds: float = 600.0  # a worker is attested again at least this often
+    attestation_ca: Path | None = None  # CA of worker attestation certificates; None: the dev one
 
 
 @dataclass(frozen=True)
@@ -525,7 +526,7 @@ class _Parser:
         return LockoutConfig(failures, window, duration)
 
     def sealing(self, raw: dict[str, Any]) -> SealingConfig:
-        t = self.table(raw, "sealing", {"hpke_suite", "reattest_seconds"})
+        t = self.table(raw, "sealing", {"hpke_suite", "reattest_seconds", "attestation_ca"})
         d = SealingConfig()
         suite = self.get(t, "sealing.hpke_suite", str, d.hpke_suite)
         if suite not in ("mlkem768-x25519", "x25519"):
@@ -533,7 +534,8 @@ class _Parser:
         seconds = self.get(t, "sealing.reattest_seconds", float, d.reattest_seconds)
         if not 0 < seconds <= 86400:
             raise self.fail("sealing.reattest_seconds", "must be in (0, 86400]")
-        return SealingConfig(suite, seconds)
+        ca = self.get(t, "sealing.attestation_ca", str, "")
+        return SealingConfig(suite, seconds, Path(ca).expanduser().absolute() if ca else None)
 
     def supervisor(self, raw: dict[str, Any]) -> SupervisorConfig:
         keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",

@@ -96,9 +96,8 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
     router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
-    sealing = build_sealing(
-        cfg, authorizer, audit, pki.attest_ca_cert.read_bytes(), {r.tenant for r in routes}
-    )
+    attestation_ca = (cfg.sealing.attestation_ca or pki.attest_ca_cert).read_bytes()
+    sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
     service = InferenceService(
         router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
     )

@@ -31,6 +31,8 @@ def files(pki: DevPki) -> dict[str, Path]:
         "jwks": pki.jwks,
         "service_ca_cert": pki.service_ca_cert,
         "service_ca_key": pki.service_ca_key,
+        "attest_ca_cert": pki.attest_ca_cert,
+        "attest_ca_key": pki.attest_ca_key,
         "audit_key": pki.audit_key,
         "audit_pub": pki.audit_pub,
         "bundle_key": pki.bundle_key,
@@ -63,7 +65,7 @@ def test_every_file_is_made_under_state_dir_pki(tmp_path: Path, pki: DevPki) -> 
 def test_private_keys_are_owner_only_and_the_directory_is_private(pki: DevPki) -> None:
     assert mode(pki.dir) == 0o700
     keys = (pki.ca_key, pki.gateway_key, pki.worker_key, pki.jwt_key, pki.service_ca_key, pki.audit_key,
-            pki.bundle_key)  # fmt: skip
+            pki.bundle_key, pki.attest_ca_key)  # fmt: skip
     for key in keys:
         assert mode(key) == 0o600, key.name
 

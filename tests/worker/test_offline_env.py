@@ -21,7 +21,7 @@ def test_the_worker_sets_offline_env_before_serving(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(worker_main, "serve", serve)
     argv = ["--tenant", "acme", "--model", "m", "--cache-dir", str(tmp_path), "--tls-cert", "c",
-            "--tls-key", "k", "--client-ca", "ca"]  # fmt: skip
+            "--tls-key", "k", "--client-ca", "ca", "--attest-cert", "ac", "--attest-key", "ak"]  # fmt: skip
     assert worker_main.main(argv) == 0
     assert seen["HF_HUB_OFFLINE"] == seen["TRANSFORMERS_OFFLINE"] == "1"
     assert seen["HF_HUB_DISABLE_TELEMETRY"] == seen["VLLM_NO_USAGE_STATS"] == seen["DO_NOT_TRACK"] == "1"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pki import ensure_dev_pki
+from gateway.pki import ensure_dev_pki, worker_attestation_cert
 from worker.arena import CANARY_BYTES, Arena, CanaryRecord, RequestState
 from worker.scrub import scrub_arena, scrub_cuda
 
@@ -80,11 +80,13 @@ def test_scrub_refuses_to_verify_a_truncated_or_missing_arena(tmp_path: Path) ->
 def test_a_killed_worker_leaves_canaries_that_the_scrubber_removes(state_dir: Path, tmp_path: Path) -> None:
     """A real worker process writes canaries, is SIGKILLed, the scrubber runs, the canaries are gone."""
     pki = ensure_dev_pki(state_dir)
+    attest = worker_attestation_cert(pki, "acme")
     arena, record, ready = tmp_path / "w.arena", tmp_path / "w.canaries.json", tmp_path / "w.ready"
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "--tenant", "acme", "--model", "echo", "--engine", "echo",
          "--cache-dir", str(tmp_path), "--tls-cert", str(pki.worker_cert), "--tls-key", str(pki.worker_key),
          "--client-ca", str(pki.ca_cert), "--ready-file", str(ready), "--arena", str(arena),
+         "--attest-cert", str(attest.cert), "--attest-key", str(attest.key),
          "--arena-bytes", str(2 << 20), "--canary-file", str(record)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
