@@ -61,12 +61,18 @@ def _messages(prompt: Prompt) -> list[pb.ChatMessage]:
     return out
 
 
-def _expiry(token: str) -> float | None:
-    """A JWT's `exp`, read without verification (only to schedule the refresh; the gateway verifies)."""
+def _claims(token: str) -> dict[str, Any]:
+    """A JWT's claims, read without verification: only to schedule the refresh and to know the tenant
+    the caller acts in; the gateway verifies."""
     try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
     except jwt.InvalidTokenError:
-        return None
+        return {}
+    return claims
+
+
+def _expiry(token: str) -> float | None:
+    exp = _claims(token).get("exp")
     return float(exp) if isinstance(exp, int | float) else None
 
 
@@ -266,24 +272,22 @@ class AsyncClient:
         which stops generation on the server. Retried only until the first chunk arrives."""
         plain = self._request(prompt, **params)
         plain.request_id = plain.request_id or new_request_id()
-        request, opener = await self._sealed(plain)
-        call = self._stub.GenerateStream(
-            request,
-            timeout=timeout or self._timeout,
-            metadata=await self._metadata(request.request_id),
-        )
+
+        async def start() -> tuple[Any, pb.GenerateRequest, Opener | None]:
+            request, opener = await self._sealed(plain)
+            call = self._stub.GenerateStream(
+                request, timeout=timeout or self._timeout, metadata=await self._metadata(request.request_id)
+            )
+            return call, request, opener
+
+        call, request, opener = await start()
         try:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 if not self._stale(exc, plain.model):
                     raise
-                request, opener = await self._sealed(plain)  # the worker restarted: attest it again
-                call = self._stub.GenerateStream(
-                    request,
-                    timeout=timeout or self._timeout,
-                    metadata=await self._metadata(request.request_id),
-                )
+                call, request, opener = await start()  # the worker restarted: attest it again
                 first = await call.read()
             async for c in _chain(first, call):
                 finished = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
@@ -373,14 +377,6 @@ async def _chain(first: Any, call: Any) -> AsyncGenerator[pb.GenerateChunk, None
     while message is not grpc.aio.EOF:  # read(), not iteration: gRPC refuses to mix the two
         yield message
         message = await call.read()
-
-
-def _claims(token: str) -> dict[str, Any]:
-    try:
-        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    except jwt.InvalidTokenError:
-        return {}
-    return claims
 
 
 def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:

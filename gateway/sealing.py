@@ -173,14 +173,19 @@ class GatewaySealing:
                 not (request.HasField("end_to_end") and request.HasField("sealed_messages"))
                 or key_id != E2E_KEY_ID
             ):
-                self.audit.record("integrity", decision="refused", tenant=tenant, reason="SEAL_MALFORMED",
-                                  direction="request", request_id=request.request_id)  # fmt: skip
+                audit_integrity(self.audit, tenant, "SEAL_MALFORMED", "request", request.request_id)
                 raise SealError("an end-to-end request needs both sealed_messages and end_to_end",
                                 reason="SEAL_MALFORMED")  # fmt: skip
             return None
         key_id, key = self.active_key(tenant)
         seal_prompt(request, tenant, key_id, key)
         return Opener(key, response_key(tenant, key_id, request))
+
+
+def audit_integrity(audit: AuditLog, tenant: str, reason: str, direction: str, request_id: str) -> None:
+    """The one audit record of a sealed payload refused: which way it travelled and why."""
+    audit.record("integrity", decision="refused", tenant=tenant, reason=reason, direction=direction,
+                 request_id=request_id)  # fmt: skip
 
 
 def open_text(opener: Opener, sealed: pb.Sealed, tenant: str, audit: AuditLog) -> str:
@@ -190,8 +195,7 @@ def open_text(opener: Opener, sealed: pb.Sealed, tenant: str, audit: AuditLog) -
         return opener.open(sealed).decode()
     except (SealError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "reason", "SEAL_MALFORMED")
-        audit.record("integrity", decision="refused", tenant=tenant, reason=reason, direction="response",
-                     request_id=current_request_id())  # fmt: skip
+        audit_integrity(audit, tenant, reason, "response", current_request_id())
         raise AirlockError("the worker's answer failed its integrity check", reason=reason) from None
 
 
@@ -199,6 +203,5 @@ def finish(opener: Opener, tenant: str, audit: AuditLog) -> None:
     try:
         opener.finish()
     except SealError as exc:
-        audit.record("integrity", decision="refused", tenant=tenant, reason=exc.reason, direction="response",
-                     request_id=current_request_id())  # fmt: skip
+        audit_integrity(audit, tenant, exc.reason, "response", current_request_id())
         raise AirlockError("the worker's answer was cut short", reason=exc.reason) from None

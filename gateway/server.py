@@ -31,7 +31,7 @@ from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard, current_caller
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
-from gateway.sealing import GatewaySealing, finish, open_text
+from gateway.sealing import GatewaySealing, audit_integrity, finish, open_text
 
 __all__ = [
     "ClientTls",
@@ -120,8 +120,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _failed(self, work: worker_pb2.WorkerRequest, exc: grpc.aio.AioRpcError) -> AirlockError:
         err = _worker_error(exc)
         if err.reason.startswith("SEAL_"):  # the worker refused a sealed prompt: tampered or misplaced
-            self._audit.record("integrity", decision="refused", tenant=work.tenant, reason=err.reason,
-                               direction="request", request_id=work.request.request_id)  # fmt: skip
+            audit_integrity(self._audit, work.tenant, err.reason, "request", work.request.request_id)
         return err
 
     async def Generate(
