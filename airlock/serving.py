@@ -2,17 +2,18 @@
 
 `new_server` gives a `grpc.aio` server with message limits, keepalive rules, health and reflection.
 `ErrorInterceptor` gives every call its request id (from `x-request-id` metadata, the request body,
-or a new one; echoed in trailing metadata and bound to every log line of the call), maps the Airlock
-error tree to statuses (most specific class first) and hides everything else behind `INTERNAL` with
-the request id. `GuardInterceptor` runs a check before every method but health checks, so a refused
-call never reaches servicer code.
+or a new one; echoed in trailing metadata and bound to every log line of the call), runs the
+server's `Guard` check (a refused call never reaches servicer code), maps the Airlock error tree to
+statuses (most specific class first) and hides everything else behind `INTERNAL` with the request id.
+Health checks pass untouched. It is one interceptor, and each method's wrapped handler is built once,
+because every layer and every per-call handler object is paid on every request.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -26,9 +27,8 @@ from airlock.types import REQUEST_ID_HEADER, check_request_id, new_request_id
 
 __all__ = [
     "ErrorInterceptor",
-    "GuardInterceptor",
+    "Guard",
     "abort_with",
-    "guard_handler",
     "new_server",
     "request_id_of",
     "wrap_handler",
@@ -114,46 +114,12 @@ def wrap_handler(
     raise TypeError("unsupported RPC handler shape")
 
 
-Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
-
-
-def guard_handler(handler: grpc.RpcMethodHandler, method: str, check: Check) -> grpc.RpcMethodHandler:
-    """Return `handler` with `check(method, request, context)` run first; `check` refuses by raising.
+class Guard(Protocol):
+    """Decides whether a call may run; refuses by raising an `AirlockError`.
 
     For client-streaming methods `request` is the request iterator, not a message."""
 
-    def unary(behavior: Behavior) -> Behavior:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            check(method, request, context)
-            return await behavior(request, context)
-
-        return run
-
-    def stream(behavior: Behavior) -> Behavior:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            check(method, request, context)
-            async for item in behavior(request, context):
-                yield item
-
-        return run
-
-    return wrap_handler(handler, unary, stream)
-
-
-class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Runs `check` before every method except health checks; `check` raises to refuse the call."""
-
-    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        raise NotImplementedError
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler
-        return guard_handler(handler, method, self.check)
+    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None: ...
 
 
 def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
@@ -212,41 +178,67 @@ async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps the Airlock error tree to gRPC statuses, most specific class first; hides the rest."""
+    """Request ids, the guard's check and error mapping for every method but health checks."""
+
+    def __init__(self, guard: Guard | None = None) -> None:
+        self.guard = guard
+        # method -> (the handler it wraps, the wrapped one); rebuilt if gRPC hands another handler
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
+        method = handler_call_details.method
         # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
         # and raises nothing of ours: it passes untouched.
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        return wrap_handler(handler, _map_unary, _map_stream)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            check = self.guard.check if self.guard is not None else _admit_all
+            wrapped = wrap_handler(handler, _map_unary(method, check), _map_stream(method, check))
+            self._wrapped[method] = cached = (handler, wrapped)
+        return cached[1]
 
 
-def _map_unary(behavior: Behavior) -> Behavior:
-    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        request_id = await _begin(request, context)
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort_for(context, exc, request_id)
-
-    return run
+def _admit_all(method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    return None
 
 
-def _map_stream(behavior: Behavior) -> Behavior:
-    async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        request_id = await _begin(request, context)
-        try:
-            async for item in behavior(request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort_for(context, exc, request_id)
+Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
 
-    return run
+
+def _map_unary(method: str, check: Check) -> Callable[[Behavior], Behavior]:
+    def wrap(behavior: Behavior) -> Behavior:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = await _begin(request, context)
+            try:
+                check(method, request, context)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort_for(context, exc, request_id)
+
+        return run
+
+    return wrap
+
+
+def _map_stream(method: str, check: Check) -> Callable[[Behavior], Behavior]:
+    def wrap(behavior: Behavior) -> Behavior:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request_id = await _begin(request, context)
+            try:
+                check(method, request, context)
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort_for(context, exc, request_id)
+
+        return run
+
+    return wrap

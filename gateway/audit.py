@@ -246,19 +246,21 @@ class AuditLog:
 
     def _append(self, event: str, fields: dict[str, Any]) -> None:
         assert self.path is not None and self._fd is not None
-        if os.fstat(self._fd).st_ino != _inode(self.path):  # another writer rotated the file
+        st = os.fstat(self._fd)
+        if st.st_ino != _inode(self.path):  # another writer rotated the file
             self._open()
-        elif os.fstat(self._fd).st_size != self._end:  # another writer appended
+        elif st.st_size != self._end:  # another writer appended
             self._resume()
         entry = {"seq": self._seq + 1, "ts": round(time.time(), 6), "event": event, **fields,
                  "prev": self._head}  # fmt: skip
-        entry["hash"] = record_hash(entry)
-        line = canonical(entry) + b"\n"
+        body = canonical(entry)
+        digest = hashlib.sha256(body).hexdigest()
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'  # encoded once: hash goes last
         written = os.write(self._fd, line)
         if written != len(line):
             raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
-        self._seq, self._head = entry["seq"], entry["hash"]
-        self._end = os.fstat(self._fd).st_size
+        self._seq, self._head = entry["seq"], digest
+        self._end += written  # under the lock, and we appended at the end we had just checked
         self._unsigned += 1
         self._dirty = True
         now = time.monotonic()
@@ -370,7 +372,7 @@ class _FileLock:
 
 def _inode(path: Path) -> int:
     try:
-        return path.stat().st_ino
+        return os.stat(path).st_ino
     except FileNotFoundError:
         return -1
 

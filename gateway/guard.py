@@ -20,7 +20,6 @@ import grpc
 from airlock.client import TENANT_HEADER
 from airlock.errors import AuthenticationError, PermissionDeniedError
 from airlock.logs import current_request_id
-from airlock.serving import GuardInterceptor
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.identity import JwtVerifier, Principal, ServiceIdentity, bearer_token
@@ -49,7 +48,9 @@ def current_caller() -> Caller:
     return _caller.get()
 
 
-class CallGuard(GuardInterceptor):
+class CallGuard:
+    """The gateway's `airlock.serving.Guard`."""
+
     def __init__(
         self,
         verifier: JwtVerifier,

@@ -6,6 +6,10 @@ among that issuer's keys only. `exp`, `iat`, `iss`, `aud`, `sub` and `tenant` ar
 issuer must be one the policy lets speak for that tenant. Services: the identity is the SPIFFE URI
 SAN (`spiffe://<trust-domain>/tenant/<t>/svc/<name>`) of a client certificate that TLS verified,
 read only from the TLS auth context. Error messages carry a stable reason, never the token.
+
+A token that verified is remembered (bounded, by its exact text) until it expires or any JWKS is
+reloaded, so a client reusing its token pays for one signature check, not one per call; the
+issuer-to-tenant policy check, which can change under it, still runs on every call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import binascii
 import json
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,7 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FORBIDDEN_HEADERS = ("jku", "x5u", "x5c", "jwk")
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
+CACHE_SIZE = 4096  # verified tokens remembered; a token is ~1 KiB, so a few MiB at most
 
 
 @dataclass(frozen=True)
@@ -68,10 +75,13 @@ class JwtVerifier:
             raise ValueError(f"no JWKS file for issuer(s) {', '.join(missing)}")
         self.jwks_files = {name: jwks_files[name] for name in self.issuers}
         self._keys = {name: load_jwks(path) for name, path in self.jwks_files.items()}
+        # token -> (principal, issuer, exp); only tokens that passed every check, evicted oldest first
+        self._verified: OrderedDict[str, tuple[Principal, str, float]] = OrderedDict()
 
     def reload(self, path: Path) -> bool:
         """Load the JWKS at `path` again for every issuer using it; keep the old keys if it is bad."""
         ok = True
+        self._verified.clear()  # a key may have been withdrawn: every token is checked afresh
         for name, file in self.jwks_files.items():
             if file == path:
                 try:
@@ -82,9 +92,11 @@ class JwtVerifier:
                     _log.error("JWKS reload rejected; the old keys stay in use: %s", exc)
         return ok
 
-    @staticmethod
-    def claimed_identity(token: str) -> str:
+    def claimed_identity(self, token: str) -> str:
         """Who an (unverified) token claims to be, for lockout bookkeeping only; never trusted."""
+        if (hit := self._verified.get(token)) is not None:
+            principal, issuer, _ = hit
+            return "|".join(p[:128] for p in (issuer, principal.tenant, principal.subject))
         try:
             payload = _segment(token.split(".")[1])
         except (IndexError, AuthenticationError):
@@ -93,6 +105,25 @@ class JwtVerifier:
         return "|".join(str(p)[:128] for p in parts)
 
     def verify(self, token: str) -> Principal:
+        if len(token) > self.config.max_token_bytes:  # characters <= bytes: a cheap first bound
+            raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
+        hit = self._verified.get(token)
+        if hit is not None and time.time() < hit[2] + self.config.leeway_seconds:  # as PyJWT's exp check
+            principal, issuer, _ = hit
+        else:
+            self._verified.pop(token, None)
+            principal, issuer, exp = self._verify(token)
+            self._verified[token] = (principal, issuer, exp)
+            if len(self._verified) > CACHE_SIZE:
+                self._verified.popitem(last=False)
+        if not self.may_speak_for(issuer, principal.tenant):
+            raise AuthenticationError(
+                "token issuer may not speak for this tenant", reason="TOKEN_ISSUER_NOT_ALLOWED"
+            )
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, str, float]:
+        """Every check but the policy's: the principal, its issuer and the token's `exp`."""
         if len(token.encode()) > self.config.max_token_bytes:
             raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
         parts = token.split(".")
@@ -126,11 +157,12 @@ class JwtVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AuthenticationError("token 'roles' claim must be a list", reason="TOKEN_INVALID")
-        if not self.may_speak_for(issuer.issuer, tenant):
-            raise AuthenticationError(
-                "token issuer may not speak for this tenant", reason="TOKEN_ISSUER_NOT_ALLOWED"
-            )
-        return Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
+        try:
+            exp = float(claims["exp"])  # PyJWT checked it is a number in the future
+        except (TypeError, ValueError, OverflowError):
+            raise AuthenticationError("token 'exp' claim is not a time", reason="TOKEN_INVALID") from None
+        principal = Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
+        return principal, issuer.issuer, exp
 
     def _decode(self, token: str, key: jwt.PyJWK, alg: str, issuer: str) -> dict[str, Any]:
         try:

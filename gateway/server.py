@@ -250,7 +250,7 @@ def create_server(
     is set, a port that requires a client certificate from the service CA. Returns the server,
     both ports (None when there is no mTLS port) and the health servicer."""
     server, health_servicer = new_server(
-        [ErrorInterceptor(), guard], [SERVICE], max_message_bytes=max_message_bytes
+        [ErrorInterceptor(guard)], [SERVICE], max_message_bytes=max_message_bytes
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     identity = [(tls.key.read_bytes(), tls.cert.read_bytes())]

@@ -19,7 +19,7 @@ from grpc_health.v1 import health
 from airlock.envelope import Opener, Sealer
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, response_key
-from airlock.serving import ErrorInterceptor, GuardInterceptor, bind, new_server
+from airlock.serving import ErrorInterceptor, bind, new_server
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
@@ -152,7 +152,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
 
-class PeerInterceptor(GuardInterceptor):
+class PeerGuard:
     """Admit only the gateway's certificate (health checks excepted: they reveal nothing)."""
 
     def __init__(self, allowed_peer: str) -> None:
@@ -169,7 +169,7 @@ async def create_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the worker server; returns it, the bound port and its health servicer."""
     server, health_servicer = new_server(
-        [ErrorInterceptor(), PeerInterceptor(tls.allowed_peer)],
+        [ErrorInterceptor(PeerGuard(tls.allowed_peer))],
         [SERVICE],
         max_message_bytes=max_message_bytes,
     )

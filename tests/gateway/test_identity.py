@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -344,3 +345,64 @@ def test_a_non_bearer_authorization_is_malformed(value: str) -> None:
     assert info.value.reason == "TOKEN_MALFORMED"
     for secret in ("c2VjcmV0LXZhbHVl", "s3cret"):
         assert secret not in str(info.value)
+
+
+# --- the verified-token cache -------------------------------------------------------------------
+
+
+def test_a_reused_token_is_verified_once(pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = make_verifier(pki.jwks)
+    calls = []
+    real = jwt.decode
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    token = sign(pki, claims())
+    assert [verifier.verify(token).subject for _ in range(5)] == ["alice"] * 5
+    assert len(calls) == 1
+    assert verifier.claimed_identity(token) == f"{ISSUER}|acme|alice"
+
+
+def test_a_cached_token_is_refused_once_it_expires(pki: DevPki) -> None:
+    verifier = JwtVerifier(dataclasses.replace(AUTH, leeway_seconds=0), {ISSUER: pki.jwks}, lambda i, t: True)
+    token = sign(pki, claims(exp=int(time.time()) + 1))
+    assert verifier.verify(token).subject == "alice"
+    time.sleep(2.1)
+    refused(verifier, token, "TOKEN_EXPIRED")
+
+
+def test_the_policy_check_runs_on_every_call_even_for_a_cached_token(pki: DevPki) -> None:
+    allowed = {"acme"}
+    verifier = make_verifier(pki.jwks, lambda issuer, tenant: tenant in allowed)
+    token = sign(pki, claims())
+    assert verifier.verify(token).tenant == "acme"
+    allowed.clear()  # the security team withdraws the issuer's right to speak for acme
+    refused(verifier, token, "TOKEN_ISSUER_NOT_ALLOWED")
+
+
+def test_a_jwks_reload_forgets_every_verified_token(pki: DevPki, tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(pki.jwks.read_text())
+    verifier = make_verifier(path)
+    token = sign(pki, claims())
+    assert verifier.verify(token).subject == "alice"
+    other = ed25519.Ed25519PrivateKey.generate()  # the dev key is withdrawn, another takes its kid
+    jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(other.public_key()))
+    path.write_text(json.dumps({"keys": [{**jwk, "kid": pki.jwt_kid}]}))
+    assert verifier.reload(path) is True
+    refused(verifier, token, "TOKEN_BAD_SIGNATURE")
+
+
+def test_the_cache_is_bounded(pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.identity.CACHE_SIZE", 3)
+    verifier = make_verifier(pki.jwks)
+    for n in range(10):
+        verifier.verify(sign(pki, claims(sub=f"user-{n}")))
+    assert len(verifier._verified) == 3
+
+
+def test_an_exp_too_large_for_a_time_is_refused_not_a_crash(pki: DevPki, verifier: JwtVerifier) -> None:
+    refused(verifier, sign(pki, claims(exp=10**400)), "TOKEN_INVALID")
