@@ -141,11 +141,18 @@ def build_sealing(
         )
 
     suites = (cfg.sealing.hpke_suite,)  # keys go only over the suite the deployment chose
+    default = AttestationPolicy()
+    # tenant -> (the policy's own attestation policy, it with our suites): rebuilt only when a
+    # policy reload gives the tenant another one, not on every request
+    pinned: dict[str, tuple[AttestationPolicy, AttestationPolicy]] = {}
 
     def policy_for(tenant: str) -> AttestationPolicy:
         settings = authorizer.policy.tenants.get(tenant)  # reloaded with the policy
-        policy = settings.attestation if settings is not None else AttestationPolicy()
-        return dataclasses.replace(policy, suites=suites)
+        policy = settings.attestation if settings is not None else default
+        hit = pinned.get(tenant)
+        if hit is None or hit[0] is not policy:
+            hit = pinned[tenant] = (policy, dataclasses.replace(policy, suites=suites))
+        return hit[1]
 
     return GatewaySealing(
         keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit,

@@ -99,7 +99,7 @@ class GatewaySealing:
         return (
             done is not None
             and done.generation == self.keystore.generation
-            and done.policy == policy
+            and (done.policy is policy or done.policy == policy)
             and time.monotonic() - done.at < self.reattest_seconds
         )
 
