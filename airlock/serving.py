@@ -29,6 +29,7 @@ __all__ = [
     "ErrorInterceptor",
     "Guard",
     "abort_with",
+    "header_value",
     "new_server",
     "request_id_of",
     "wrap_handler",
@@ -122,14 +123,23 @@ class Guard(Protocol):
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None: ...
 
 
+def header_value(metadata: Any, name: str) -> str | None:
+    """The value of call metadata `name`, None when absent. Sent more than once it is ambiguous (a
+    proxy and the server could each read another one), so it is refused, never picked from."""
+    found: str | None = None
+    for key, value in metadata or ():
+        if key == name:
+            if found is not None:
+                raise InvalidRequestError(f"metadata {name!r} sent more than once", reason="HEADER_REPEATED")
+            found = str(value)
+    return found
+
+
 def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
     """The call's request id: the `x-request-id` header, else the body's `request_id` (a worker
     request's inner one), else a new one. The body is set to the result, so everything downstream
     sees one id. A malformed id, or a header and body that disagree, is refused."""
-    header = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER:
-            header = str(value)
+    header = header_value(context.invocation_metadata(), REQUEST_ID_HEADER) or ""
     inner = getattr(request, "request", request)
     body = getattr(inner, "request_id", None)
     body = body if isinstance(body, str) else ""

@@ -20,6 +20,7 @@ import grpc
 from airlock.client import TENANT_HEADER
 from airlock.errors import AuthenticationError, PermissionDeniedError
 from airlock.logs import current_request_id
+from airlock.serving import header_value
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.identity import JwtVerifier, Principal, ServiceIdentity, bearer_token
@@ -74,7 +75,7 @@ class CallGuard:
         peer = _peer_host(context.peer())
         metadata = context.invocation_metadata() or ()
         principal = self._authenticate(peer, method, metadata, context)
-        tenant = _header(metadata, TENANT_HEADER) or principal.tenant
+        tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
         key = f"subject:{principal.policy_subject}"
         if (left := self.lockout.retry_after(key)) is not None:
             raise PermissionDeniedError(
@@ -171,13 +172,6 @@ class CallGuard:
                               seconds=self.lockout.config.lockout_seconds,
                               request_id=current_request_id())  # fmt: skip
         raise PermissionDeniedError("not allowed by policy", reason="POLICY_DENIED")
-
-
-def _header(metadata: Any, name: str) -> str | None:
-    for key, value in metadata:
-        if key == name:
-            return str(value)
-    return None
 
 
 def _peer_host(peer: str) -> str:

@@ -29,7 +29,8 @@ from typing import Any
 import jwt
 from cryptography import x509
 
-from airlock.errors import AuthenticationError
+from airlock.errors import AuthenticationError, InvalidRequestError
+from airlock.serving import header_value
 from gateway.config import AuthConfig, IssuerConfig
 
 __all__ = ["JwtVerifier", "Principal", "ServiceIdentity", "bearer_token", "load_jwks"]
@@ -266,10 +267,13 @@ def load_jwks(path: Path) -> dict[str, jwt.PyJWK]:
 
 def bearer_token(metadata: Any) -> str | None:
     """The bearer token of the call, None when there is no authorization header."""
-    for key, value in metadata or ():
-        if key == "authorization":
-            scheme, _, token = str(value).partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthenticationError("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
-            return token.strip()
-    return None
+    try:
+        value = header_value(metadata, "authorization")
+    except InvalidRequestError:
+        raise AuthenticationError("send one authorization header", reason="TOKEN_MALFORMED") from None
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+    return token.strip()

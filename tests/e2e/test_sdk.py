@@ -238,3 +238,35 @@ async def _wait_until(predicate, limit: float = 15.0) -> None:  # type: ignore[n
     while not predicate():
         assert time.monotonic() < end, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("repeated", "code", "reason"),
+    [
+        (REQUEST_ID_HEADER, grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REPEATED"),
+        ("x-airlock-tenant", grpc.StatusCode.INVALID_ARGUMENT, "HEADER_REPEATED"),
+        ("authorization", grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MALFORMED"),
+    ],
+)
+async def test_metadata_sent_twice_is_refused_not_picked_from(
+    echo_stack: LiveStack, repeated: str, code: grpc.StatusCode, reason: str
+) -> None:
+    """A proxy in front could read one copy and the gateway another: ambiguity is refused."""
+    values = {
+        REQUEST_ID_HEADER: ("rid-a", "rid-b"),
+        "x-airlock-tenant": ("acme", "globex"),
+        "authorization": (f"Bearer {echo_stack.token('acme')}", f"Bearer {echo_stack.token('globex')}"),
+    }[repeated]
+    metadata = [(repeated, v) for v in values]
+    if repeated != "authorization":
+        metadata.append(("authorization", f"Bearer {echo_stack.token('acme')}"))
+    request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="hi")], model="echo")
+    channel = grpc.aio.secure_channel(
+        echo_stack.address, grpc.ssl_channel_credentials(echo_stack.pki.ca_cert.read_bytes())
+    )
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await inference_pb2_grpc.InferenceStub(channel).Generate(request, metadata=metadata, timeout=10)
+    assert err.value.code() == code
+    details = dict(err.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert isinstance(details, bytes) and reason.encode() in details
