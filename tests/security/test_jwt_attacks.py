@@ -2,9 +2,9 @@
 refused with its exact status and stable reason, the tenant comes from the verified identity only,
 issuers speak only for their tenants, JWKS files rotate without a restart, and no token leaks.
 
-Refusals on the shared echo stack count towards its lockout (10 per peer and claimed identity), so
-every attack token there claims its own `sub`; credentials that claim nothing (garbage, another
-scheme) all share one bucket with other test files, so they are sent to a private stack instead.
+The shared echo stack has lockouts off (every test's refusals come from one peer); the attack tokens
+still claim their own `sub`s, and credentials that claim nothing (garbage, another scheme) go to a
+private stack without lockouts, so the tests hold with lockouts on as well.
 """
 
 from __future__ import annotations
