@@ -191,13 +191,16 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
         return VllmEngine(vllm, tenant=settings.tenant), measured
     from worker.transformers_engine import TransformersEngine
 
-    # A shared worker zeroes each request's KV cache whatever the scrub mode: its engine runs one
-    # request at a time, so that is also what "tenant-switch" needs.
-    scrub_kv = settings.scrub == "request" or settings.isolation == "shared"
     engine = TransformersEngine(
-        model_dir, threads=settings.threads, device=settings.device, scrub_kv=scrub_kv
+        model_dir, threads=settings.threads, device=settings.device, scrub_kv=zeroes_kv_per_request(settings)
     )
     return engine, measured
+
+
+def zeroes_kv_per_request(settings: WorkerSettings) -> bool:
+    """TransformersEngine zeroes a request's KV cache when it ends in "request" mode, and always on a
+    shared worker: it runs one request at a time, so that is also what "tenant-switch" needs there."""
+    return settings.scrub == "request" or settings.isolation == "shared"
 
 
 def build_attestors(settings: WorkerSettings, manifest: bytes) -> dict[str, WorkerAttestor]:
