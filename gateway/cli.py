@@ -87,7 +87,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stack.mtls_address:
             print(f"  services (mTLS, certificates from `airlock cert`): {stack.mtls_address}")
         for (tenant, model), child in stack.workers.items():
-            print(f"  tenant {tenant}: model {model} in worker pid {child.process.pid}")
+            who = ", ".join(child.info.get("tenants") or [tenant])  # a shared worker serves several
+            print(f"  tenant {who}: model {model} in worker pid {child.process.pid}")
         print(f"  logs: {stack.run_dir}")
         print(f'  try:  airlock generate --tenant {next(iter(cfg.tenants))} "Hello"')
         print("Ctrl-C stops everything.", flush=True)

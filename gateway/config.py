@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from airlock.types import Limits
+from gateway.config_isolation import parse_shared_domains, parse_tenant_isolation
 
 __all__ = [
     "AuditConfig",
@@ -65,6 +66,8 @@ class TenantConfig:
     # model -> the GPUs (CUDA UUIDs: GPU-… or one MIG-…, as `airlock domains` prints) of its
     # worker's domain; a model not listed runs in a CPU domain.
     domains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # "dedicated": own workers; "shared": the models' shared workers (gateway/config_isolation.py)
+    isolation: str = "dedicated"
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     sealing: SealingConfig = field(default_factory=SealingConfig)
+    shared_domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [shared] domains
 
     @property
     def model_cache_dir(self) -> Path:
@@ -308,7 +312,7 @@ class _Parser:
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
-        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing"}
+        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing", "shared"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -318,13 +322,14 @@ class _Parser:
         policy_dir = Path(policy).expanduser().absolute() if policy else default_policy_dir()
         if not policy_dir.is_dir():
             raise self.fail("policy_dir", f"{str(policy_dir)!r} is not a directory")
+        tenants = self.tenants(raw, models)
         return Config(
             source=self.source,
             state_dir=(state or default_state_dir()).absolute(),
             gateway=self.gateway(raw),
             auth=self.auth(raw),
             models=models,
-            tenants=self.tenants(raw, models),
+            tenants=tenants,
             policy_dir=policy_dir,
             lockout=self.lockout(raw),
             quota=self.quota(raw),
@@ -334,6 +339,7 @@ class _Parser:
             keys=self.keys(raw),
             supervisor=self.supervisor(raw),
             sealing=self.sealing(raw),
+            shared_domains=parse_shared_domains(self, raw, tenants),
         )
 
     def keys(self, raw: dict[str, Any]) -> KeysConfig:
@@ -595,7 +601,7 @@ class _Parser:
             key = f"tenants.{name}"
             if not _NAME.fullmatch(name):
                 raise self.fail(key, "name must be lowercase letters, digits and '-'")
-            tt = self.table(t, key, {"models", "domains"})
+            tt = self.table(t, key, {"models", "domains", "isolation"})
             names = self.get(tt, f"{key}.models", list, [])
             if not names:
                 raise self.fail(f"{key}.models", "must list at least one model")
@@ -606,7 +612,8 @@ class _Parser:
                     raise self.fail(f"{key}.models", f"unknown model {model!r}")
             if len(set(names)) != len(names):
                 raise self.fail(f"{key}.models", "lists a model twice")
-            out[name] = TenantConfig(name, tuple(names), self.domains(tt, key, names, taken))
+            isolation = parse_tenant_isolation(self, tt, key)
+            out[name] = TenantConfig(name, tuple(names), self.domains(tt, key, names, taken), isolation)
         return out
 
     def domains(

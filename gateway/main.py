@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,15 @@ _log = logging.getLogger("airlock.gateway")
 
 
 def parse_route(text: str) -> Route:
-    """TENANT/MODEL/ENGINE=HOST:PORT"""
+    """TENANT/MODEL/ENGINE=HOST:PORT, or TENANT/MODEL/ENGINE/shared=HOST:PORT for a shared worker"""
     left, sep, address = text.partition("=")
     parts = left.split("/")
-    if not sep or len(parts) != 3 or not address:
-        raise argparse.ArgumentTypeError(f"route must be TENANT/MODEL/ENGINE=HOST:PORT, got {text!r}")
-    return Route(parts[0], parts[1], parts[2], address)
+    shared = len(parts) == 4 and parts[3] == "shared"
+    if not sep or len(parts) not in (3, 4) or (len(parts) == 4 and not shared) or not address:
+        raise argparse.ArgumentTypeError(
+            f"route must be TENANT/MODEL/ENGINE[/shared]=HOST:PORT, got {text!r}"
+        )
+    return Route(parts[0], parts[1], parts[2], address, shared=shared)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
 
     jwks = {i.issuer: (i.jwks_file or pki.jwks) for i in cfg.auth.issuers}
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
-    router = Router(routes, ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key))
+    tls = ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key)
+    router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit)
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = (cfg.sealing.attestation_ca or pki.attest_ca_cert).read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
@@ -110,12 +115,12 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         metrics=metrics,
         audit=audit,
     )
-    tls = ServerTls(pki.gateway_cert, pki.gateway_key, cfg.auth.mtls.ca_file or pki.service_ca_cert)
+    server_tls = ServerTls(pki.gateway_cert, pki.gateway_key, cfg.auth.mtls.ca_file or pki.service_ca_cert)
     server, port, mtls_port, health = create_server(
         service,
         guard,
         listen,
-        tls=tls,
+        tls=server_tls,
         max_message_bytes=cfg.gateway.max_message_bytes,
         mtls_listen=mtls_listen,
     )
@@ -123,6 +128,16 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
         admission=admission, tracer_provider=tracer_provider, sealing=sealing,
     )  # fmt: skip
+
+
+def shared_opt_in(authorizer: Authorizer) -> Callable[[str], bool]:
+    """Whether the policy in service (reloaded with it) opts a tenant in to shared workers."""
+
+    def may_share(tenant: str) -> bool:
+        settings = authorizer.policy.tenants.get(tenant)
+        return settings is not None and settings.isolation == "shared"
+
+    return may_share
 
 
 def build_sealing(
@@ -156,7 +171,7 @@ def build_sealing(
 
     return GatewaySealing(
         keystore, ca_pem=ca_pem, policy_for=policy_for, audit=audit,
-        reattest_seconds=cfg.sealing.reattest_seconds,
+        reattest_seconds=cfg.sealing.reattest_seconds, may_share=shared_opt_in(authorizer),
     )  # fmt: skip
 
 

@@ -91,6 +91,8 @@ class TenantSettings:
     issuers: tuple[str, ...]
     quota: QuotaLimits = field(default_factory=QuotaLimits)
     attestation: AttestationPolicy = field(default_factory=AttestationPolicy)
+    # "shared": the security team opts this tenant in to workers that serve several tenants.
+    isolation: str = "dedicated"
 
 
 @dataclass(frozen=True)
@@ -270,14 +272,17 @@ def _load_tenants(path: Path) -> dict[str, TenantSettings]:
         where = f"{path}: tenants.{name}"
         if not _TENANT.fullmatch(name):
             raise PolicyError(f"{where}: tenant names are lowercase letters, digits and '-'")
-        if not isinstance(settings, dict) or set(settings) - {"issuers", "quota", "attestation"}:
-            raise PolicyError(f"{where}: only 'issuers', 'quota' and 'attestation' may be set")
+        if not isinstance(settings, dict) or set(settings) - {"issuers", "quota", "attestation", "isolation"}:
+            raise PolicyError(f"{where}: only 'issuers', 'quota', 'attestation' and 'isolation' may be set")
         issuers = settings.get("issuers", [])
         if not isinstance(issuers, list) or not all(isinstance(i, str) and i for i in issuers):
             raise PolicyError(f"{where}.issuers: must be a list of issuer names")
         quota = _load_quota(f"{where}.quota", settings.get("quota", {}))
         attestation = _load_attestation(f"{where}.attestation", settings.get("attestation", {}))
-        out[name] = TenantSettings(name, tuple(issuers), quota, attestation)
+        isolation = settings.get("isolation", "dedicated")
+        if isolation not in ("dedicated", "shared"):  # a typo must not opt a tenant in
+            raise PolicyError(f'{where}.isolation: must be "dedicated" or "shared", got {isolation!r}')
+        out[name] = TenantSettings(name, tuple(issuers), quota, attestation, isolation)
     return out
 
 

@@ -1,9 +1,10 @@
 """Which worker serves a (tenant, model), and which of them are ready right now.
 
-One mTLS channel per worker address; gRPC reconnects it by itself, quickly, when a worker is
-restarted on the same address. Each worker's health is watched (the standard health service), so the
-gateway reports SERVING only while every tenant it serves has a ready worker, and per tenant as
-`tenant/<name>`.
+One mTLS channel per worker address (a shared worker's tenants share it); gRPC reconnects it by
+itself, quickly, when a worker is restarted on the same address. Each worker's health is watched
+(the standard health service), so the gateway reports SERVING only while every tenant it serves has
+a ready worker, and per tenant as `tenant/<name>`. A route to a shared worker is used only while the
+policy in service opts its tenant in to shared isolation; otherwise the call fails closed, audited.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from airlock.errors import InvalidRequestError, PermissionDeniedError
+from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
+from airlock.logs import current_request_id
 from airlock.v1 import worker_pb2_grpc
+from gateway.audit import AuditLog
 
 __all__ = ["ClientTls", "Route", "Router", "tenant_health_name"]
 
@@ -47,6 +50,7 @@ class Route:
     model: str
     engine: str
     address: str
+    shared: bool = False  # a worker that serves several tenants (isolation level "shared")
 
 
 @dataclass(frozen=True)
@@ -59,26 +63,42 @@ class ClientTls:
 
 
 class Router:
-    """Maps (tenant, model) to one worker channel; a tenant's first model is its default."""
+    """Maps (tenant, model) to one worker channel; a tenant's first model is its default.
 
-    def __init__(self, routes: list[Route], tls: ClientTls) -> None:
+    `may_share(tenant)` says whether the policy in service opts a tenant in to shared workers
+    (asked on every call, so a policy reload takes effect at once); None: nobody may share."""
+
+    def __init__(
+        self,
+        routes: list[Route],
+        tls: ClientTls,
+        *,
+        may_share: Callable[[str], bool] | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
             private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes(),
         )
         self.routes = routes
+        self.may_share = may_share or (lambda _tenant: False)
+        self._audit = audit or AuditLog(None)
+        self._routes: dict[tuple[str, str], Route] = {}
         self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
-        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address
         self._defaults: dict[str, str] = {}
-        self._ready: dict[tuple[str, str], bool] = {}
+        self._ready: dict[str, bool] = {}  # by worker address
         for route in routes:
             key = (route.tenant, route.model)
-            channel = grpc.aio.secure_channel(route.address, credentials, options=_CHANNEL_OPTIONS)
-            self._channels[key] = channel
+            channel = self._channels.get(route.address)
+            if channel is None:
+                channel = grpc.aio.secure_channel(route.address, credentials, options=_CHANNEL_OPTIONS)
+                self._channels[route.address] = channel
+                self._ready[route.address] = False
+            self._routes[key] = route
             self._stubs[key] = worker_pb2_grpc.WorkerStub(channel)
             self._defaults.setdefault(route.tenant, route.model)
-            self._ready[key] = False
 
     @property
     def tenants(self) -> list[str]:
@@ -97,11 +117,20 @@ class Router:
         stub = self._stubs.get((tenant, name))
         if stub is None:
             raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
+        if self._routes[(tenant, name)].shared and not self.may_share(tenant):
+            # Fail closed: the security team withdrew (or never gave) this tenant's opt-in.
+            self._audit.record("isolation", decision="refused", tenant=tenant, model=name,
+                               reason="ISOLATION_NOT_ALLOWED", request_id=current_request_id())  # fmt: skip
+            raise AttestationError(
+                "this tenant's model runs on a shared worker and the policy does not opt the tenant in "
+                "to shared isolation",
+                reason="ISOLATION_NOT_ALLOWED",
+            )
         return name, stub
 
     def tenant_ready(self, tenant: str) -> bool:
         """At least one of the tenant's workers reports SERVING."""
-        return any(ready for (t, _), ready in self._ready.items() if t == tenant)
+        return any(self._ready[r.address] for r in self.routes if r.tenant == tenant)
 
     def all_ready(self) -> bool:
         return all(self.tenant_ready(t) for t in self._defaults)
@@ -114,10 +143,9 @@ class Router:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch_one(
-        self, key: tuple[str, str], stop: asyncio.Event, changed: Callable[[], Awaitable[None]]
-    ) -> None:
+    async def _watch_one(self, key: str, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
         stub = health_pb2_grpc.HealthStub(self._channels[key])
+        tenants = ",".join(r.tenant for r in self.routes if r.address == key)
         pause = _WATCH_RETRY[0]
         while not stop.is_set():
             try:
@@ -126,18 +154,19 @@ class Router:
                     pause = _WATCH_RETRY[0]
             except grpc.aio.AioRpcError as exc:
                 # the worker is down or restarting: not ready until it answers again
-                _log.debug("worker health watch ended: %s", exc.code().name, extra={"tenant": key[0]})
+                _log.debug("worker health watch ended: %s", exc.code().name, extra={"tenant": tenants})
             await self._set(key, False, changed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
             pause = min(pause * 2, _WATCH_RETRY[1])
 
-    async def _set(self, key: tuple[str, str], ready: bool, changed: Callable[[], Awaitable[None]]) -> None:
-        if self._ready[key] == ready:
+    async def _set(self, address: str, ready: bool, changed: Callable[[], Awaitable[None]]) -> None:
+        if self._ready[address] == ready:
             return
-        self._ready[key] = ready
-        tenant, model = key
-        _log.info("worker %s", "ready" if ready else "not ready", extra={"tenant": tenant, "model": model})
+        self._ready[address] = ready
+        served = [r for r in self.routes if r.address == address]
+        where = {"tenant": ",".join(r.tenant for r in served), "model": served[0].model if served else ""}
+        _log.info("worker %s", "ready" if ready else "not ready", extra=where)
         await changed()
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -54,12 +55,14 @@ class GatewaySealing:
         policy_for: Callable[[str], AttestationPolicy],
         audit: AuditLog,
         reattest_seconds: float = 600.0,
+        may_share: Callable[[str], bool] = lambda _tenant: False,
     ) -> None:
         self.keystore = keystore
         self.ca_pem = ca_pem
         self.policy_for = policy_for
         self.audit = audit
         self.reattest_seconds = reattest_seconds
+        self.may_share = may_share  # whether the policy in service opts a tenant in to shared workers
         self._released: dict[tuple[str, str], _Released] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._active: dict[str, tuple[int, str, bytes]] = {}
@@ -117,13 +120,15 @@ class GatewaySealing:
     ) -> None:
         nonce = os.urandom(NONCE_BYTES)
         try:
-            evidence = await stub.GetEvidence(worker_pb2.EvidenceRequest(nonce=nonce), timeout=10)
+            request = worker_pb2.EvidenceRequest(nonce=nonce, tenant=tenant)
+            evidence = await stub.GetEvidence(request, timeout=10)
         except grpc.aio.AioRpcError:
             raise UnavailableError(
                 "the worker did not answer for attestation", reason="WORKER_UNAVAILABLE"
             ) from None
         try:
             verified = verify(evidence, ca_pem=self.ca_pem, nonce=nonce, tenant=tenant, policy=policy)
+            self._check_isolation(evidence, tenant)
         except AttestationError as exc:
             self.audit.record("attestation", decision="refused", tenant=tenant, model=model,
                               reason=exc.reason, request_id=current_request_id())  # fmt: skip
@@ -147,6 +152,14 @@ class GatewaySealing:
             worker_id=verified.worker_id, key_ids=sorted(keys), suite=verified.hpke_suite,
             measurements=dict(verified.measurements), request_id=current_request_id(),
         )  # fmt: skip
+
+    def _check_isolation(self, evidence: pb.Evidence, tenant: str) -> None:
+        """A worker that says (in its signed, verified statement) it serves several tenants gets a
+        tenant's keys only while the policy opts that tenant in, whatever the routes say."""
+        isolation = json.loads(evidence.statement).get("isolation", "dedicated")
+        if isolation != "dedicated" and not self.may_share(tenant):
+            raise AttestationError("the worker is shared and this tenant is not opted in to shared isolation",
+                                   reason="ISOLATION_NOT_ALLOWED")  # fmt: skip
 
     def _snapshot(self, tenant: str) -> tuple[dict[str, bytes], str, int]:
         """The usable keys, the active key id and the generation they belong to, read consistently:

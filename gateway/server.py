@@ -180,11 +180,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """Relay the worker's own evidence for the caller's nonce; the caller verifies it."""
         if not 16 <= len(request.nonce) <= 64:
             raise InvalidRequestError("nonce must be 16..64 bytes", field="nonce")
-        model, stub = self.router.resolve(current_caller().tenant, request.model)
+        tenant = current_caller().tenant
+        model, stub = self.router.resolve(tenant, request.model)
         try:
-            evidence = await stub.GetEvidence(
-                worker_pb2.EvidenceRequest(nonce=request.nonce), timeout=context.time_remaining()
-            )
+            ask = worker_pb2.EvidenceRequest(nonce=request.nonce, tenant=tenant)  # shared: per tenant
+            evidence = await stub.GetEvidence(ask, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc) from None
         return pb.Attestation(model=model, evidence=evidence)

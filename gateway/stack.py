@@ -1,5 +1,8 @@
 """Start and stop a whole stack as processes: one worker per (tenant, model), then the gateway.
 
+Tenants with `isolation = "shared"` have no workers of their own: every model they use gets one
+shared worker (key `("shared", MODEL)`), serving all of them.
+
 Used by `airlock up` and by the end-to-end tests. Children run in their own process groups with a
 parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind.
 """
@@ -23,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.audit import AuditLog, load_signing_key
 from gateway.config import Config, ModelConfig, TenantConfig
+from gateway.config_isolation import SHARED, shared_models
 from gateway.keystore import ensure_tenant_keys, open_keystore
 from gateway.pki import DevPki, ensure_dev_pki, worker_attestation_cert
 from gateway.supervisor import Domain, Supervisor, SupervisorMetrics
@@ -140,26 +144,25 @@ class Stack:
             signing_key=load_signing_key(self.config.audit.signing_key or pki.audit_key),
         )  # fmt: skip
         self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
-        for tenant in self.config.tenants.values():
-            for model_name in tenant.models:
-                key = (tenant.name, model_name)
-                name = f"worker-{tenant.name}-{model_name}"
-                args, domain = self.worker_command(pki, tenant, self.config.models[model_name])
-                self.domains[key], self._worker_args[key] = domain, args
-                # Whatever an earlier worker left in the domain goes before this one gets it.
-                scrubbed = supervisor.scrub(key, "start")
-                if not scrubbed["verified"]:
-                    raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
-                                     f"{scrubbed.get('reason')}")  # fmt: skip
-                # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
-                self.workers[key] = self._spawn(name, args, domain.env)
+        for key, (args, domain) in self._worker_plan(pki).items():
+            self.domains[key], self._worker_args[key] = domain, args
+            # Whatever an earlier worker left in the domain goes before this one gets it.
+            scrubbed = supervisor.scrub(key, "start")
+            if not scrubbed["verified"]:
+                raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
+                                 f"{scrubbed.get('reason')}")  # fmt: skip
+            # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
+            self.workers[key] = self._spawn(f"worker-{key[0]}-{key[1]}", args, domain.env)
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
         self._ports = {key: child.port for key, child in self.workers.items()}
-        routes = [
-            f"--route={tenant}/{model}/{self.config.models[model].engine}=127.0.0.1:{child.port}"
-            for (tenant, model), child in self.workers.items()
-        ]
+        routes = []
+        for tenant in self.config.tenants.values():  # in each tenant's model order: its first is its default
+            for model in tenant.models:
+                shared = tenant.isolation == "shared"
+                child = self.workers[(SHARED, model) if shared else (tenant.name, model)]
+                engine = self.config.models[model].engine + ("/shared" if shared else "")
+                routes.append(f"--route={tenant.name}/{model}/{engine}=127.0.0.1:{child.port}")
         gateway_args = ["-m", "gateway", "--listen", self.listen, "--state-dir", str(self.config.state_dir)]
         if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
             # A listen override (tests, a second stack) moves the service port too: same host, any port.
@@ -177,18 +180,49 @@ class Stack:
                 "ca": str(pki.ca_cert)}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
 
+    def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[list[str], Domain]]:
+        """Every worker to start: one per (dedicated tenant, model), one per shared model."""
+        plan = {}
+        for tenant in self.config.tenants.values():
+            if tenant.isolation == "dedicated":
+                for model in tenant.models:
+                    plan[(tenant.name, model)] = self.worker_command(pki, tenant, self.config.models[model])
+        for model, tenants in shared_models(self.config).items():
+            plan[(SHARED, model)] = self.shared_worker_command(pki, tenants, self.config.models[model])
+        return plan
+
     def worker_command(
         self, pki: DevPki, tenant: TenantConfig, model: ModelConfig
     ) -> tuple[list[str], Domain]:
         """The arguments of one (tenant, model) worker, and the isolation domain it is pinned to."""
-        limits = self.config.gateway.limits
-        sup = self.config.supervisor
         devices = tenant.domains.get(model.name, ())
         domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
-        attest = worker_attestation_cert(pki, tenant.name, self.config.auth.mtls.trust_domain)
+        return self._worker_args_for(pki, (tenant.name,), model, domain, self.config.supervisor.scrub), domain
+
+    def shared_worker_command(
+        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig
+    ) -> tuple[list[str], Domain]:
+        """One model's shared worker: every opted-in tenant, each with its attestation identity."""
+        devices = self.config.shared_domains.get(model.name, ())
+        domain = Domain.for_worker(self.run_dir, f"worker-{SHARED}-{model.name}", devices)
+        # State is zeroed between tenants whatever dedicated workers do ("off" leaves it to the exit scrub).
+        scrub = "request" if self.config.supervisor.scrub == "request" else "tenant-switch"
+        args = self._worker_args_for(pki, tenants, model, domain, scrub)
+        return [*args, "--isolation", "shared"], domain
+
+    def _worker_args_for(
+        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig, domain: Domain, scrub: str
+    ) -> list[str]:
+        limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        identities = []
+        for tenant in tenants:  # each tenant: its name, then its attestation certificate and key
+            attest = worker_attestation_cert(pki, tenant, self.config.auth.mtls.trust_domain)
+            identities += ["--tenant", tenant, "--attest-cert", str(attest.cert),
+                           "--attest-key", str(attest.key)]  # fmt: skip
         args = [
             "-m", "worker",
-            "--tenant", tenant.name,
+            *identities,
             "--model", model.name,
             "--engine", model.engine,
             "--model-path", model.path,
@@ -204,15 +238,14 @@ class Stack:
             "--arena", str(domain.arena),
             "--arena-bytes", str(sup.arena_mb << 20),
             "--canary-file", str(domain.canaries),
-            "--scrub", sup.scrub,
+            "--scrub", scrub,
             "--device", domain.device,
             *self._bundle_args(pki, model.path),
             "--hpke-suite", self.config.sealing.hpke_suite,
-            "--attest-cert", str(attest.cert), "--attest-key", str(attest.key),
         ]  # fmt: skip
         if model.engine == "vllm":
-            args += ["--tensor-parallel-size", str(max(1, len(devices)))]
-        return args, domain
+            args += ["--tensor-parallel-size", str(max(1, len(domain.devices)))]
+        return args
 
     def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
         """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""

@@ -9,6 +9,7 @@ On CUDA the canaries live in device memory instead (`write_cuda_canaries`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -143,8 +144,9 @@ class RequestState:
     """Holds each request's state in the arena while it runs; zeroes it per `mode`.
 
     "request": zeroed when the request ends; "tenant-switch": zeroed before a request of another
-    tenant starts (a dedicated worker only ever serves one, so that is at exit, by the scrubber);
-    "off": left for the scrubber.
+    tenant starts, or at once when it ends while another tenant's request runs (a dedicated worker
+    only ever serves one tenant, so that is at exit, by the scrubber; a shared worker serves
+    several, concurrently); "off": left for the scrubber.
     """
 
     def __init__(self, arena: Arena, mode: str) -> None:
@@ -153,21 +155,28 @@ class RequestState:
         self.arena = arena
         self.mode = mode
         self.zeroed_bytes = 0
-        self._tenant: str | None = None
+        self._dirty_tenants: set[str] = set()  # whose released state lies unzeroed
+        self._running: collections.Counter[str] = collections.Counter()
 
     @contextlib.contextmanager
     def hold(self, tenant: str, data: bytes) -> Iterator[None]:
-        if self.mode == "tenant-switch" and self._tenant not in (None, tenant):
+        if self.mode == "tenant-switch" and self._dirty_tenants - {tenant}:
             self.zeroed_bytes += self.arena.zero_dirty()
-        self._tenant = tenant
+            self._dirty_tenants.clear()
         slot = self.arena.acquire(data)
+        self._running[tenant] += 1
         try:
             yield
         finally:
+            self._running[tenant] -= 1
             if slot is not None:
                 used = slot.used
-                self.arena.release(slot, zero=self.mode == "request")
-                self.zeroed_bytes += used if self.mode == "request" else 0
+                others = any(n for t, n in self._running.items() if t != tenant)
+                zero = self.mode == "request" or (self.mode == "tenant-switch" and others)
+                self.arena.release(slot, zero=zero)
+                self.zeroed_bytes += used if zero else 0
+                if not zero:
+                    self._dirty_tenants.add(tenant)
 
 
 def write_cuda_canaries(count: int, record_path: Path) -> list[Any]:

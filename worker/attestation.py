@@ -84,8 +84,14 @@ class WorkerAttestor:
         attest_cert: Path,
         suite: str = SUITES[0],
         nvidia: bool = True,
+        isolation: str = "dedicated",
+        tenants: tuple[str, ...] = (),
     ) -> None:
         self.tenant = tenant
+        # Said in every statement (and covered by the config measurement), so a verifier sees a
+        # shared worker for what it is; `tenants` is everyone it serves.
+        self.isolation = isolation
+        self.tenants = tenants or (tenant,)
         self.model = model
         self.hpke = HpkeKey(suite)
         key = load_pem_private_key(attest_key.read_bytes(), password=None)
@@ -112,6 +118,8 @@ class WorkerAttestor:
             "level": "nvidia-cc" if gpu_evidence else "software",
             "tenant": self.tenant,
             "model": self.model,
+            "isolation": self.isolation,
+            "tenants": list(self.tenants),
             "measurements": self.measurements,
             "hpke_suite": self.hpke.suite,
             "hpke_public_key": base64.b64encode(self.hpke.public_bytes).decode(),

@@ -24,7 +24,7 @@ class EchoEngine:
         self._running: set[str] = set()
         self._aborted: set[str] = set()
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[EngineOutput]:
+    async def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]:
         users = [m for m in spec.messages if m.role == "user"] or list(spec.messages)
         words = users[-1].content.split()
         prompt_tokens = sum(len(m.content.split()) for m in spec.messages)

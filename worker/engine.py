@@ -27,13 +27,15 @@ class Engine(Protocol):
 
     Leaving the iteration early (break, `aclose()`, task cancellation) stops the generation,
     exactly like `abort(request_id)`; `produced_tokens` counts every token generated since start.
+    `tenant` is the request's tenant: a shared engine keeps tenants apart by it (vLLM's per-tenant
+    `cache_salt`, KV scrub on a tenant switch); an engine with no cross-request state ignores it.
     """
 
     kind: str
     produced_tokens: int
     active: int
 
-    def generate(self, spec: GenerationSpec) -> AsyncIterator[EngineOutput]: ...
+    def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 

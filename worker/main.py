@@ -1,5 +1,8 @@
 """Worker process entry point: `python -m worker --tenant T --model M ...` (started by `airlock up`).
 
+A shared worker (`--isolation shared`) names every tenant it serves, each with its own attestation
+certificate and key, in the same order: `--tenant A --attest-cert A.crt --attest-key A.key --tenant B ...`.
+
 Settings arrive as explicit arguments from the launcher; nothing is read from the environment
 except what the launcher put there for the isolation domain (CUDA_VISIBLE_DEVICES).
 """
@@ -44,7 +47,7 @@ OFFLINE_ENV = {
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    tenant: str
+    tenant: str  # the first (a dedicated worker's only) tenant
     model: str
     engine: str
     model_path: str
@@ -69,11 +72,17 @@ class WorkerSettings:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     isolation: str = "dedicated"
+    # A shared worker's other tenants, each with its attestation certificate and key.
+    others: tuple[tuple[str, Path, Path], ...] = ()
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        return (self.tenant, *(t for t, _, _ in self.others))
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    p.add_argument("--tenant", required=True)
+    p.add_argument("--tenant", required=True, action="append", help="repeatable with --isolation shared")
     p.add_argument("--model", required=True, help="model name callers use")
     p.add_argument("--engine", choices=("transformers", "echo", "vllm"), default="transformers")
     p.add_argument("--model-path", default="bundled", help="'bundled' or a local HF model directory")
@@ -97,15 +106,18 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--scrub", choices=SCRUB_MODES, default="request", help="when request state is zeroed")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs in the domain")
     p.add_argument("--max-model-len", type=int, help="vllm: context per sequence (default: the model's)")
-    p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated", help="vllm")
+    p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated",
+                   help="shared: several opted-in tenants on this one engine")  # fmt: skip
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--attest-cert",
         type=Path,
         required=True,
-        help="this tenant's worker attestation certificate (from the attestation CA)",
+        action="append",
+        help="this tenant's worker attestation certificate (from the attestation CA); one per --tenant",
     )
-    p.add_argument("--attest-key", type=Path, required=True, help="its private key (signs evidence)")
+    p.add_argument("--attest-key", type=Path, required=True, action="append",
+                   help="its private key (signs evidence); one per --tenant")  # fmt: skip
     p.add_argument("--hpke-suite", choices=SUITES, default=SUITES[0],
                    help="how tenant and end-to-end keys are sealed to this worker")  # fmt: skip
     p.add_argument("--trusted-keys", type=Path, help="PEM public keys model bundles must be signed by")
@@ -113,8 +125,19 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--bundle-signing-key", type=Path, help="development: sign the bundled model's conversion")
     a = p.parse_args(argv)
     logs.configure("worker", a.log_level)
+    tenants: list[str] = a.tenant
+    if len(set(tenants)) != len(tenants):
+        p.error("a tenant is named twice")
+    if len(tenants) != len(a.attest_cert) or len(tenants) != len(a.attest_key):
+        p.error("each --tenant needs its own --attest-cert and --attest-key, in the same order")
+    if len(tenants) > 1 and a.isolation != "shared":
+        p.error("serving several tenants needs --isolation shared")
+    if a.isolation == "shared" and a.scrub == "off":
+        # Fail closed: state must never pass from one tenant's request to another's unzeroed.
+        p.error('a shared worker zeroes state between tenants: --scrub "request" or "tenant-switch"')
     return WorkerSettings(
-        tenant=a.tenant,
+        tenant=tenants[0],
+        others=tuple(zip(tenants[1:], a.attest_cert[1:], a.attest_key[1:], strict=True)),
         model=a.model,
         engine=a.engine,
         model_path=a.model_path,
@@ -129,8 +152,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         grace_seconds=a.grace_seconds,
         max_message_bytes=a.max_message_bytes,
         hpke_suite=a.hpke_suite,
-        attest_cert=a.attest_cert,
-        attest_key=a.attest_key,
+        attest_cert=a.attest_cert[0],
+        attest_key=a.attest_key[0],
         bundles=BundlePolicy(a.trusted_keys, not a.allow_unsigned, a.bundle_signing_key),
         arena=a.arena,
         arena_bytes=a.arena_bytes,
@@ -163,42 +186,65 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
             tensor_parallel_size=settings.tensor_parallel_size,
             max_model_len=settings.max_model_len,
             isolation=settings.isolation,
+            scrub=settings.scrub,
         )
         return VllmEngine(vllm, tenant=settings.tenant), measured
     from worker.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(
-        model_dir, threads=settings.threads, device=settings.device, scrub_kv=settings.scrub == "request"
+        model_dir, threads=settings.threads, device=settings.device, scrub_kv=zeroes_kv_per_request(settings)
     )
     return engine, measured
 
 
-def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
-    measured = {  # what the configuration measurement covers: everything that shapes answers
+def zeroes_kv_per_request(settings: WorkerSettings) -> bool:
+    """TransformersEngine zeroes a request's KV cache when it ends in "request" mode, and always on a
+    shared worker: it runs one request at a time, so that is also what "tenant-switch" needs there."""
+    return settings.scrub == "request" or settings.isolation == "shared"
+
+
+def build_attestors(settings: WorkerSettings, manifest: bytes) -> dict[str, WorkerAttestor]:
+    """One attestor per tenant served: its own attestation key, HPKE key and released keys. The
+    configuration they measure is the same, and names the isolation level and every tenant."""
+    # What the configuration measurement covers: everything that shapes answers.
+    measured: dict[str, object] = {
         "tenant": settings.tenant, "model": settings.model, "engine": settings.engine,
         "model_path": settings.model_path, "max_tokens": settings.limits.max_tokens,
         "default_max_tokens": settings.limits.default_max_tokens, "device": settings.device,
         "scrub": settings.scrub, "isolation": settings.isolation, "hpke_suite": settings.hpke_suite,
     }  # fmt: skip
+    if settings.isolation == "shared":
+        del measured["tenant"]
+        measured["tenants"] = sorted(settings.tenants)
     if settings.attest_cert is None or settings.attest_key is None:
         raise ValueError("a worker needs its attestation certificate and key (--attest-cert/--attest-key)")
-    return WorkerAttestor(
-        tenant=settings.tenant, model=settings.model, settings=measured, model_manifest=manifest,
-        attest_key=settings.attest_key, attest_cert=settings.attest_cert, suite=settings.hpke_suite,
-        nvidia=settings.device != "cpu",
-    )  # fmt: skip
+    identities = ((settings.tenant, settings.attest_cert, settings.attest_key), *settings.others)
+    out = {}
+    for tenant, cert, key in identities:
+        out[tenant] = WorkerAttestor(
+            tenant=tenant, model=settings.model, settings=measured, model_manifest=manifest,
+            attest_key=key, attest_cert=cert, suite=settings.hpke_suite, nvidia=settings.device != "cpu",
+            isolation=settings.isolation, tenants=tuple(sorted(settings.tenants)),
+        )  # fmt: skip
+    return out
+
+
+def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
+    return build_attestors(settings, manifest)[settings.tenant]
 
 
 async def serve(settings: WorkerSettings) -> None:
     # Until the engine is loaded there is nothing to drain: SIGTERM keeps its default (exit now).
     engine, manifest = await asyncio.to_thread(build_engine, settings)
-    attestor = build_attestor(settings, manifest)
+    attestors = build_attestors(settings, manifest)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     state, cuda_canaries = _domain_memory(settings)
-    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, attestor, state)
+    first = attestors.pop(settings.tenant)
+    service = WorkerService(settings.tenant, settings.model, engine, settings.limits, first, state,
+                            others=attestors, isolation=settings.isolation)  # fmt: skip
     server, port, health = await create_server(
         service, settings.listen, settings.tls, max_message_bytes=settings.max_message_bytes
     )
@@ -206,8 +252,11 @@ async def serve(settings: WorkerSettings) -> None:
     await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     if settings.ready_file is not None:
-        _write_ready(settings.ready_file, {"port": port, "pid": os.getpid(), "tenant": settings.tenant})
-    _log.info("worker ready", extra={"tenant": settings.tenant, "model": settings.model, "port": port})
+        tenants = list(settings.tenants)
+        _write_ready(settings.ready_file, {"port": port, "pid": os.getpid(), "tenant": tenants[0],
+                                           "tenants": tenants})  # fmt: skip
+    _log.info("worker ready", extra={"tenant": ",".join(settings.tenants), "model": settings.model,
+                                     "port": port, "isolation": settings.isolation})  # fmt: skip
     await stopping.wait()
     _log.info("worker stopping", extra={"tenant": settings.tenant})
     await health.enter_graceful_shutdown()

@@ -1,14 +1,15 @@
 """The worker's gRPC server: the `Worker` service for the gateway, plus health and reflection.
 
-Only the gateway may call it: TLS requires a client certificate from the deployment's CA, and the
-peer interceptor admits only the gateway's certificate name.
+A worker serves one tenant, or several when its isolation level is `shared`. Only the gateway may
+call it: TLS requires a client certificate from the deployment's CA, and the peer interceptor admits
+only the gateway's certificate name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class WorkerTls:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Serves one tenant (isolation `dedicated`) or several opted-in tenants (`shared`): each
+    tenant has its own attestor (attestation key, HPKE key, released keys), never another's."""
+
     def __init__(
         self,
         tenant: str,
@@ -49,14 +53,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         limits: Limits,
         attestor: WorkerAttestor,
         state: RequestState | None = None,
+        *,
+        others: Mapping[str, WorkerAttestor] | None = None,
+        isolation: str = "dedicated",
     ) -> None:
+        self.attestors = {tenant: attestor, **(others or {})}
+        if any(name != a.tenant for name, a in self.attestors.items()):
+            raise ValueError("each attestor must be its own tenant's")
         self.tenant = tenant
         self.model = model
         self.engine = engine
         self.limits = limits
         self.attestor = attestor
+        self.isolation = isolation
         self.state = state  # the domain arena that holds request state, zeroed per the scrub mode
         self.requests_started = 0
+
+    def _attestor(self, tenant: str) -> WorkerAttestor:
+        # Defence in depth: the gateway routes by tenant; the worker still refuses any other.
+        attestor = self.attestors.get(tenant)
+        if attestor is None:
+            raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
+        return attestor
 
     def _hold(self, request: worker_pb2.WorkerRequest) -> contextlib.AbstractContextManager[None]:
         if self.state is None:
@@ -67,9 +85,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Check and open a request: the prompt only ever arrives sealed, under a tenant key this
         worker was released or an end-to-end request key sealed to its attested HPKE key. Returns
         the spec and the sealer for the answer (same key, the other direction)."""
-        # Defence in depth: the gateway routes by tenant; the worker still refuses any other.
-        if request.tenant != self.tenant:
-            raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
+        tenant = request.tenant
+        attestor = self._attestor(tenant)
         inner = request.request
         if inner.model not in ("", self.model):
             raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
@@ -80,18 +97,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         inner.model = self.model
         key_id = Opener.header_of(inner.sealed_messages).key_id
         if inner.HasField("end_to_end"):
-            if inner.end_to_end.worker_id != self.attestor.hpke.worker_id or key_id != E2E_KEY_ID:
+            if inner.end_to_end.worker_id != attestor.hpke.worker_id or key_id != E2E_KEY_ID:
                 raise AttestationError(
                     "sealed to another worker key; attest again", reason="ATTESTATION_STALE"
                 )
-            info = e2e_info(self.tenant, inner.request_id, self.model)
-            secret = self.attestor.hpke.open(inner.end_to_end.sealed_key, info)
+            info = e2e_info(tenant, inner.request_id, self.model)
+            secret = attestor.hpke.open(inner.end_to_end.sealed_key, info)
         else:
-            secret = self.attestor.key(key_id)
-        open_prompt(inner, self.tenant, key_id, secret)
+            secret = attestor.key(key_id)  # only this tenant's released keys are looked at
+        open_prompt(inner, tenant, key_id, secret)
         spec = validate_request(inner, self.limits)
         self.requests_started += 1
-        return spec, Sealer(secret, response_key(self.tenant, key_id, inner))
+        return spec, Sealer(secret, response_key(tenant, key_id, inner))
 
     async def Generate(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
@@ -100,7 +117,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         parts: list[str] = []
         response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
         with self._hold(request):
-            async for out in self.engine.generate(spec):
+            async for out in self.engine.generate(spec, tenant=request.tenant):
                 parts.append(out.text)
                 if out.finish_reason is not None:
                     response.finish_reason = FINISH_CODES[out.finish_reason]
@@ -113,7 +130,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         spec, sealer = self._admit(request)
-        outputs = self.engine.generate(spec)
+        outputs = self.engine.generate(spec, tenant=request.tenant)
         with self._hold(request):
             try:
                 async for out in outputs:
@@ -131,12 +148,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def GetEvidence(
         self, request: worker_pb2.EvidenceRequest, context: grpc.aio.ServicerContext
     ) -> pb.Evidence:
-        return self.attestor.evidence(request.nonce)
+        if not request.tenant and len(self.attestors) > 1:
+            raise InvalidRequestError("a shared worker attests per tenant: name it", field="tenant")
+        return self._attestor(request.tenant or self.tenant).evidence(request.nonce)
 
     async def ReleaseKeys(
         self, request: worker_pb2.KeyRelease, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KeyReleaseReply:
-        return worker_pb2.KeyReleaseReply(key_ids=self.attestor.release(request))
+        attestor = self.attestors.get(request.tenant)
+        if attestor is None:
+            raise AttestationError("keys for a tenant this worker doesn't serve", reason="KEY_WRONG_TENANT")
+        return worker_pb2.KeyReleaseReply(key_ids=attestor.release(request))
 
     async def Info(
         self, request: worker_pb2.WorkerInfoRequest, context: grpc.aio.ServicerContext
@@ -149,6 +171,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             requests_started=self.requests_started,
             produced_tokens=self.engine.produced_tokens,
             active=self.engine.active,
+            tenants=list(self.attestors),
+            isolation=self.isolation,
         )
 
 

@@ -56,7 +56,7 @@ class TransformersEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._stops: dict[str, threading.Event] = {}
 
-    async def generate(self, spec: GenerationSpec) -> AsyncIterator[EngineOutput]:
+    async def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]:
         loop = asyncio.get_running_loop()
         # Templating and tokenizing a long prompt takes a while: keep it off the event loop.
         inputs = await asyncio.to_thread(

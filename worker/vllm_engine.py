@@ -5,29 +5,34 @@ Isolation levels: `dedicated` (default, one tenant per engine and domain) and `s
 opt-in, several tenants on one engine): every shared request carries a per-tenant `cache_salt`,
 so a prefix-cache hit can never cross tenants (CVE-2025-46570: cache timing told one tenant what
 another had sent). vLLM does not zero KV blocks when a request ends; in a dedicated domain the
-scrubber overwrites the whole domain after the worker exits (docs/isolation.md).
+scrubber overwrites the whole domain after the worker exits (docs/isolation.md). A shared engine
+(scrub "request" or "tenant-switch") also lets the previous tenant's requests drain, resets the
+prefix cache and zeroes the KV cache tensors before another tenant's request runs (worker/kv_scrub.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airlock.errors import InvalidRequestError
+from airlock.errors import InvalidRequestError, UnavailableError
 from airlock.types import GenerationSpec
 from worker.engine import EngineOutput
+from worker.kv_scrub import KV_SCRUB_METHOD, KvScrubExtension, TenantGate
 
 __all__ = ["ISOLATION_LEVELS", "VllmEngine", "VllmSettings", "cache_salt", "maverick_fp8"]
 
 ISOLATION_LEVELS = ("dedicated", "shared")
+_RESET_TRIES, _RESET_PAUSE = 50, 0.02  # up to ~1 s for aborted requests' blocks to be freed
 # Set before vLLM is imported: no usage report, no hub access (the worker sets them too).
 OFFLINE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
@@ -43,6 +48,11 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.90  # the 10% margin `airlock plan` counts
     enable_prefix_caching: bool = True
     isolation: str = "dedicated"
+    scrub: str = "request"  # shared engines: "request" and "tenant-switch" zero KV between tenants
+
+    @property
+    def scrubs_kv(self) -> bool:
+        return self.isolation == "shared" and self.scrub != "off"
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for vLLM's AsyncEngineArgs."""
@@ -59,6 +69,8 @@ class VllmSettings:
             args["max_model_len"] = self.max_model_len
         if self.quantization is not None:
             args["quantization"] = self.quantization
+        if self.scrubs_kv:  # vLLM mixes it into its worker class, for collective_rpc
+            args["worker_extension_cls"] = f"{KvScrubExtension.__module__}.{KvScrubExtension.__qualname__}"
         return args
 
 
@@ -85,23 +97,56 @@ def cache_salt(key: bytes, tenant: str) -> str:
 class VllmEngine:
     kind = "vllm"
 
-    def __init__(self, settings: VllmSettings, *, tenant: str, salt_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: VllmSettings,
+        *,
+        tenant: str,
+        salt_key: bytes | None = None,
+        engine: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        """`engine` and `tokenizer` stand in for vLLM's AsyncLLM and the model's tokenizer in tests
+        of the code around them; production builds both from `settings`."""
         if settings.isolation not in ISOLATION_LEVELS:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION_LEVELS)}")
-        os.environ.update(OFFLINE_ENV)
-        from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.settings = settings
         self.tenant = tenant
         # A fresh key per engine: salts only need to differ between tenants of this engine.
         self._salt_key = salt_key or secrets.token_bytes(32)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, local_files_only=True)
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**settings.engine_args()))
+        if engine is None:
+            os.environ.update(OFFLINE_ENV)
+            from transformers import AutoTokenizer
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, local_files_only=True)
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**settings.engine_args()))
+        self.tokenizer = tokenizer
+        self._engine = engine
         self.produced_tokens = 0
         self.active = 0
+        self.zeroed_kv_bytes = 0
         self._ids: dict[str, set[str]] = {}  # the caller's request id -> vLLM's ids
+        self.gate = TenantGate(self._scrub_caches) if settings.scrubs_kv else None
+
+    async def _scrub_caches(self) -> None:
+        """Between tenants, with no request in flight: forget every cached prefix, then zero the KV
+        cache tensors on every worker. Anything short of both fails the switch (UNAVAILABLE)."""
+        # An aborted request's blocks are freed by the engine core a moment later: retry briefly.
+        for _ in range(_RESET_TRIES):
+            if await self._engine.reset_prefix_cache():
+                break
+            await asyncio.sleep(_RESET_PAUSE)
+        else:
+            raise UnavailableError("the engine's prefix cache could not be reset; retry",
+                                   reason="KV_SCRUB_FAILED")  # fmt: skip
+        try:
+            zeroed = await self._engine.collective_rpc(KV_SCRUB_METHOD)
+        except Exception:
+            raise UnavailableError("the engine's KV cache could not be zeroed; retry",
+                                   reason="KV_SCRUB_FAILED") from None  # fmt: skip
+        self.zeroed_kv_bytes += sum(int(z) for z in zeroed)
 
     def prompt_for(self, spec: GenerationSpec, tenant: str) -> dict[str, Any]:
         ids = self.tokenizer.apply_chat_template(
@@ -114,17 +159,26 @@ class VllmEngine:
             prompt["cache_salt"] = cache_salt(self._salt_key, tenant)
         return prompt
 
-    async def generate(
-        self, spec: GenerationSpec, *, tenant: str | None = None
-    ) -> AsyncIterator[EngineOutput]:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
+    async def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]:
         tenant = tenant or self.tenant
         if self.settings.isolation == "dedicated" and tenant != self.tenant:
             raise InvalidRequestError("this engine serves another tenant", reason="WRONG_TENANT")
         prompt = await asyncio.to_thread(self.prompt_for, spec, tenant)
+        params = self._params(spec)
+        gate: contextlib.AbstractAsyncContextManager[None] = (
+            self.gate.enter(tenant) if self.gate is not None else contextlib.nullcontext()
+        )
+        # The request's own abort runs inside the gate: its blocks are free before a switch.
+        async with gate, contextlib.aclosing(self._run(spec, prompt, params)) as outputs:
+            async for out in outputs:
+                yield out
+
+    @staticmethod
+    def _params(spec: GenerationSpec) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
         s = spec.sampling
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p if s.temperature > 0 else 1.0,
@@ -132,6 +186,10 @@ class VllmEngine:
             stop=list(s.stop),
             output_kind=RequestOutputKind.DELTA,  # only the new tokens in each output
         )
+
+    async def _run(
+        self, spec: GenerationSpec, prompt: dict[str, Any], params: Any
+    ) -> AsyncGenerator[EngineOutput, None]:
         # The caller's id is not unique across tenants of a shared engine: vLLM gets its own.
         internal = uuid.uuid4().hex
         self._ids.setdefault(spec.request_id, set()).add(internal)

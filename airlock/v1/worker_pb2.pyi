@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EvidenceRequest(_message.Message):
-    __slots__ = ("nonce",)
+    __slots__ = ("nonce", "tenant")
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
-    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+    tenant: str
+    def __init__(self, nonce: _Optional[bytes] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class KeyRelease(_message.Message):
     __slots__ = ("tenant", "worker_id", "sealed_keys", "nonce")
@@ -59,7 +61,7 @@ class WorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("tenant", "model", "engine", "pid", "requests_started", "produced_tokens", "active")
+    __slots__ = ("tenant", "model", "engine", "pid", "requests_started", "produced_tokens", "active", "tenants", "isolation")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +69,8 @@ class WorkerInfo(_message.Message):
     REQUESTS_STARTED_FIELD_NUMBER: _ClassVar[int]
     PRODUCED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     engine: str
@@ -74,4 +78,6 @@ class WorkerInfo(_message.Message):
     requests_started: int
     produced_tokens: int
     active: int
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., pid: _Optional[int] = ..., requests_started: _Optional[int] = ..., produced_tokens: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    isolation: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., pid: _Optional[int] = ..., requests_started: _Optional[int] = ..., produced_tokens: _Optional[int] = ..., active: _Optional[int] = ..., tenants: _Optional[_Iterable[str]] = ..., isolation: _Optional[str] = ...) -> None: ...

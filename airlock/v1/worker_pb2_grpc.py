@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """One worker process serves one tenant's model in one isolation domain.
+    """One worker process serves one tenant's model in one isolation domain (isolation level
+    `dedicated`), or one model for several opted-in tenants (level `shared`).
     """
 
     def __init__(self, channel):
@@ -64,7 +65,8 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """One worker process serves one tenant's model in one isolation domain.
+    """One worker process serves one tenant's model in one isolation domain (isolation level
+    `dedicated`), or one model for several opted-in tenants (level `shared`).
     """
 
     def Generate(self, request, context):
@@ -139,7 +141,8 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """One worker process serves one tenant's model in one isolation domain.
+    """One worker process serves one tenant's model in one isolation domain (isolation level
+    `dedicated`), or one model for several opted-in tenants (level `shared`).
     """
 
     @staticmethod

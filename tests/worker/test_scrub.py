@@ -51,6 +51,21 @@ def test_tenant_switch_mode_zeroes_before_another_tenant_runs(tmp_path: Path) ->
         assert not found(arena.path, SECRET) and not found(arena.path, b"second request")
 
 
+def test_tenant_switch_on_a_shared_worker_zeroes_state_across_concurrent_tenants(tmp_path: Path) -> None:
+    """Requests of two tenants overlap: acme's state may not wait, dirty, while globex's run."""
+    arena = Arena(tmp_path / "a.arena", 1 << 20)
+    state = RequestState(arena, "tenant-switch")
+    with state.hold("globex", b"globex state"):
+        with state.hold("acme", SECRET):
+            assert found(arena.path, SECRET)
+        assert not found(arena.path, SECRET)  # ended while globex runs: zeroed at once
+    assert found(arena.path, b"globex state")  # nobody else running: dirty until a switch
+    with state.hold("globex", b"globex again"):
+        assert found(arena.path, b"globex state")
+    with state.hold("acme", b"acme again"):
+        assert not found(arena.path, b"globex state") and not found(arena.path, b"globex again")
+
+
 def test_scrub_finds_canaries_then_overwrites_and_verifies(tmp_path: Path) -> None:
     arena = Arena(tmp_path / "a.arena", 1 << 20)
     record = arena.write_canaries(tmp_path / "c.json")
