@@ -9,6 +9,7 @@ refusal the fault should cause".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ class Outcome:
     tenant: str
     kind: str  # "unary" or "stream"
     error: str  # "" for a correct answer, else "ErrorClass/REASON" (or the exception type)
+    finished: float = 0.0  # time.monotonic() when the answer (or error) arrived
 
 
 @dataclass
@@ -78,7 +80,10 @@ class Load:
                         pass
             tenant = self.tenants[n % len(self.tenants)]
             kind = "stream" if n % self.stream_every == 0 else "unary"
-            self.outcomes.append(await self._call(tenant, kind))
+            outcome = dataclasses.replace(await self._call(tenant, kind), finished=time.monotonic())
+            self.outcomes.append(outcome)
+            if outcome.error:  # back off a little, as a real client would, instead of spinning
+                await asyncio.sleep(0.05)
 
     async def _call(self, tenant: str, kind: str) -> Outcome:
         started = time.monotonic()
