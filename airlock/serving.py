@@ -4,7 +4,9 @@
 `ErrorInterceptor` gives every call its request id (from `x-request-id` metadata, the request body,
 or a new one; echoed in trailing metadata and bound to every log line of the call), maps the Airlock
 error tree to statuses (most specific class first) and hides everything else behind `INTERNAL` with
-the request id. `GuardInterceptor` runs a check before every method but health checks, so a refused
+the request id; request bytes that are not a valid message are refused with `INVALID_ARGUMENT`
+(`MALFORMED_REQUEST`) before anything else runs, where gRPC alone would answer `UNKNOWN`.
+`GuardInterceptor` runs a check before every method but health checks, so a refused
 call never reaches servicer code.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -220,13 +222,73 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
         # and raises nothing of ours: it passes untouched.
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+        if handler is None:
             return handler
-        return wrap_handler(handler, _map_unary, _map_stream)
+        if handler_call_details.method.startswith(HEALTH_PREFIX):
+            if handler.unary_unary is None:  # Watch: left exactly as gRPC made it
+                return handler
+            wrapped = wrap_handler(handler, _refuse_if_malformed, _refuse_if_malformed)
+        else:
+            wrapped = wrap_handler(handler, _map_unary, _map_stream)
+        return wrapped._replace(request_deserializer=_tolerant(handler.request_deserializer))
+
+
+class _Malformed:
+    """Stands in for request bytes that are not a valid message, so the call is refused with
+    INVALID_ARGUMENT by `_map_unary`/`_map_stream` (gRPC itself would answer UNKNOWN)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return decode
+
+
+def _refuse_if_malformed(behavior: Behavior) -> Behavior:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _MALFORMED:
+            await _refuse_malformed(context)
+        return await behavior(request, context)
+
+    return run
+
+
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A client stream whose malformed messages end the call with INVALID_ARGUMENT."""
+    async for item in requests:
+        if item is _MALFORMED:
+            await _refuse_malformed(context)
+        yield item
+
+
+def _screen(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    return _checked(request, context) if hasattr(request, "__aiter__") else request
+
+
+async def _refuse_malformed(context: grpc.aio.ServicerContext) -> None:
+    # Refused before the guard runs: nothing was decoded, so there is nothing to authorize or
+    # dispatch, and the caller learns no more than that its bytes are not a message.
+    request_id = new_request_id()
+    bind_request_id(request_id)
+    err = InvalidRequestError("request is not a valid protobuf message", reason="MALFORMED_REQUEST")
+    await abort_with(context, err, request_id)
 
 
 def _map_unary(behavior: Behavior) -> Behavior:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _MALFORMED:
+            await _refuse_malformed(context)
+        request = _screen(request, context)
         request_id = await _begin(request, context)
         try:
             return await behavior(request, context)
@@ -240,6 +302,9 @@ def _map_unary(behavior: Behavior) -> Behavior:
 
 def _map_stream(behavior: Behavior) -> Behavior:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if request is _MALFORMED:
+            await _refuse_malformed(context)
+        request = _screen(request, context)
         request_id = await _begin(request, context)
         try:
             async for item in behavior(request, context):

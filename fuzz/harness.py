@@ -86,11 +86,15 @@ def envelope(data: bytes) -> None:
     r = _Reader(data)
     mode = r.byte() % 3
     if mode == 0:  # arbitrary header and ciphertext bytes
-        _expect_refusal(lambda: Opener(SECRET, IDENT).open(pb.Sealed(header=r.take(256), ciphertext=r.rest())))
+        _expect_refusal(
+            lambda: Opener(SECRET, IDENT).open(pb.Sealed(header=r.take(256), ciphertext=r.rest()))
+        )
         return
     if mode == 1:  # an arbitrary header message around a real ciphertext
         real = _stream()[0]
-        _expect_refusal(lambda: Opener(SECRET, IDENT).open(pb.Sealed(header=r.rest(), ciphertext=real.ciphertext)))
+        _expect_refusal(
+            lambda: Opener(SECRET, IDENT).open(pb.Sealed(header=r.rest(), ciphertext=real.ciphertext))
+        )
         return
     # A real stream, mutated: flipped bits, dropped, repeated or swapped payloads.
     original = _stream()
@@ -161,7 +165,16 @@ def _value(r: _Reader, valid: Any) -> tuple[bool, Any]:
     if choice < 5:
         return True, valid
     junk: list[Any] = [
-        None, True, -1, 2**70, 1.5e308, "", r.take().decode("latin-1"), [valid], {"v": valid}, [],
+        None,
+        True,
+        -1,
+        2**70,
+        1.5e308,
+        "",
+        r.take().decode("latin-1"),
+        [valid],
+        {"v": valid},
+        [],
     ]
     return (False, None) if choice == 5 else (True, junk[(choice - 6 + r.byte()) % len(junk)])
 

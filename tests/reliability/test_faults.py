@@ -100,7 +100,9 @@ async def test_worker_killed_mid_stream(make_stack: Callable[[str], LiveStack]) 
         rest = [c async for c in theirs]  # the other tenant's stream on its own worker: untouched
         assert first.text + "".join(c.text for c in rest) == WORDS and rest[-1].completion_tokens == 40
         await wait_until(
-            lambda: live.stack.workers[key] is not victim and bool(live.stack.workers[key].info), 60, "restart"
+            lambda: live.stack.workers[key] is not victim and bool(live.stack.workers[key].info),
+            60,
+            "restart",
         )
         restarted = live.stack.workers[key]
         assert restarted.port == victim.port and restarted.process.pid != victim.process.pid
@@ -284,9 +286,14 @@ async def test_redis_outage_refuses_then_recovers(
     redis.start()
     try:
         policy = make_policy_dir(tmp_path / "policy")
-        quota = "requests_per_second = 1000\nburst = 1000\ntokens_per_minute = 10000000\nconcurrent_streams = 100\n"
+        quota = (  # generous: every call is metered in Redis, none is refused for its budget
+            "requests_per_second = 1000\nburst = 1000\ntokens_per_minute = 10000000\nconcurrent_streams = 100\n"
+        )
         (policy / "tenants.toml").write_text(
-            "".join(f'[tenants.{t}]\nissuers = ["airlock-dev"]\n[tenants.{t}.quota]\n{quota}' for t in ("acme", "globex"))
+            "".join(
+                f'[tenants.{t}]\nissuers = ["airlock-dev"]\n[tenants.{t}.quota]\n{quota}'
+                for t in ("acme", "globex")
+            )
         )
         live = make_stack(
             f'policy_dir = "{policy}"\n[quota]\nbackend = "redis"\nredis_url = "{redis.url}"\n'
@@ -313,7 +320,9 @@ async def test_redis_outage_refuses_then_recovers(
         assert set(load.errors()) == {"UnavailableError/QUOTA_STORE_UNAVAILABLE"}, load.errors()
         assert {o.tenant for o in load.ok(since=recovered)} == {"acme", "globex"}
         assert not load.errors(since=recovered + 0.5), load.errors(since=recovered + 0.5)
-        print(f"\nredis outage: {len(refusals)} refusals, slowest {max(refusals):.2f} s; "
-              f"served again {recovered - up:.2f} s after Redis restarted")
+        print(
+            f"\nredis outage: {len(refusals)} refusals, slowest {max(refusals):.2f} s; "
+            f"served again {recovered - up:.2f} s after Redis restarted"
+        )
     finally:
         redis.stop()

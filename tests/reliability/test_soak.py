@@ -68,7 +68,9 @@ async def test_soak_at_80_percent_of_capacity(make_stack: Callable[[str], LiveSt
         f"{sum(load.errors().values())} errors)"
     )
     for name in pids:
-        print(f"  {name}: RSS {before[name] / 1024:.1f} -> {after[name] / 1024:.1f} MiB ({growth[name]:+.1%})")
+        print(
+            f"  {name}: RSS {before[name] / 1024:.1f} -> {after[name] / 1024:.1f} MiB ({growth[name]:+.1%})"
+        )
     assert not load.errors(), load.errors()
     by_tenant = load.by_tenant(soak_start)
     assert by_tenant["acme"] > 0 and by_tenant["globex"] > 0
