@@ -287,7 +287,8 @@ async def test_redis_outage_refuses_then_recovers(
     try:
         policy = make_policy_dir(tmp_path / "policy")
         quota = (  # generous: every call is metered in Redis, none is refused for its budget
-            "requests_per_second = 1000\nburst = 1000\ntokens_per_minute = 10000000\nconcurrent_streams = 100\n"
+            "requests_per_second = 1000\nburst = 1000\n"
+            "tokens_per_minute = 10000000\nconcurrent_streams = 100\n"
         )
         (policy / "tenants.toml").write_text(
             "".join(
