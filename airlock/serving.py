@@ -52,6 +52,17 @@ KEEPALIVE_OPTIONS = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2),
 )
+# Bounds on connections that hold resources without using them (slowloris): a connection must
+# finish its TLS handshake within 10 s (gRPC's default is 120 s, so a few thousand silent sockets
+# could pin file descriptors and handshake state for two minutes); a connection with no call open
+# for 10 minutes is closed (clients reconnect transparently); one connection multiplexes at most
+# 256 streams (more wait in the client, they are not refused). Calls per tenant are bounded
+# separately by the quota's concurrent_streams.
+CONNECTION_LIMIT_OPTIONS = (
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 600_000),
+    ("grpc.max_concurrent_streams", 256),
+)
 
 
 def new_server(
@@ -75,6 +86,7 @@ def new_server(
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
+            *CONNECTION_LIMIT_OPTIONS,
         ],
     )
     health_servicer = health.aio.HealthServicer()

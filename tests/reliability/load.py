@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock import AirlockError, AsyncClient
+from tests.conftest import make_policy_dir
 from tests.support import LiveStack
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -122,6 +123,16 @@ async def measure_capacity(live: LiveStack, seconds: float, concurrency: int = 1
         await asyncio.sleep(seconds)
     assert not load.errors(), load.errors()
     return len(load.outcomes) / seconds
+
+
+def without_quotas(policy: Path) -> Path:
+    """The repository's policy in `policy` (see tests/conftest.py) with no quotas: the load here
+    measures the stack, and a fast machine must not run into the demo tenants' request rates."""
+    make_policy_dir(policy)
+    (policy / "tenants.toml").write_text(
+        "".join(f'[tenants.{t}]\nissuers = ["airlock-dev"]\n' for t in ("acme", "globex"))
+    )
+    return policy
 
 
 def rss_kib(pid: int) -> int:

@@ -26,7 +26,7 @@ from gateway.audit import AuditLog, load_signing_key
 from gateway.audit_verify import load_public_key, verify_log
 from gateway.tokens import mint_dev_token
 from tests.conftest import make_policy_dir
-from tests.reliability.load import Load, wait_until
+from tests.reliability.load import Load, wait_until, without_quotas
 from tests.support import LiveStack
 
 WORDS = " ".join(f"w{i}" for i in range(40))  # 2 s at the slow model's 20 tokens/s
@@ -60,6 +60,11 @@ arena_mb = 4
 """
 
 
+def unmetered(tmp_path: Path, extra: str = "") -> str:
+    """STACK on the repository's policy without quotas (tests/reliability/load.py says why)."""
+    return f'policy_dir = "{without_quotas(tmp_path / "policy")}"\n' + STACK + extra
+
+
 def scrape(port: int | None) -> str:
     assert port is not None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -83,8 +88,8 @@ def replace(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def test_worker_killed_mid_stream(make_stack: Callable[[str], LiveStack]) -> None:
-    live = make_stack(STACK)
+async def test_worker_killed_mid_stream(make_stack: Callable[[str], LiveStack], tmp_path: Path) -> None:
+    live = make_stack(unmetered(tmp_path))
     key = ("acme", "slow")
     victim, domain = live.stack.workers[key], live.stack.domains[key]
     async with Load(live) as load, live.client("acme") as acme, live.client("globex") as globex:
@@ -130,8 +135,8 @@ async def test_worker_killed_mid_stream(make_stack: Callable[[str], LiveStack]) 
     assert 'airlock_worker_restarts_total{model="slow",tenant="globex"}' not in metrics
 
 
-async def test_sigterm_drains_under_load(make_stack: Callable[[str], LiveStack]) -> None:
-    live = make_stack(STACK)
+async def test_sigterm_drains_under_load(make_stack: Callable[[str], LiveStack], tmp_path: Path) -> None:
+    live = make_stack(unmetered(tmp_path))
     gateway = live.stack.gateway
     assert gateway is not None
     async with Load(live) as load:
@@ -169,8 +174,8 @@ async def _drain(stream: Any) -> list[Any]:
 async def test_corrupt_policy_keeps_the_old_one_until_fixed(
     make_stack: Callable[[str], LiveStack], tmp_path: Path
 ) -> None:
-    policy = make_policy_dir(tmp_path / "policy")
-    live = make_stack(f'policy_dir = "{policy}"\n' + STACK)
+    policy = tmp_path / "policy"
+    live = make_stack(unmetered(tmp_path))
     metrics_port = live.stack.metrics_port
     newcomer = mint_dev_token(live.pki, live.config.auth, tenant="acme", subject="newcomer")
 
@@ -237,7 +242,7 @@ async def test_full_audit_disk_fails_closed(make_stack: Callable[[str], LiveStac
     if reason is not None:
         pytest.skip(f"{reason} (tests/e2e/test_audit_stack.py covers the /dev/full variant)")
     try:
-        live = make_stack(STACK + f'\n[audit]\npath = "{disk / "gateway.jsonl"}"\n')
+        live = make_stack(unmetered(tmp_path, f'\n[audit]\npath = "{disk / "gateway.jsonl"}"\n'))
         async with Load(live) as load:
             await asyncio.sleep(1.0)
             filled = time.monotonic()  # from here on a refusal is expected

@@ -13,9 +13,10 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.conftest import ECHO_TOML
-from tests.reliability.load import Load, measure_capacity, rss_kib
+from tests.reliability.load import Load, measure_capacity, rss_kib, without_quotas
 from tests.support import LiveStack
 
 SOAK_SECONDS = float(os.environ.get("AIRLOCK_SOAK_SECONDS", "60"))
@@ -44,8 +45,8 @@ async def sample(pids: dict[str, int], seconds: float) -> dict[str, int]:
     return {name: int(statistics.median(values)) for name, values in readings.items()}
 
 
-async def test_soak_at_80_percent_of_capacity(make_stack: Callable[[str], LiveStack]) -> None:
-    live = make_stack(ECHO_TOML)
+async def test_soak_at_80_percent_of_capacity(make_stack: Callable[[str], LiveStack], tmp_path: Path) -> None:
+    live = make_stack(f'policy_dir = "{without_quotas(tmp_path / "policy")}"\n' + ECHO_TOML)
     pids = processes(live)
     capacity = await measure_capacity(live, CAPACITY_SECONDS)
     rate = 0.8 * capacity
