@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,11 +143,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def wait_until(condition: object, limit: float, what: str) -> None:
-    """Poll `condition()` (a callable, sync or async) every 50 ms for up to `limit` seconds."""
+async def wait_until(condition: Callable[[], object], limit: float, what: str) -> None:
+    """Poll `condition()` (sync, or async returning a coroutine) every 50 ms for up to `limit` s."""
     end = time.monotonic() + limit
     while True:
-        value = condition()  # type: ignore[operator]
+        value = condition()
         if asyncio.iscoroutine(value):
             value = await value
         if value:

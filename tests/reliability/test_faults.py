@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from airlock import PermissionDeniedError, UnavailableError
+from airlock import CancelledError, PermissionDeniedError, UnavailableError
 from gateway.audit import AuditLog, load_signing_key
 from gateway.audit_verify import load_public_key, verify_log
 from gateway.tokens import mint_dev_token
@@ -30,6 +30,7 @@ from tests.reliability.load import Load, wait_until, without_quotas
 from tests.support import LiveStack
 
 WORDS = " ".join(f"w{i}" for i in range(40))  # 2 s at the slow model's 20 tokens/s
+DRAIN_WORDS = " ".join(f"d{i}" for i in range(100))  # 5 s: well inside the grace period
 GRACE_SECONDS = 10
 
 STACK = f"""
@@ -141,30 +142,46 @@ async def test_sigterm_drains_under_load(make_stack: Callable[[str], LiveStack],
     assert gateway is not None
     async with Load(live) as load:
         clients = [live.client(t) for t in ("acme", "globex", "acme", "globex")]
-        streams = [c.stream(WORDS, model="slow", max_tokens=40) for c in clients]
+        streams = [c.stream(DRAIN_WORDS, model="slow", max_tokens=100) for c in clients]
         firsts = [await s.__anext__() for s in streams]
         await asyncio.sleep(0.5)
         gateway.process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        rests = await asyncio.gather(*[_drain(s) for s in streams])
-        # New calls are refused while the old ones finish.
+        draining = [asyncio.create_task(_drain(s)) for s in streams]
+        # New calls are refused while the old ones are still running.
         async with live.client("globex") as late:
-            with pytest.raises(UnavailableError):
-                await late.generate("too late", model="echo", timeout=5)
+            while True:
+                try:
+                    await late.generate("too late?", model="echo", timeout=5)
+                except UnavailableError:
+                    break
+                except CancelledError:  # racing the moment the server stops: see below
+                    pass
+                assert time.monotonic() - sent < 10, "new calls were still served 10 s after SIGTERM"
+                await asyncio.sleep(0.02)
+        assert not any(t.done() for t in draining)  # refused during the drain, not after the exit
+        rests = await asyncio.gather(*draining)
         code = await asyncio.to_thread(gateway.process.wait, GRACE_SECONDS + 5)
         exited = time.monotonic() - sent
         for client in clients:
             await client.close()
     for first, rest in zip(firsts, rests, strict=True):  # every in-flight stream ran to its end
-        assert first.text + "".join(c.text for c in rest) == WORDS and rest[-1].completion_tokens == 40
+        assert first.text + "".join(c.text for c in rest) == DRAIN_WORDS
+        assert rest[-1].completion_tokens == 100
     assert code == 0 and exited < GRACE_SECONDS + 5
     assert len(load.ok(until=sent)) > 0
-    # Calls made before the signal succeeded (or, racing it, were refused cleanly); the only error
-    # anyone saw is UNAVAILABLE, the retryable "go to another replica" status.
-    assert set(load.errors()) <= {f"UnavailableError/{r}" for r in ("UNAVAILABLE", "GATEWAY_DRAINING")}, (
-        load.errors()
-    )
+    # Calls made before the signal succeeded; later ones were refused with UNAVAILABLE, the
+    # retryable "go to another replica" status. Known gap (docs/reliability.md): a call arriving in
+    # the instant gRPC's server.stop() begins can be CANCELLED instead (gRPC core cancels calls it
+    # received but had not yet handed to the application); that is tolerated only right at the signal.
     assert not load.errors(until=sent - 0.5), load.errors(until=sent - 0.5)
+    assert set(load.errors()) <= {"UnavailableError/UNAVAILABLE", "CancelledError/CANCELLED"}, load.errors()
+    cancelled = [o for o in load.outcomes if o.error == "CancelledError/CANCELLED"]
+    assert all(abs(o.started - sent) < 2.0 for o in cancelled), cancelled
+    print(
+        f"\nSIGTERM under load: {len(load.ok(since=sent))} calls finished after the signal, "
+        f"refusals {dict(load.errors())}"
+    )
 
 
 async def _drain(stream: Any) -> list[Any]:
