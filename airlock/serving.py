@@ -233,7 +233,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
-        # and raises nothing of ours: it passes untouched.
+        # and raises nothing of ours: Check only gets the malformed-bytes refusal, Watch nothing.
         if handler is None:
             return handler
         if handler_call_details.method.startswith(HEALTH_PREFIX):
