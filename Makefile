@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test protos lint typecheck bench venv clean
+.PHONY: run test protos lint typecheck bench soak fuzz venv clean
 
 venv:
 	@./scripts/bootstrap.sh
@@ -45,6 +45,19 @@ bench: venv
 	$(PY) bench/audit.py
 	$(PY) bench/sealing.py
 	$(PY) bench/scrub.py
+
+## The reliability soak at full length: mixed tenants, unary and streaming, at 80% of the capacity
+## measured first, for AIRLOCK_SOAK_SECONDS (600 here; `make test` runs it for 60 s).
+soak: venv
+	AIRLOCK_SOAK_SECONDS=$${AIRLOCK_SOAK_SECONDS:-600} $(PY) -m pytest -s \
+		--timeout=$$(( $${AIRLOCK_SOAK_SECONDS:-600} + 600 )) tests/reliability/test_soak.py
+
+## Coverage-guided fuzzing (atheris, the optional `fuzz` extra) of the sealed envelope and the JWT
+## front door, FUZZ_SECONDS each (default 60); fails on any unexpected exception (inputs in fuzz/crashes/).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet -e ".[fuzz]"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) fuzz/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

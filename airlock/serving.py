@@ -5,7 +5,9 @@
 or a new one; echoed in trailing metadata and bound to every log line of the call), runs the
 server's `Guard` check (a refused call never reaches servicer code), maps the Airlock error tree to
 statuses (most specific class first) and hides everything else behind `INTERNAL` with the request id.
-Health checks pass untouched. It is one interceptor, and each method's wrapped handler is built once,
+Request bytes that are not a valid message are refused with `INVALID_ARGUMENT` (`MALFORMED_REQUEST`)
+before anything else runs, where gRPC alone would answer `UNKNOWN`; health checks get only that
+refusal. It is one interceptor, and each method's wrapped handler is built once,
 because every layer and every per-call handler object is paid on every request.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -52,6 +54,18 @@ KEEPALIVE_OPTIONS = (
     ("grpc.http2.max_ping_strikes", 2),
 )
 
+# Bounds on connections that hold resources without using them (slowloris): a connection must
+# finish its TLS handshake within 10 s (gRPC's default is 120 s, so a few thousand silent sockets
+# could pin file descriptors and handshake state for two minutes); a connection with no call open
+# for 10 minutes is closed (clients reconnect transparently); one connection multiplexes at most
+# 256 streams (more wait in the client, they are not refused). Calls per tenant are bounded
+# separately by the quota's concurrent_streams.
+CONNECTION_LIMIT_OPTIONS = (
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 600_000),
+    ("grpc.max_concurrent_streams", 256),
+)
+
 
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
@@ -74,6 +88,7 @@ def new_server(
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
             ("grpc.so_reuseport", 0),
             *KEEPALIVE_OPTIONS,
+            *CONNECTION_LIMIT_OPTIONS,
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -200,20 +215,79 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
-        # and raises nothing of ours: it passes untouched.
-        if handler is None or method.startswith(HEALTH_PREFIX):
+        if handler is None:
             return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
+            self._wrapped[method] = cached = (handler, self._wrap(method, handler))
+        return cached[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # Health is gRPC's own servicer (its Watch writes with `context.write`, not a generator)
+        # and raises nothing of ours: Check only gets the malformed-bytes refusal, Watch nothing.
+        if method.startswith(HEALTH_PREFIX):
+            if handler.unary_unary is None:  # Watch: left exactly as gRPC made it
+                return handler
+            wrapped = wrap_handler(handler, _refuse_if_malformed, _refuse_if_malformed)
+        else:
             check = self.guard.check if self.guard is not None else _admit_all
             wrapped = wrap_handler(handler, _map_unary(method, check), _map_stream(method, check))
-            self._wrapped[method] = cached = (handler, wrapped)
-        return cached[1]
+        return wrapped._replace(request_deserializer=_tolerant(handler.request_deserializer))
 
 
 def _admit_all(method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
     return None
+
+
+class _Malformed:
+    """Stands in for request bytes that are not a valid message, so the call is refused with
+    INVALID_ARGUMENT by `_map_unary`/`_map_stream` (gRPC itself would answer UNKNOWN)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return decode
+
+
+def _refuse_if_malformed(behavior: Behavior) -> Behavior:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _MALFORMED:
+            await _refuse_malformed(context)
+        return await behavior(request, context)
+
+    return run
+
+
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A client stream whose malformed messages end the call with INVALID_ARGUMENT."""
+    async for item in requests:
+        if item is _MALFORMED:
+            await _refuse_malformed(context)
+        yield item
+
+
+def _screen(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    return _checked(request, context) if hasattr(request, "__aiter__") else request
+
+
+async def _refuse_malformed(context: grpc.aio.ServicerContext) -> None:
+    # Refused before the guard runs: nothing was decoded, so there is nothing to authorize or
+    # dispatch, and the caller learns no more than that its bytes are not a message.
+    request_id = new_request_id()
+    bind_request_id(request_id)
+    err = InvalidRequestError("request is not a valid protobuf message", reason="MALFORMED_REQUEST")
+    await abort_with(context, err, request_id)
 
 
 Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
@@ -222,6 +296,9 @@ Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
 def _map_unary(method: str, check: Check) -> Callable[[Behavior], Behavior]:
     def wrap(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            request = _screen(request, context)
             request_id = await _begin(request, context)
             try:
                 check(method, request, context)
@@ -239,6 +316,9 @@ def _map_unary(method: str, check: Check) -> Callable[[Behavior], Behavior]:
 def _map_stream(method: str, check: Check) -> Callable[[Behavior], Behavior]:
     def wrap(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            request = _screen(request, context)
             request_id = await _begin(request, context)
             try:
                 check(method, request, context)

@@ -103,6 +103,19 @@ def _set_aside_legacy(path: Path) -> dict[str, Any] | None:
     return {"file": target.name, "sha256": digest.hexdigest(), "records": records}
 
 
+def _write_whole(fd: int, line: bytes, end: int, what: str) -> None:
+    """Append one whole line or nothing: a short write (a full disk) is cut off again at `end`, so
+    the file still ends on a whole record and, once there is room, a restarted gateway continues
+    the chain instead of refusing to start on a partial record. Called with the file lock held."""
+    written = os.write(fd, line)
+    if written != len(line):
+        try:
+            os.ftruncate(fd, end)
+        except OSError as exc:
+            _log.error("audit log: cannot remove a partial record from %s: %s", what, exc.strerror)
+        raise OSError(errno.EIO, f"short write to {what} ({written} of {len(line)} bytes)")
+
+
 def _last_line(path: Path) -> bytes | None:
     """The last complete line of `path`, or None when it has none."""
     try:
@@ -256,11 +269,9 @@ class AuditLog:
         body = canonical(entry)
         digest = hashlib.sha256(body).hexdigest()
         line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'  # encoded once: hash goes last
-        written = os.write(self._fd, line)
-        if written != len(line):
-            raise OSError(errno.EIO, f"short write ({written} of {len(line)} bytes)")
+        _write_whole(self._fd, line, self._end, "the log")
         self._seq, self._head = entry["seq"], digest
-        self._end += written  # under the lock, and we appended at the end we had just checked
+        self._end += len(line)  # under the lock, and we appended at the end we had just checked
         self._unsigned += 1
         self._dirty = True
         now = time.monotonic()
@@ -293,9 +304,7 @@ class AuditLog:
         }
         fd = os.open(f"{self.path}.sig", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            line = canonical(entry) + b"\n"
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.EIO, "short write to the signature file")
+            _write_whole(fd, canonical(entry) + b"\n", os.fstat(fd).st_size, "the signature file")
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -29,24 +29,28 @@ class RedisServer:
     def binary() -> str | None:
         return shutil.which("redis-server")
 
-    def start(self, *, attempts: int = 5, timeout: float = 20.0) -> None:
+    def start(self, *, attempts: int = 5, timeout: float = 20.0, port: int | None = None) -> None:
         binary = self.binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):  # another process may take the port between probe and bind
-            port = _free_port()
-            log = self.directory / f"redis-{port}.log"
+            chosen = port or _free_port()
+            log = self.directory / f"redis-{chosen}.log"
             self.process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", str(self.directory), "--logfile", str(log)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            if self._wait(port, timeout):
-                self.url = f"redis://127.0.0.1:{port}/0"
+            if self._wait(chosen, timeout):
+                self.url = f"redis://127.0.0.1:{chosen}/0"
                 return
             self.stop()
         raise RuntimeError(f"redis-server did not start in {attempts} attempts (logs in {self.directory})")
+
+    def restart(self) -> None:
+        """Start again (after `stop`) on the port it had, so clients pointed at `url` find it back."""
+        self.start(port=int(self.url.rsplit(":", 1)[1].split("/")[0]))
 
     def _wait(self, port: int, timeout: float) -> bool:
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
