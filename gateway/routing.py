@@ -105,7 +105,8 @@ class Router:
         return list(self._defaults)
 
     def models(self, tenant: str) -> list[Route]:
-        return [r for r in self.routes if r.tenant == tenant]
+        """The tenant's routes it may use now: a shared one only while the policy opts it in."""
+        return [r for r in self.routes if r.tenant == tenant and (not r.shared or self.may_share(tenant))]
 
     def default_model(self, tenant: str) -> str:
         return self._defaults.get(tenant, "")

@@ -234,6 +234,7 @@ async def test_withdrawing_the_opt_in_fails_that_tenant_closed(make_stack, tmp_p
     live: LiveStack = make_stack(stack_toml(policy))
     async with live.client("acme") as acme, live.client("globex") as globex:
         assert (await globex.generate("while opted in", model="echo")).text == "while opted in"
+        assert "echo" in await globex.list_models()
         before = len(live.audit_records(event="policy_reload", result="accepted"))
         tmp = policy / "tenants.toml.tmp"
         tmp.write_text(TENANTS_TOML.format(acme="shared", globex="dedicated"))
@@ -247,6 +248,7 @@ async def test_withdrawing_the_opt_in_fails_that_tenant_closed(make_stack, tmp_p
         with pytest.raises(grpc.aio.AioRpcError) as refused_evidence:  # nor its evidence (end to end)
             await evidence(live, "globex")
         assert refused_evidence.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "echo" not in await globex.list_models()  # what it may not use is not listed either
         assert (await acme.generate("acme still shares", model="echo")).text == "acme still shares"
     [refused] = live.audit_records(event="isolation", request_id=err.value.request_id)
     assert refused["tenant"] == "globex" and refused["reason"] == "ISOLATION_NOT_ALLOWED"
