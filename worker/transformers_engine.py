@@ -8,6 +8,7 @@ the CPU does best); a stopping criterion checked after every token makes abort p
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,8 +142,8 @@ class TransformersEngine:
             cache = self._new_cache()
             with torch.inference_mode():  # the cache's tensors are inference tensors: zero them here
                 try:
-                    # `past_key_values` works across transformers 5.x (newer ones call it `cache`).
-                    self.model.generate(**inputs.to(self.device), past_key_values=cache, **kwargs)
+                    kwargs[_cache_kwarg()] = cache
+                    self.model.generate(**inputs.to(self.device), **kwargs)
                 finally:
                     if self.scrub_kv:
                         self.zeroed_kv_bytes += _zero_cache(cache)
@@ -163,6 +164,14 @@ class TransformersEngine:
         for stop in self._stops.values():
             stop.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@functools.cache
+def _cache_kwarg() -> str:
+    """Newer transformers 5.x call generate's cache `cache` and warn on `past_key_values`."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def _zero_cache(cache: Any) -> int:
