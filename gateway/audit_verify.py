@@ -77,9 +77,8 @@ def verify_log(path: Path, keys: Keys | None) -> Report:
     for segment in segments(path):
         report.files += 1
         data = segment.read_bytes()
-        if data and not data.endswith(b"\n"):
-            report.problems.append(f"{segment}: ends in a partial record (the file was truncated)")
-        for number, raw in enumerate(data.splitlines(), start=1):
+        whole = data[: data.rfind(b"\n") + 1]  # a partial last line is reported after the rest is checked
+        for number, raw in enumerate(whole.splitlines(), start=1):
             where = f"{segment}:{number}"
             record = _parse(raw, where, report)
             if record is None:
@@ -99,6 +98,9 @@ def verify_log(path: Path, keys: Keys | None) -> Report:
             hashes[expected_seq] = prev = str(record["hash"])
             expected_seq += 1
             report.records += 1
+        if whole != data:
+            report.problems.append(f"{segment}: ends in a partial record (the file was truncated)")
+            return report
     report.last_seq = expected_seq - 1
     if keys is not None:
         trusted = keys if isinstance(keys, dict) else {key_id(keys): keys}

@@ -115,6 +115,7 @@ def test_a_record_cut_in_half_is_detected(log_path: Path) -> None:
     log_path.write_bytes(data[: len(data) - 20])
     found = problems(log_path)
     assert any("ends in a partial record" in p for p in found)
+    assert verify_log(log_path, None).records == 4  # the intact records before it were checked
 
 
 def test_the_first_records_cut_off_are_detected(log_path: Path) -> None:
