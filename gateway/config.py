@@ -2,6 +2,8 @@
 
 Every key has a documented default (docs/config.md, airlock.example.toml). A bad file raises
 `ConfigError` naming the file, the key and the reason; the CLI prints it and exits with code 2.
+The operations sections live in gateway/config_ops.py and isolation in gateway/config_isolation.py;
+every section's dataclass is importable from here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,24 @@ from typing import Any, TypeVar
 
 from airlock.types import Limits
 from gateway.config_isolation import parse_shared_domains, parse_tenant_isolation
+from gateway.config_ops import (
+    AuditConfig,
+    BundleConfig,
+    FileKeysConfig,
+    KeysConfig,
+    Pkcs11KeysConfig,
+    QuotaConfig,
+    SealingConfig,
+    SupervisorConfig,
+    TelemetryConfig,
+    parse_audit,
+    parse_bundles,
+    parse_keys,
+    parse_quota,
+    parse_sealing,
+    parse_supervisor,
+    parse_telemetry,
+)
 
 __all__ = [
     "AuditConfig",
@@ -118,96 +138,6 @@ class LockoutConfig:
     max_failures: int = 10  # 0 disables lockout
     window_seconds: float = 60.0
     lockout_seconds: float = 300.0
-
-
-FSYNC_POLICIES = ("always", "interval", "never")
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """The hash-chained audit trail (gateway/audit.py): where, how durably, how often signed."""
-
-    path: Path | None = None  # None: state_dir/audit/gateway.jsonl
-    fsync: str = "interval"  # always | interval | never
-    fsync_interval_seconds: float = 1.0
-    rotate_bytes: int = 64 << 20  # 0: never rotate
-    sign_every_records: int = 1000  # 0: not by count
-    sign_every_seconds: float = 60.0  # 0: not by time
-    signing_key: Path | None = None  # None: the dev key, state_dir/pki/audit-signing.key
-
-
-@dataclass(frozen=True)
-class BundleConfig:
-    """Signed model bundles (airlock/bundle.py): whom to trust, and whether a signature is required."""
-
-    trusted_keys: Path | None = None  # None: the dev trusted keys, state_dir/pki/bundle-trusted.pem
-    require_signed: bool = True
-
-
-@dataclass(frozen=True)
-class QuotaConfig:
-    """Where per-tenant quota state lives (the limits themselves are policy: policy/tenants.toml)."""
-
-    backend: str = "memory"  # "memory" (one replica) or "redis" (shared by every replica)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "airlock:quota"
-    lease_seconds: float = 600.0  # a concurrency slot a dead replica left behind frees after this
-
-
-@dataclass(frozen=True)
-class TelemetryConfig:
-    """OpenTelemetry traces (the `otel` extra), off by default; spans go to a local OTLP collector."""
-
-    traces: bool = False
-    otlp_endpoint: str = "127.0.0.1:4317"
-    service_name: str = "airlock-gateway"
-
-
-@dataclass(frozen=True)
-class FileKeysConfig:
-    master_key: Path | None = None  # None: state_dir/keys/master.key (made on first use)
-
-
-@dataclass(frozen=True)
-class Pkcs11KeysConfig:
-    """A PKCS#11 token; the user PIN comes from a 0600 file or an environment variable, never from here."""
-
-    module: Path | None = None  # None: SoftHSM2 in the usual Debian paths
-    token_label: str = ""
-    pin_file: Path | None = None
-    pin_env: str = ""
-
-
-@dataclass(frozen=True)
-class KeysConfig:
-    """The tenant keystore (docs/keys.md): "file" (a master key file) or "pkcs11" (an HSM token)."""
-
-    backend: str = "file"
-    store: Path | None = None  # None: state_dir/keys/keystore.json
-    file: FileKeysConfig = field(default_factory=FileKeysConfig)
-    pkcs11: Pkcs11KeysConfig = field(default_factory=Pkcs11KeysConfig)
-
-
-@dataclass(frozen=True)
-class SupervisorConfig:
-    """Worker supervision: restarts with backoff, domain scrubbing, its own metrics endpoint."""
-
-    restart: bool = True  # restart a crashed worker (after its domain's scrub verified)
-    backoff_seconds: float = 0.5  # first restart delay; doubles per consecutive crash
-    backoff_max_seconds: float = 30.0
-    health_interval_seconds: float = 2.0
-    metrics_listen: str = ""  # Prometheus /metrics of the supervisor; "" disables
-    scrub: str = "request"  # request state zeroing: "request", "tenant-switch" or "off"
-    arena_mb: int = 16  # the CPU domain's arena per worker
-
-
-@dataclass(frozen=True)
-class SealingConfig:
-    """Attestation-gated key release (docs/sealing.md)."""
-
-    hpke_suite: str = "mlkem768-x25519"  # how keys are sealed to workers: or "x25519"
-    reattest_seconds: float = 600.0  # a worker is attested again at least this often
-    attestation_ca: Path | None = None  # CA of worker attestation certificates; None: the dev one
 
 
 @dataclass(frozen=True)
@@ -332,108 +262,14 @@ class _Parser:
             tenants=tenants,
             policy_dir=policy_dir,
             lockout=self.lockout(raw),
-            quota=self.quota(raw),
-            telemetry=self.telemetry(raw),
-            audit=self.audit(raw),
-            bundles=self.bundles(raw),
-            keys=self.keys(raw),
-            supervisor=self.supervisor(raw),
-            sealing=self.sealing(raw),
+            quota=parse_quota(self, raw),
+            telemetry=parse_telemetry(self, raw),
+            audit=parse_audit(self, raw),
+            bundles=parse_bundles(self, raw),
+            keys=parse_keys(self, raw),
+            supervisor=parse_supervisor(self, raw),
+            sealing=parse_sealing(self, raw),
             shared_domains=parse_shared_domains(self, raw, tenants),
-        )
-
-    def keys(self, raw: dict[str, Any]) -> KeysConfig:
-        t = self.table(raw, "keys", {"backend", "store", "file", "pkcs11"})
-        backend = self.get(t, "keys.backend", str, "file")
-        if backend not in ("file", "pkcs11"):
-            raise self.fail("keys.backend", f'must be "file" or "pkcs11", got {backend!r}')
-        f = self.table(t, "keys.file", {"master_key"})
-        p = self.table(t, "keys.pkcs11", {"module", "token_label", "pin_file", "pin_env", "pin"})
-        if "pin" in p:
-            raise self.fail("keys.pkcs11.pin", "never the PIN itself: use pin_file or pin_env")
-        pkcs11 = Pkcs11KeysConfig(
-            module=self.keys_path(p, "keys.pkcs11.module"),
-            token_label=self.get(p, "keys.pkcs11.token_label", str, ""),
-            pin_file=self.keys_path(p, "keys.pkcs11.pin_file"),
-            pin_env=self.get(p, "keys.pkcs11.pin_env", str, ""),
-        )
-        if pkcs11.pin_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pkcs11.pin_env):
-            raise self.fail("keys.pkcs11.pin_env", "must be an environment variable name (the PIN stays out)")
-        if backend == "pkcs11":
-            if not pkcs11.token_label:
-                raise self.fail("keys.pkcs11.token_label", 'is required with backend = "pkcs11"')
-            if (pkcs11.pin_file is None) == (not pkcs11.pin_env):
-                raise self.fail("keys.pkcs11", "set exactly one of pin_file and pin_env (never the PIN)")
-        master = self.keys_path(f, "keys.file.master_key")
-        return KeysConfig(backend, self.keys_path(t, "keys.store"), FileKeysConfig(master), pkcs11)
-
-    def keys_path(self, table: dict[str, Any], key: str) -> Path | None:
-        value = self.get(table, key, str, "")
-        return Path(value).expanduser().absolute() if value else None
-
-    def quota(self, raw: dict[str, Any]) -> QuotaConfig:
-        t = self.table(raw, "quota", {"backend", "redis_url", "key_prefix", "lease_seconds"})
-        d = QuotaConfig()
-        backend = self.get(t, "quota.backend", str, d.backend)
-        if backend not in ("memory", "redis"):
-            raise self.fail("quota.backend", f'must be "memory" or "redis", got {backend!r}')
-        url = self.get(t, "quota.redis_url", str, d.redis_url)
-        if not re.match(r"(redis|rediss|unix)://", url):
-            raise self.fail("quota.redis_url", "must be a redis://, rediss:// or unix:// URL")
-        prefix = self.get(t, "quota.key_prefix", str, d.key_prefix)
-        if not prefix:
-            raise self.fail("quota.key_prefix", "must not be empty")
-        lease = self.get(t, "quota.lease_seconds", float, d.lease_seconds)
-        if lease <= 0:
-            raise self.fail("quota.lease_seconds", "must be > 0")
-        return QuotaConfig(backend, url, prefix, lease)
-
-    def telemetry(self, raw: dict[str, Any]) -> TelemetryConfig:
-        t = self.table(raw, "telemetry", {"traces", "otlp_endpoint", "service_name"})
-        d = TelemetryConfig()
-        return TelemetryConfig(
-            traces=self.get(t, "telemetry.traces", bool, d.traces),
-            otlp_endpoint=self.address(t, "telemetry.otlp_endpoint", d.otlp_endpoint, optional=False),
-            service_name=self.get(t, "telemetry.service_name", str, d.service_name),
-        )
-
-    def audit(self, raw: dict[str, Any]) -> AuditConfig:
-        keys = {
-            "path", "fsync", "fsync_interval_seconds", "rotate_bytes", "sign_every_records",
-            "sign_every_seconds", "signing_key",
-        }  # fmt: skip
-        t = self.table(raw, "audit", keys)
-        d = AuditConfig()
-        fsync = self.get(t, "audit.fsync", str, d.fsync)
-        if fsync not in FSYNC_POLICIES:
-            raise self.fail("audit.fsync", f"must be one of {', '.join(FSYNC_POLICIES)}")
-        numbers: dict[str, float] = {}
-        for name, kind, default in (
-            ("fsync_interval_seconds", float, d.fsync_interval_seconds),
-            ("rotate_bytes", int, d.rotate_bytes),
-            ("sign_every_records", int, d.sign_every_records),
-            ("sign_every_seconds", float, d.sign_every_seconds),
-        ):
-            numbers[name] = self.get(t, f"audit.{name}", kind, default)
-            if numbers[name] < 0:
-                raise self.fail(f"audit.{name}", "must be >= 0")
-        path, key = self.get(t, "audit.path", str, ""), self.get(t, "audit.signing_key", str, "")
-        return AuditConfig(
-            path=Path(path).expanduser().absolute() if path else None,
-            fsync=fsync,
-            fsync_interval_seconds=float(numbers["fsync_interval_seconds"]),
-            rotate_bytes=int(numbers["rotate_bytes"]),
-            sign_every_records=int(numbers["sign_every_records"]),
-            sign_every_seconds=float(numbers["sign_every_seconds"]),
-            signing_key=Path(key).expanduser().absolute() if key else None,
-        )
-
-    def bundles(self, raw: dict[str, Any]) -> BundleConfig:
-        t = self.table(raw, "bundles", {"trusted_keys", "require_signed"})
-        keys = self.get(t, "bundles.trusted_keys", str, "")
-        return BundleConfig(
-            trusted_keys=Path(keys).expanduser().absolute() if keys else None,
-            require_signed=self.get(t, "bundles.require_signed", bool, BundleConfig.require_signed),
         )
 
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
@@ -530,39 +366,6 @@ class _Parser:
             if value <= 0:
                 raise self.fail(key, "must be > 0")
         return LockoutConfig(failures, window, duration)
-
-    def sealing(self, raw: dict[str, Any]) -> SealingConfig:
-        t = self.table(raw, "sealing", {"hpke_suite", "reattest_seconds", "attestation_ca"})
-        d = SealingConfig()
-        suite = self.get(t, "sealing.hpke_suite", str, d.hpke_suite)
-        if suite not in ("mlkem768-x25519", "x25519"):
-            raise self.fail("sealing.hpke_suite", 'must be "mlkem768-x25519" or "x25519"')
-        seconds = self.get(t, "sealing.reattest_seconds", float, d.reattest_seconds)
-        if not 0 < seconds <= 86400:
-            raise self.fail("sealing.reattest_seconds", "must be in (0, 86400]")
-        ca = self.get(t, "sealing.attestation_ca", str, "")
-        return SealingConfig(suite, seconds, Path(ca).expanduser().absolute() if ca else None)
-
-    def supervisor(self, raw: dict[str, Any]) -> SupervisorConfig:
-        keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",
-                "metrics_listen", "scrub", "arena_mb"}  # fmt: skip
-        t = self.table(raw, "supervisor", keys)
-        d = SupervisorConfig()
-        values: dict[str, Any] = {}
-        for key in ("backoff_seconds", "backoff_max_seconds", "health_interval_seconds"):
-            values[key] = self.get(t, f"supervisor.{key}", float, getattr(d, key))
-            if values[key] <= 0:
-                raise self.fail(f"supervisor.{key}", "must be > 0")
-        scrub = self.get(t, "supervisor.scrub", str, d.scrub)
-        if scrub not in ("request", "tenant-switch", "off"):
-            raise self.fail("supervisor.scrub", "must be one of request, tenant-switch, off")
-        return SupervisorConfig(
-            restart=self.get(t, "supervisor.restart", bool, d.restart),
-            metrics_listen=self.address(t, "supervisor.metrics_listen", d.metrics_listen, optional=True),
-            scrub=scrub,
-            arena_mb=self.positive(t, "supervisor.arena_mb", d.arena_mb),
-            **values,
-        )
 
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})
