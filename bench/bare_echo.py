@@ -35,14 +35,18 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 class EchoInference(inference_pb2_grpc.InferenceServicer):
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         text = request.messages[-1].content if request.messages else ""
         words = len(text.split())
         return pb.GenerateResponse(
-            request_id=request.request_id, model=request.model or "echo", text=text,
+            request_id=request.request_id,
+            model=request.model or "echo",
+            text=text,
             finish_reason=pb.FINISH_REASON_STOP,
             usage=pb.Usage(prompt_tokens=words, completion_tokens=words),
-        )  # fmt: skip
+        )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -69,11 +73,22 @@ class BareEcho:
         self.ready.unlink(missing_ok=True)
         with self.log.open("ab") as fh:
             self.process = subprocess.Popen(
-                [sys.executable, __file__, "--cert", str(cert), "--key", str(key),
-                 "--ready-file", str(self.ready)],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                env={**os.environ, **env}, start_new_session=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    __file__,
+                    "--cert",
+                    str(cert),
+                    "--key",
+                    str(key),
+                    "--ready-file",
+                    str(self.ready),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while not self.ready.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -100,7 +115,9 @@ class BareEcho:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cert", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--listen", default="127.0.0.1:0")

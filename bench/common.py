@@ -50,17 +50,28 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    return {"p50": statistics.median(samples), "p99": percentile(samples, 99), "mean": statistics.fmean(samples),
-            "max": max(samples), "n": len(samples)}  # fmt: skip
+    return {
+        "p50": statistics.median(samples),
+        "p99": percentile(samples, 99),
+        "mean": statistics.fmean(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
 
 
 def commit() -> str:
     """The commit measured, with "+dirty" when the work tree differs from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -75,8 +86,13 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 def write_report(out: Path, benchmark: str, rows: list[Row], results: dict[str, Any], *, quick: bool) -> None:
@@ -97,5 +113,7 @@ def write_report(out: Path, benchmark: str, rows: list[Row], results: dict[str, 
 def print_rows(rows: list[Row]) -> None:
     for row in rows:
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "—"
-        print(f"[{row.id}] {row.what}: {row.measured:.4g} {row.unit} (baseline {row.baseline}; ratio {ratio}); "
-              f"target {row.target} -> {'met' if row.met else 'NOT met'}")  # fmt: skip
+        print(
+            f"[{row.id}] {row.what}: {row.measured:.4g} {row.unit} (baseline {row.baseline}; ratio {ratio}); "
+            f"target {row.target} -> {'met' if row.met else 'NOT met'}"
+        )

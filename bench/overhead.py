@@ -127,8 +127,13 @@ async def load(call: Call, seconds: float, concurrency: int) -> tuple[int, int, 
     return done, errors, time.perf_counter() - start
 
 
-async def throughput_rounds(calls: dict[str, Call], pids: dict[str, dict[str, int | None]],
-                            seconds: float, rounds: int, concurrency: int) -> dict[str, Any]:  # fmt: skip
+async def throughput_rounds(
+    calls: dict[str, Call],
+    pids: dict[str, dict[str, int | None]],
+    seconds: float,
+    rounds: int,
+    concurrency: int,
+) -> dict[str, Any]:
     """Each path for `seconds` in all, as `rounds` interleaved windows; requests/s and, for each
     process in `pids[path]`, its CPU time per request over that path's windows."""
     totals = {name: {"requests": 0, "errors": 0, "seconds": 0.0} for name in calls}
@@ -147,8 +152,12 @@ async def throughput_rounds(calls: dict[str, Call], pids: dict[str, dict[str, in
     out: dict[str, Any] = {}
     for name, t in totals.items():
         requests = max(1, int(t["requests"]))
-        out[name] = {**t, "rps": t["requests"] / t["seconds"], "concurrency": concurrency,
-                     "cpu_us_per_request": {p: s / requests * 1e6 for p, s in cpu[name].items()}}  # fmt: skip
+        out[name] = {
+            **t,
+            "rps": t["requests"] / t["seconds"],
+            "concurrency": concurrency,
+            "cpu_us_per_request": {p: s / requests * 1e6 for p, s in cpu[name].items()},
+        }
     return out
 
 
@@ -163,8 +172,15 @@ async def stream_rounds(streams: dict[str, Callable[[], Awaitable[int]]], rounds
             start = time.perf_counter()
             tokens[name] += await streams[name]()
             seconds[name] += time.perf_counter() - start
-    return {name: {"tokens": tokens[name], "seconds": seconds[name], "streams": rounds,
-                   "tokens_per_s": tokens[name] / seconds[name]} for name in streams}  # fmt: skip
+    return {
+        name: {
+            "tokens": tokens[name],
+            "seconds": seconds[name],
+            "streams": rounds,
+            "tokens_per_s": tokens[name] / seconds[name],
+        }
+        for name in streams
+    }
 
 
 async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dict[str, Any]:
@@ -173,13 +189,15 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
     assert stack.gateway is not None
     text = prompt(1024)
     request = pb.GenerateRequest(
-        request_id="bench", messages=[pb.ChatMessage(role="user", content=text)],
+        request_id="bench",
+        messages=[pb.ChatMessage(role="user", content=text)],
         params=pb.SamplingParams(max_tokens=1024),
-    )  # fmt: skip
+    )
     long_request = pb.GenerateRequest(
-        request_id="bench-stream", messages=[pb.ChatMessage(role="user", content=prompt(args.stream_bytes))],
+        request_id="bench-stream",
+        messages=[pb.ChatMessage(role="user", content=prompt(args.stream_bytes))],
         params=pb.SamplingParams(max_tokens=8192),
-    )  # fmt: skip
+    )
     worker_creds = grpc.ssl_channel_credentials(
         pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
     )
@@ -198,9 +216,11 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
         # Workers take only sealed prompts: the direct path seals and opens like the gateway does
         # (after attesting the worker and releasing the tenant key), the least any caller pays.
         sealing = GatewaySealing(
-            open_keystore(stack.config.keys, stack.config.state_dir), ca_pem=pki.attest_ca_cert.read_bytes(),
-            policy_for=lambda _tenant: AttestationPolicy(), audit=AuditLog(None),
-        )  # fmt: skip
+            open_keystore(stack.config.keys, stack.config.state_dir),
+            ca_pem=pki.attest_ca_cert.read_bytes(),
+            policy_for=lambda _tenant: AttestationPolicy(),
+            audit=AuditLog(None),
+        )
         await sealing.ensure_released("bench", "echo", worker)
 
         async def direct() -> object:
@@ -261,11 +281,27 @@ async def profile(call: Call, pid: int, args: argparse.Namespace) -> str:
         raise SystemExit("py-spy is not installed (it is in the dev extra: make venv)")
     args.profile.parent.mkdir(parents=True, exist_ok=True)
     await load(call, 1.0, args.concurrency)  # warm up before recording
-    recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--output", str(args.profile),
-                                 "--format", "flamegraph", "--rate", "200", "--duration", str(int(args.seconds))])  # fmt: skip
+    recorder = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--output",
+            str(args.profile),
+            "--format",
+            "flamegraph",
+            "--rate",
+            "200",
+            "--duration",
+            str(int(args.seconds)),
+        ]
+    )
     done, errors, elapsed = await load(call, args.seconds + 1, args.concurrency)
     if await asyncio.to_thread(recorder.wait) != 0:
-        raise SystemExit(f"py-spy failed (exit {recorder.returncode}); as root it needs the ptrace capability")
+        raise SystemExit(
+            f"py-spy failed (exit {recorder.returncode}); as root it needs the ptrace capability"
+        )
     return f"{done / elapsed:.0f} requests/s during the recording, {errors} errors"
 
 
@@ -280,17 +316,54 @@ def rows_of(results: dict[str, Any], concurrency: int) -> list[Row]:
     rows = []
     for q, slack, rid in (("p50", 0.2, "1a"), ("p99", 1.0, "1b")):
         base = d[q] + b[q]
-        rows.append(Row(rid, f"unary latency {q}, 1 KiB, EchoEngine, 1 in flight",
-                        f"direct {d[q]:.3f} + bare hop {b[q]:.3f} = {base:.3f} ms", g[q], "ms", g[q] / base,
-                        f"≤ direct {q} + bare-hop {q} + {slack} ms", base + slack, "<="))  # fmt: skip
+        rows.append(
+            Row(
+                rid,
+                f"unary latency {q}, 1 KiB, EchoEngine, 1 in flight",
+                f"direct {d[q]:.3f} + bare hop {b[q]:.3f} = {base:.3f} ms",
+                g[q],
+                "ms",
+                g[q] / base,
+                f"≤ direct {q} + bare-hop {q} + {slack} ms",
+                base + slack,
+                "<=",
+            )
+        )
     rows += [
-        Row("2", f"gateway CPU per request, {concurrency} in flight", f"bare grpc.aio echo server {b_cpu:.0f} µs",
-            g_cpu, "µs", g_cpu / b_cpu, "≤ 2.5× the bare server's", 2.5 * b_cpu, "<="),
-        Row("3", f"throughput, {concurrency} in flight", f"direct to worker {rps_d:.0f} req/s", rps_g, "req/s",
-            rps_g / rps_d, "≥ 50% of direct", 0.5 * rps_d, ">="),
-        Row("4", "streaming tokens/s, EchoEngine, 1 stream", f"direct to worker {st_d:.0f} tokens/s", st_g,
-            "tokens/s", st_g / st_d, "≥ 97% of direct", 0.97 * st_d, ">="),
-    ]  # fmt: skip
+        Row(
+            "2",
+            f"gateway CPU per request, {concurrency} in flight",
+            f"bare grpc.aio echo server {b_cpu:.0f} µs",
+            g_cpu,
+            "µs",
+            g_cpu / b_cpu,
+            "≤ 2.5× the bare server's",
+            2.5 * b_cpu,
+            "<=",
+        ),
+        Row(
+            "3",
+            f"throughput, {concurrency} in flight",
+            f"direct to worker {rps_d:.0f} req/s",
+            rps_g,
+            "req/s",
+            rps_g / rps_d,
+            "≥ 50% of direct",
+            0.5 * rps_d,
+            ">=",
+        ),
+        Row(
+            "4",
+            "streaming tokens/s, EchoEngine, 1 stream",
+            f"direct to worker {st_d:.0f} tokens/s",
+            st_g,
+            "tokens/s",
+            st_g / st_d,
+            "≥ 97% of direct",
+            0.97 * st_d,
+            ">=",
+        ),
+    ]
     errors = sum(t["errors"] for t in tput.values())
     if errors:
         print(f"warning: {errors} failed requests during the throughput windows", file=sys.stderr)
@@ -298,16 +371,22 @@ def rows_of(results: dict[str, Any], concurrency: int) -> list[Row]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
     parser.add_argument("--requests", type=int, default=2000, help="sequential calls per path (row 1)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the three paths")
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=12.0, help="time per path at --concurrency (rows 2-3)")
+    parser.add_argument(
+        "--seconds", type=float, default=12.0, help="time per path at --concurrency (rows 2-3)"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--streams", type=int, default=12, help="streams per path (row 4)")
     parser.add_argument("--stream-bytes", type=int, default=24_000, help="prompt size: ~1 token per 8 bytes")
-    parser.add_argument("--profile", type=Path, help="record a py-spy flame graph (SVG) of the gateway instead")
+    parser.add_argument(
+        "--profile", type=Path, help="record a py-spy flame graph (SVG) of the gateway instead"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args()
     if args.quick:
