@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,7 @@ def _module(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while it executes
         spec.loader.exec_module(module)
         return module
     finally:
@@ -54,8 +56,9 @@ def bench_state(bundled_model_dir: Path, state_dir: Path, tmp_path_factory: pyte
     """A state dir of its own for the model benchmark: the session's PKI and keys copied, its
     converted model hard-linked (no second conversion), no shared audit trail to append to."""
     target = tmp_path_factory.mktemp("bench-state")
-    for name in ("pki", "keys"):
-        shutil.copytree(state_dir / name, target / name)
+    for name in ("pki", "keys"):  # keys/ exists once some stack of the session has started
+        if (state_dir / name).is_dir():
+            shutil.copytree(state_dir / name, target / name)
     shutil.copytree(
         bundled_model_dir.parent,
         target / "models",
@@ -70,6 +73,7 @@ def quick_runs(bench_state: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     results = tmp_path_factory.mktemp("bench-results")
     runs = {}
     for name in ROWS:
+        start = time.monotonic()
         extra = ["--state-dir", str(bench_state)] if name == "model_tokens" else []
         proc = subprocess.run(
             [
@@ -86,6 +90,7 @@ def quick_runs(bench_state: Path, tmp_path_factory: pytest.TempPathFactory) -> t
             timeout=600,
         )
         runs[name] = Run(proc.returncode, (proc.stdout + proc.stderr)[-4000:])
+        print(f"bench/{name}.py --quick: exit {proc.returncode} after {time.monotonic() - start:.0f} s")
     return results, runs
 
 
