@@ -71,7 +71,7 @@ async def alternate(
     async with AsyncClient(stack.address, token=token, ca_cert=stack.pki.ca_cert) as client:
 
         async def stacked() -> AsyncIterator[int]:
-            async for chunk in client.stream(PROMPT, max_tokens=max_tokens, temperature=0.0):
+            async for chunk in client.stream(PROMPT, timeout=600, max_tokens=max_tokens, temperature=0.0):
                 yield chunk.tokens
 
         for i in range(runs + 1):
