@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test protos lint typecheck bench soak fuzz venv clean
+.PHONY: run test protos lint typecheck bench profile soak fuzz venv clean
 
 venv:
 	@./scripts/bootstrap.sh
@@ -31,20 +31,25 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-## Benchmarks: gateway overhead (EchoEngine, direct vs through the gateway) and bundled-model
-## tokens/s (engine alone vs through the stack); authorization at 10k tenants / 100k lines;
-## quota admission cost (memory, Redis).
-## audit records/s per fsync policy.
-## domain scrub GB/s vs a plain memset of the same memory.
-## Tables on stdout, JSON in bench/results/.
+## Benchmarks: every row of docs/benchmarks.md against its same-run baseline (gateway overhead vs
+## direct and a bare gRPC hop, bundled-model tokens/s, authorization at 10k tenants / 100k lines,
+## policy reload under load, sealing, scrub), plus quota admission and audit costs.
+## JSON in bench/results/, then the table on stdout and in docs/benchmarks.md.
+## BENCH_FLAGS=--quick for a smoke run of each (seconds; not measurements).
 bench: venv
-	$(PY) bench/overhead.py
-	$(PY) bench/model_tokens.py
-	$(PY) bench/authz.py
-	$(PY) bench/quota.py
-	$(PY) bench/audit.py
-	$(PY) bench/sealing.py
-	$(PY) bench/scrub.py
+	$(PY) bench/overhead.py $(BENCH_FLAGS)
+	$(PY) bench/model_tokens.py $(BENCH_FLAGS)
+	$(PY) bench/authz.py $(BENCH_FLAGS)
+	$(PY) bench/reload.py $(BENCH_FLAGS)
+	$(PY) bench/sealing.py $(BENCH_FLAGS)
+	$(PY) bench/scrub.py $(BENCH_FLAGS)
+	$(PY) bench/quota.py $(BENCH_FLAGS)
+	$(PY) bench/audit.py $(BENCH_FLAGS)
+	$(PY) bench/report.py
+
+## py-spy flame graph of the gateway process under the overhead benchmark's 64-in-flight load.
+profile: venv
+	$(PY) bench/overhead.py --profile bench/results/gateway-profile.svg --seconds 15
 
 ## The reliability soak at full length: mixed tenants, unary and streaming, at 80% of the capacity
 ## measured first, for AIRLOCK_SOAK_SECONDS (600 here; `make test` runs it for 60 s).

@@ -3,14 +3,12 @@ signing every 1000 records, on the disk under --dir; then `verify_log` speed ove
 Prints a table and writes bench/results/audit.json. The machines are shared and noisy: compare
 figures within one run, and note the disk (tmpfs vs a real one) when quoting them.
 
-    python bench/audit.py [--records 20000] [--dir DIR]
+    python bench/audit.py [--quick] [--records 20000] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -20,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import RESULTS, write_report  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
 from gateway.audit import AuditLog  # noqa: E402
@@ -61,9 +60,13 @@ def run(policy: str, records: int, directory: Path, key: ed25519.Ed25519PrivateK
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1,000 records (smoke test)")
     p.add_argument("--records", type=int, default=20000)
     p.add_argument("--dir", type=Path, help="where to write (default: a temporary directory)")
+    p.add_argument("--out", type=Path, default=RESULTS / "audit.json")
     args = p.parse_args()
+    if args.quick:
+        args.records = 1000
     key = ed25519.Ed25519PrivateKey.generate()
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -76,10 +79,9 @@ def main() -> int:
             f"{policy:<10}{r['records_per_s']:>12.0f}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
             f"{r['verify_records_per_s']:>14.0f}{r['bytes_per_record']:>11.0f}"
         )
-    out = ROOT / "bench" / "results" / "audit.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"platform": platform.platform(), "results": results}, indent=2))
-    print(f"wrote {out}")
+    # No row of the issue's table: figures only, listed under the table by bench/report.py.
+    write_report(args.out, "audit", [], {"records": args.records, **results}, quick=args.quick)
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -1,32 +1,47 @@
-"""Gateway overhead: the same EchoEngine worker called directly and through the gateway.
+"""Gateway overhead (rows 1-4 of docs/benchmarks.md): the same EchoEngine worker called directly and
+through the gateway, beside a bare gRPC echo hop (bench/bare_echo.py).
 
-Both paths use real processes and real TLS (mTLS to the worker, TLS + JWT to the gateway) and the
-same raw stubs, so the difference is what the gateway adds: auth, validation, routing, one more hop.
-Prints a table and writes bench/results/overhead.json. Figures are ratios within one run, because
-the machines are shared and noisy.
+All paths use real processes, real TLS and the same raw stubs and message sizes: `direct` is the
+client to the worker (mTLS; it seals and opens like the gateway does), `bare` is the client to a
+grpc.aio server that only echoes (same TLS, same stub, same 1 KiB prompt and reply), `gateway` is
+the client to the gateway (TLS + JWT) and on to the worker. Measurements are interleaved: rounds of
+direct / bare / gateway in rotating order, so the noise of this shared machine hits all alike.
 
-    python bench/overhead.py [--requests 2000] [--seconds 10] [--concurrency 64]
+- Row 1, unary latency at 1 in flight: gateway p50 <= direct p50 + bare p50 + 0.2 ms, and
+  p99 <= direct p99 + bare p99 + 1 ms.
+- Row 2, CPU per request at 64 in flight: gateway process CPU time / requests <= 2.5x the bare
+  server's (both from psutil: user + system time of that process over the same-length windows).
+- Row 3, requests/s at 64 in flight: gateway >= 50% of direct.
+- Row 4, streaming tokens/s (one stream of many EchoEngine tokens at a time): gateway >= 97% of direct.
+
+`--profile SVG` instead records a py-spy flame graph of the gateway under the 64-in-flight load.
+Writes bench/results/overhead.json.
+
+    python bench/overhead.py [--quick] [--requests 2000] [--seconds 12] [--streams 12] [--profile SVG]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
-import statistics
+import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+import psutil  # noqa: E402
+from bare_echo import BareEcho  # noqa: E402
 from bench_policy import bench_policy_dir  # noqa: E402
+from common import RESULTS, Row, print_rows, summary, write_report  # noqa: E402
 
 from airlock.attestation import AttestationPolicy  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
@@ -34,13 +49,13 @@ from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: 
 from gateway import config as config_mod  # noqa: E402
 from gateway.audit import AuditLog  # noqa: E402
 from gateway.keystore import open_keystore  # noqa: E402
-from gateway.sealing import GatewaySealing, open_text  # noqa: E402
-from gateway.stack import Stack  # noqa: E402
+from gateway.sealing import GatewaySealing, finish, open_text  # noqa: E402
+from gateway.stack import ALLOCATOR_ENV, Stack  # noqa: E402
 from gateway.tokens import mint_dev_token  # noqa: E402
 
 CONFIG = """
 [gateway]
-max_tokens = 1024
+max_tokens = 8192
 max_message_bytes = 4194304
 
 [models.echo]
@@ -51,37 +66,51 @@ models = ["echo"]
 """
 
 Call = Callable[[], Awaitable[object]]
+PATHS = ("direct", "bare", "gateway")
 
 
-def prompt_1kib() -> str:
-    words, size = [], 0
-    while size < 1024:
+def prompt(size: int) -> str:
+    """`size` bytes of distinct words: EchoEngine answers one token per word."""
+    words, total = [], 0
+    while total < size:
         word = f"tok{len(words):04d}"
         words.append(word)
-        size += len(word) + 1
-    return " ".join(words)[:1024]
+        total += len(word) + 1
+    return " ".join(words)[:size]
 
 
-async def latency(call: Call, n: int) -> dict[str, float]:
-    for _ in range(min(200, n)):  # warm up connections and caches
-        await call()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await call()
-        samples.append((time.perf_counter() - start) * 1000)
-    samples.sort()
-    return {
-        "p50_ms": statistics.median(samples),
-        "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
-        "mean_ms": statistics.fmean(samples),
-        "n": n,
-    }
+def rotated(round_: int, names: tuple[str, ...]) -> list[str]:
+    k = round_ % len(names)
+    return list(names[k:] + names[:k])
 
 
-async def throughput(call: Call, seconds: float, concurrency: int) -> dict[str, float]:
-    done = 0
-    errors = 0
+async def latency_rounds(calls: dict[str, Call], n: int, rounds: int, warmup: int) -> dict[str, Any]:
+    """`n` sequential calls per path, as `rounds` interleaved blocks; milliseconds per call."""
+    for call in calls.values():
+        for _ in range(warmup):
+            await call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    per_round = max(1, n // rounds)
+    for r in range(rounds):
+        for name in rotated(r, tuple(calls)):
+            call = calls[name]
+            for _ in range(per_round):
+                start = time.perf_counter()
+                await call()
+                samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: summary(s) for name, s in samples.items()}
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def load(call: Call, seconds: float, concurrency: int) -> tuple[int, int, float]:
+    """`concurrency` loops calling back to back for `seconds`: (requests done, errors, elapsed)."""
+    done = errors = 0
     end = time.perf_counter() + seconds
 
     async def loop() -> None:
@@ -95,38 +124,103 @@ async def throughput(call: Call, seconds: float, concurrency: int) -> dict[str, 
 
     start = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    return {"rps": done / elapsed, "requests": done, "errors": errors, "concurrency": concurrency}
+    return done, errors, time.perf_counter() - start
 
 
-async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+async def throughput_rounds(
+    calls: dict[str, Call],
+    pids: dict[str, dict[str, int | None]],
+    seconds: float,
+    rounds: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Each path for `seconds` in all, as `rounds` interleaved windows; requests/s and, for each
+    process in `pids[path]`, its CPU time per request over that path's windows."""
+    totals = {name: {"requests": 0, "errors": 0, "seconds": 0.0} for name in calls}
+    cpu = {name: dict.fromkeys(pids[name], 0.0) for name in calls}
+    for name in calls:  # warm up every connection and the gateway's caches at this concurrency
+        await load(calls[name], 0.3, concurrency)
+    for r in range(rounds):
+        for name in rotated(r, tuple(calls)):
+            before = {proc: cpu_seconds(pid) for proc, pid in pids[name].items()}
+            done, errors, elapsed = await load(calls[name], seconds / rounds, concurrency)
+            for proc, pid in pids[name].items():
+                cpu[name][proc] += cpu_seconds(pid) - before[proc]
+            totals[name]["requests"] += done
+            totals[name]["errors"] += errors
+            totals[name]["seconds"] += elapsed
+    out: dict[str, Any] = {}
+    for name, t in totals.items():
+        requests = max(1, int(t["requests"]))
+        out[name] = {
+            **t,
+            "rps": t["requests"] / t["seconds"],
+            "concurrency": concurrency,
+            "cpu_us_per_request": {p: s / requests * 1e6 for p, s in cpu[name].items()},
+        }
+    return out
+
+
+async def stream_rounds(streams: dict[str, Callable[[], Awaitable[int]]], rounds: int) -> dict[str, Any]:
+    """One stream at a time, interleaved; tokens/s per path over all its streams."""
+    for stream in streams.values():
+        await stream()  # warm up
+    tokens = dict.fromkeys(streams, 0)
+    seconds = dict.fromkeys(streams, 0.0)
+    for r in range(rounds):
+        for name in rotated(r, tuple(streams)):
+            start = time.perf_counter()
+            tokens[name] += await streams[name]()
+            seconds[name] += time.perf_counter() - start
+    return {
+        name: {
+            "tokens": tokens[name],
+            "seconds": seconds[name],
+            "streams": rounds,
+            "tokens_per_s": tokens[name] / seconds[name],
+        }
+        for name in streams
+    }
+
+
+async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dict[str, Any]:
     pki = stack.pki
-    assert pki is not None  # started above
-    text = prompt_1kib()
+    assert pki is not None  # started by the caller
+    assert stack.gateway is not None
+    text = prompt(1024)
     request = pb.GenerateRequest(
         request_id="bench",
         messages=[pb.ChatMessage(role="user", content=text)],
         params=pb.SamplingParams(max_tokens=1024),
     )
+    long_request = pb.GenerateRequest(
+        request_id="bench-stream",
+        messages=[pb.ChatMessage(role="user", content=prompt(args.stream_bytes))],
+        params=pb.SamplingParams(max_tokens=8192),
+    )
     worker_creds = grpc.ssl_channel_credentials(
         pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
     )
-    worker_port = stack.workers[("bench", "echo")].port
+    tls = grpc.ssl_channel_credentials(pki.ca_cert.read_bytes())
+    worker_child = stack.workers[("bench", "echo")]
     token = mint_dev_token(pki, stack.config.auth, tenant="bench", subject="bench", ttl_seconds=3600)
     metadata = (("authorization", f"Bearer {token}"),)
-    results: dict[str, dict[str, dict[str, float]]] = {}
     async with (
-        grpc.aio.secure_channel(f"127.0.0.1:{worker_port}", worker_creds) as wch,
-        grpc.aio.secure_channel(stack.address, grpc.ssl_channel_credentials(pki.ca_cert.read_bytes())) as gch,
+        grpc.aio.secure_channel(f"127.0.0.1:{worker_child.port}", worker_creds) as wch,
+        grpc.aio.secure_channel(stack.address, tls) as gch,
+        grpc.aio.secure_channel(f"127.0.0.1:{bare.port}", tls) as bch,
     ):
         worker = worker_pb2_grpc.WorkerStub(wch)
         gateway = inference_pb2_grpc.InferenceStub(gch)
+        bare_stub = inference_pb2_grpc.InferenceStub(bch)
         # Workers take only sealed prompts: the direct path seals and opens like the gateway does
         # (after attesting the worker and releasing the tenant key), the least any caller pays.
         sealing = GatewaySealing(
-            open_keystore(stack.config.keys, stack.config.state_dir), ca_pem=pki.attest_ca_cert.read_bytes(),
-            policy_for=lambda _tenant: AttestationPolicy(), audit=AuditLog(None),
-        )  # fmt: skip
+            open_keystore(stack.config.keys, stack.config.state_dir),
+            ca_pem=pki.attest_ca_cert.read_bytes(),
+            policy_for=lambda _tenant: AttestationPolicy(),
+            audit=AuditLog(None),
+        )
         await sealing.ensure_released("bench", "echo", worker)
 
         async def direct() -> object:
@@ -135,77 +229,189 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str,
             opener = sealing.seal("bench", work.request)
             assert opener is not None
             reply = await worker.Generate(work, timeout=30)
-            return open_text(opener, reply.sealed_text, "bench", sealing.audit)
+            out = open_text(opener, reply.sealed_text, "bench", sealing.audit)
+            finish(opener, "bench", sealing.audit)
+            return out
+
+        async def via_bare() -> object:
+            return await bare_stub.Generate(request, metadata=metadata, timeout=30)
 
         async def through() -> object:
             return await gateway.Generate(request, metadata=metadata, timeout=30)
 
-        for name, call in (("direct", direct), ("gateway", through)):
-            results[name] = {
-                "unary_1_in_flight": await latency(call, args.requests),
-                f"unary_{args.concurrency}_in_flight": await throughput(call, args.seconds, args.concurrency),
-            }
-    return results
+        async def stream_direct() -> int:
+            work = worker_pb2.WorkerRequest(tenant="bench", request=long_request)
+            work.request.model = "echo"
+            opener = sealing.seal("bench", work.request)
+            assert opener is not None
+            tokens = 0
+            async for chunk in worker.GenerateStream(work, timeout=120):
+                chunk.text = open_text(opener, chunk.sealed_text, "bench", sealing.audit)
+                tokens += chunk.tokens
+            finish(opener, "bench", sealing.audit)
+            return tokens
+
+        async def stream_gateway() -> int:
+            tokens = 0
+            async for chunk in gateway.GenerateStream(long_request, metadata=metadata, timeout=120):
+                tokens += chunk.tokens
+            return tokens
+
+        calls = {"direct": direct, "bare": via_bare, "gateway": through}
+        if args.profile is not None:
+            return {"profile": await profile(through, stack.gateway.process.pid, args)}
+        pids: dict[str, dict[str, int | None]] = {
+            "direct": {"worker": worker_child.process.pid},
+            "bare": {"bare_server": bare.pid},
+            "gateway": {"gateway": stack.gateway.process.pid, "worker": worker_child.process.pid},
+        }
+        print(f"row 1: {args.requests} sequential calls per path in {args.rounds} rounds…", file=sys.stderr)
+        lat = await latency_rounds(calls, args.requests, args.rounds, args.warmup)
+        print(f"rows 2-3: {args.seconds:.0f} s per path at {args.concurrency} in flight…", file=sys.stderr)
+        tput = await throughput_rounds(calls, pids, args.seconds, args.rounds, args.concurrency)
+        print(f"row 4: {args.streams} streams of {args.stream_bytes} bytes per path…", file=sys.stderr)
+        stream = await stream_rounds({"direct": stream_direct, "gateway": stream_gateway}, args.streams)
+    return {"unary_1_in_flight_ms": lat, f"unary_{args.concurrency}_in_flight": tput, "stream": stream}
+
+
+async def profile(call: Call, pid: int, args: argparse.Namespace) -> str:
+    """py-spy records the gateway process while `args.concurrency` calls are in flight."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("py-spy is not installed (it is in the dev extra: make venv)")
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    await load(call, 1.0, args.concurrency)  # warm up before recording
+    recorder = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--output",
+            str(args.profile),
+            "--format",
+            "flamegraph",
+            "--rate",
+            "200",
+            # Read the stacks without pausing the gateway: the profile then costs it little.
+            "--nonblocking",
+            "--duration",
+            str(int(args.seconds)),
+        ]
+    )
+    done, errors, elapsed = await load(call, args.seconds + 1, args.concurrency)
+    if await asyncio.to_thread(recorder.wait) != 0:
+        raise SystemExit(
+            f"py-spy failed (exit {recorder.returncode}); as root it needs the ptrace capability"
+        )
+    return f"{done / elapsed:.0f} requests/s during the recording, {errors} errors"
+
+
+def rows_of(results: dict[str, Any], concurrency: int) -> list[Row]:
+    lat = results["unary_1_in_flight_ms"]
+    d, b, g = lat["direct"], lat["bare"], lat["gateway"]
+    tput = results[f"unary_{concurrency}_in_flight"]
+    g_cpu = tput["gateway"]["cpu_us_per_request"]["gateway"]
+    b_cpu = tput["bare"]["cpu_us_per_request"]["bare_server"]
+    rps_d, rps_g = tput["direct"]["rps"], tput["gateway"]["rps"]
+    st_d, st_g = results["stream"]["direct"]["tokens_per_s"], results["stream"]["gateway"]["tokens_per_s"]
+    rows = []
+    for q, slack, rid in (("p50", 0.2, "1a"), ("p99", 1.0, "1b")):
+        base = d[q] + b[q]
+        rows.append(
+            Row(
+                rid,
+                f"unary latency {q}, 1 KiB, EchoEngine, 1 in flight",
+                f"direct {d[q]:.3f} + bare hop {b[q]:.3f} = {base:.3f} ms",
+                g[q],
+                "ms",
+                g[q] / base,
+                f"≤ direct {q} + bare-hop {q} + {slack} ms",
+                base + slack,
+                "<=",
+            )
+        )
+    rows += [
+        Row(
+            "2",
+            f"gateway CPU per request, {concurrency} in flight",
+            f"bare grpc.aio echo server {b_cpu:.0f} µs",
+            g_cpu,
+            "µs",
+            g_cpu / b_cpu,
+            "≤ 2.5× the bare server's",
+            2.5 * b_cpu,
+            "<=",
+        ),
+        Row(
+            "3",
+            f"throughput, {concurrency} in flight",
+            f"direct to worker {rps_d:.0f} req/s",
+            rps_g,
+            "req/s",
+            rps_g / rps_d,
+            "≥ 50% of direct",
+            0.5 * rps_d,
+            ">=",
+        ),
+        Row(
+            "4",
+            "streaming tokens/s, EchoEngine, 1 stream",
+            f"direct to worker {st_d:.0f} tokens/s",
+            st_g,
+            "tokens/s",
+            st_g / st_d,
+            "≥ 97% of direct",
+            0.97 * st_d,
+            ">=",
+        ),
+    ]
+    errors = sum(t["errors"] for t in tput.values())
+    if errors:
+        print(f"warning: {errors} failed requests during the throughput windows", file=sys.stderr)
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=2000, help="sequential requests for latency")
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of the throughput run")
+    parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
+    parser.add_argument("--requests", type=int, default=2000, help="sequential calls per path (row 1)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the three paths")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--seconds", type=float, default=12.0, help="time per path at --concurrency (rows 2-3)"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
+    parser.add_argument("--streams", type=int, default=12, help="streams per path (row 4)")
+    parser.add_argument("--stream-bytes", type=int, default=24_000, help="prompt size: ~1 token per 8 bytes")
+    parser.add_argument(
+        "--profile", type=Path, help="record a py-spy flame graph (SVG) of the gateway instead"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds, args.warmup = 60, 3, 10
+        args.seconds, args.streams, args.stream_bytes = 1.5, 2, 4000
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as tmp:
         path = Path(tmp) / "bench.toml"
         policy = bench_policy_dir(Path(tmp) / "policy")
         path.write_text(f'policy_dir = "{policy}"\n' + textwrap.dedent(CONFIG))
         cfg = config_mod.load(path, state_dir=Path(tmp) / "state")
         with Stack(cfg, listen="127.0.0.1:0", log_level="warning") as stack:
-            print("starting worker and gateway…", file=sys.stderr)
+            print("starting worker, gateway and the bare echo server…", file=sys.stderr)
             stack.start(timeout=120)
-            print(f"measuring: {args.requests} sequential requests, then {args.seconds:.0f} s at "
-                  f"{args.concurrency} in flight, for each path…", file=sys.stderr)  # fmt: skip
-            results = asyncio.run(measure(stack, args))
-    tput = f"unary_{args.concurrency}_in_flight"
-    d, g = results["direct"], results["gateway"]
-    rows = [
-        (
-            "unary p50 (ms), 1 KiB, 1 in flight",
-            d["unary_1_in_flight"]["p50_ms"],
-            g["unary_1_in_flight"]["p50_ms"],
-        ),
-        (
-            "unary p99 (ms), 1 KiB, 1 in flight",
-            d["unary_1_in_flight"]["p99_ms"],
-            g["unary_1_in_flight"]["p99_ms"],
-        ),
-        (f"requests/s, {args.concurrency} in flight", d[tput]["rps"], g[tput]["rps"]),
-    ]
-    print(f"\n{'metric':<40} {'direct':>10} {'gateway':>10} {'ratio':>8} {'added':>9}")
-    for label, direct, gateway in rows:
-        print(
-            f"{label:<40} {direct:>10.3f} {gateway:>10.3f} {gateway / direct:>8.2f} {gateway - direct:>+9.3f}"
-        )
-    report = {
-        "benchmark": "overhead",
-        "engine": "echo",
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "results": results,
-        "ratios": {
-            "p50_gateway_over_direct": g["unary_1_in_flight"]["p50_ms"] / d["unary_1_in_flight"]["p50_ms"],
-            "p99_gateway_over_direct": g["unary_1_in_flight"]["p99_ms"] / d["unary_1_in_flight"]["p99_ms"],
-            "rps_gateway_over_direct": g[tput]["rps"] / d[tput]["rps"],
-        },
-        "added_ms": {
-            "p50": g["unary_1_in_flight"]["p50_ms"] - d["unary_1_in_flight"]["p50_ms"],
-            "p99": g["unary_1_in_flight"]["p99_ms"] - d["unary_1_in_flight"]["p99_ms"],
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {args.out}")
+            assert stack.pki is not None
+            with BareEcho(stack.pki.gateway_cert, stack.pki.gateway_key, Path(tmp), ALLOCATOR_ENV) as bare:
+                results = asyncio.run(measure(stack, bare, args))
+    if args.profile is not None:
+        print(f"flame graph written to {args.profile} ({results['profile']})")
+        return 0
+    rows = rows_of(results, args.concurrency)
+    print_rows(rows)
+    write_report(args.out, "overhead", rows, results, quick=args.quick)
+    print(f"written to {args.out}")
     return 0
 
 

@@ -5,15 +5,13 @@ Each store admits and releases `--calls` calls (all three limits set, none reach
 started on a free loopback port for the run (needs `redis-server`, installed by make venv).
 Prints a table and writes bench/results/quota.json. Shared, noisy machines: compare within a run.
 
-    python bench/quota.py [--calls 2000] [--concurrency 32]
+    python bench/quota.py [--quick] [--calls 2000] [--concurrency 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import RESULTS, write_report  # noqa: E402
 
 from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -62,10 +62,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--quick", action="store_true", help="200 calls (smoke test)")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quota.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quota.json")
     args = parser.parse_args()
+    if args.quick:
+        args.calls = 200
     results = {"memory": await measure(MemoryQuotaStore(), args.calls, args.concurrency)}
     if RedisServer.binary() is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,10 +83,9 @@ async def main() -> None:
     print(f"{'store':<8} {'p50 µs':>10} {'p99 µs':>10} {'calls/s @' + str(args.concurrency):>14}")
     for name, r in results.items():
         print(f"{name:<8} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {r['concurrent_per_s']:>14.0f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"calls": args.calls, "concurrency": args.concurrency, "python": platform.python_version(),
-              "results": results}  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2))
+    # No row of the issue's table: figures only, listed under the table by bench/report.py.
+    details = {"calls": args.calls, "concurrency": args.concurrency, **results}
+    write_report(args.out, "quota", [], details, quick=args.quick)
 
 
 if __name__ == "__main__":
