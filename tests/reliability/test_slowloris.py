@@ -23,6 +23,9 @@ from tests.support import LiveStack
 HOLDERS = 200  # streams that are opened and never read, each on its own connection
 SILENT = 200  # TCP connections that send nothing at all
 PARTIAL = 50  # TCP connections that send the first bytes of a TLS record, then nothing
+# The normal clients' calls/s: the repository's policy applies here (its stream limit is part of
+# the test) and lets each tenant make 200 calls/s; unpaced, a fast gateway would run into that.
+PACE = 100.0
 LONG_PROMPT = " ".join(f"w{i}" for i in range(600))  # 512 tokens at 20/s: a 25 s stream
 
 
@@ -53,7 +56,7 @@ async def test_streams_held_open_and_never_read(make_stack: Callable[[str], Live
             for ch in channels
         ]
         await asyncio.sleep(2.0)
-        async with Load(live, tenants=("globex",), concurrency=4) as load:
+        async with Load(live, tenants=("globex",), concurrency=4, rate=PACE) as load:
             await asyncio.sleep(3.0)
             async with live.client("acme") as acme:
                 with pytest.raises(QuotaExceededError) as held:
@@ -113,7 +116,7 @@ async def test_silent_connections_and_ping_floods(make_stack: Callable[[str], Li
             "grpc.http2.max_pings_without_data": 0,
         }
         pinger = normal_channel(live, **options)
-        async with pinger, Load(live, concurrency=4) as load:
+        async with pinger, Load(live, concurrency=4, rate=PACE) as load:
             health = pinger.unary_unary("/grpc.health.v1.Health/Check")
             await health(b"", timeout=10)  # connected and READY
             assert pinger.get_state() == grpc.ChannelConnectivity.READY
