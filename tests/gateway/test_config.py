@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,17 @@ from gateway.config import (
     TenantConfig,
     load,
 )
+from tests.config_files import MINIMAL, refused_config, write_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "airlock.example.toml"
 
-MINIMAL = """
-[models.echo]
-engine = "echo"
-
-[tenants.acme]
-models = ["echo"]
-"""
-
 
 def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "airlock.toml"
-    path.write_text(textwrap.dedent(text))
-    return path
+    return write_config(tmp_path, text)
 
 
 def refused(tmp_path: Path, text: str) -> ConfigError:
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load(path, state_dir=tmp_path / "state")
-    err = info.value
-    assert err.source == str(path)
-    assert str(err) == f"{path}: {err.key}: {err.reason}"
-    return err
+    return refused_config(tmp_path, text)
 
 
 def test_defaults_are_two_demo_tenants_on_the_bundled_model(tmp_path: Path) -> None:

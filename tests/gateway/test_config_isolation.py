@@ -3,7 +3,6 @@ launcher's plan puts every shared tenant of a model on one worker."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from gateway.config import ConfigError, load
 from gateway.config_isolation import shared_models
 from gateway.stack import Stack
+from tests.config_files import refused_config, write_config
 
 SHARING = '[tenants.acme]\nmodels = ["echo"]\nisolation = "shared"\n'
 BASE = """
@@ -23,15 +23,11 @@ engine = "echo"
 
 
 def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "airlock.toml"
-    path.write_text(textwrap.dedent(BASE) + textwrap.dedent(text))
-    return path
+    return write_config(tmp_path, BASE, text)
 
 
 def refused(tmp_path: Path, text: str) -> ConfigError:
-    with pytest.raises(ConfigError) as err:
-        load(write(tmp_path, text), state_dir=tmp_path / "state")
-    return err.value
+    return refused_config(tmp_path, BASE, text)
 
 
 def test_dedicated_is_the_default(tmp_path: Path) -> None:

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from gateway.config import Config, ConfigError, FileKeysConfig, KeysConfig, Pkcs11KeysConfig, load
-
-MINIMAL = """
-[models.echo]
-engine = "echo"
-
-[tenants.acme]
-models = ["echo"]
-"""
+from tests.config_files import MINIMAL, load_config
 
 
 def load_text(tmp_path: Path, text: str) -> Config:
-    path = tmp_path / "airlock.toml"
-    path.write_text(textwrap.dedent(MINIMAL) + textwrap.dedent(text))
-    return load(path, state_dir=tmp_path / "state")
+    return load_config(tmp_path, MINIMAL, text)
 
 
 def test_default_is_the_file_backend_under_the_state_dir(tmp_path: Path) -> None:

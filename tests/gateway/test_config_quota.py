@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from gateway.config import Config, ConfigError, QuotaConfig, TelemetryConfig, load
-
-MINIMAL = """
-[models.echo]
-engine = "echo"
-
-[tenants.acme]
-models = ["echo"]
-"""
+from tests.config_files import MINIMAL, load_config
 
 
 def load_text(tmp_path: Path, text: str) -> Config:
-    path = tmp_path / "airlock.toml"
-    path.write_text(textwrap.dedent(MINIMAL + text))
-    return load(path, state_dir=tmp_path / "state")
+    return load_config(tmp_path, MINIMAL, text)
 
 
 def test_defaults_are_in_memory_quotas_and_no_traces(tmp_path: Path) -> None:

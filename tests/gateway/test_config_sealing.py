@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 
 from gateway import config as config_mod
-
-BASE = '[models.echo]\nengine = "echo"\n[tenants.acme]\nmodels = ["echo"]\n'
+from tests.config_files import MINIMAL, load_config
 
 
 def load(tmp_path: Path, extra: str) -> config_mod.Config:
-    path = tmp_path / "airlock.toml"
-    path.write_text(extra + BASE)
-    return config_mod.load(path, state_dir=tmp_path / "state")
+    return load_config(tmp_path, extra, MINIMAL)
 
 
 def test_defaults_offer_the_post_quantum_hybrid(tmp_path: Path) -> None:
