@@ -161,6 +161,7 @@ class Verified:
     hpke_suite: str
     hpke_public_key: bytes
     worker_id: str
+    isolation: str = "dedicated"  # "shared": the worker serves several tenants (docs/isolation.md)
 
 
 def gpu_nonce(nonce: bytes, worker_id: str) -> bytes:
@@ -250,6 +251,7 @@ def verify(
         level, suite, worker_id = str(s["level"]), str(s["hpke_suite"]), str(s["worker_id"])
         issued, measurements = float(s["issued_at"]), dict(s["measurements"])
         claimed_tenant, model = str(s["tenant"]), str(s["model"])
+        isolation = str(s.get("isolation", "dedicated"))
     except (ValueError, KeyError, TypeError):
         raise _refuse("evidence statement is malformed", "ATTESTATION_MALFORMED") from None
     if claimed_nonce != nonce:
@@ -273,4 +275,4 @@ def verify(
     for name, allowed in policy.measurements.items():  # a listed measurement with no values allows none
         if measurements.get(name) not in allowed:
             raise _refuse(f"measurement {name!r} is not an allowed value", "ATTESTATION_MEASUREMENT")
-    return Verified(level, claimed_tenant, model, measurements, suite, public_key, worker_id)
+    return Verified(level, claimed_tenant, model, measurements, suite, public_key, worker_id, isolation)

@@ -85,7 +85,7 @@ def _load_quietly(directory: Path, required_tenants: Iterable[str]) -> Policy:
 
 @contextlib.contextmanager
 def _loop_first() -> Iterator[None]:
-    """While a thread does a long pure-Python job, hand the GIL back every 0.5 ms instead of 5 ms:
+    """While a thread does a long pure-Python job, hand the GIL back every 0.1 ms instead of 5 ms:
     each call the event loop serves waits for the GIL several times (after every poll), and at
     5 ms a wait a 100k-line reload multiplied request latency by ten."""
     previous = sys.getswitchinterval()

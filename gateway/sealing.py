@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from airlock.attestation import AttestationPolicy, hpke_seal, key_release_info, verify
+from airlock.attestation import AttestationPolicy, Verified, hpke_seal, key_release_info, verify
 from airlock.envelope import Opener, SealError
 from airlock.errors import AirlockError, AttestationError, UnavailableError
 from airlock.logs import current_request_id
@@ -128,7 +127,7 @@ class GatewaySealing:
             ) from None
         try:
             verified = verify(evidence, ca_pem=self.ca_pem, nonce=nonce, tenant=tenant, policy=policy)
-            self._check_isolation(evidence, tenant)
+            self._check_isolation(verified, tenant)
         except AttestationError as exc:
             self.audit.record("attestation", decision="refused", tenant=tenant, model=model,
                               reason=exc.reason, request_id=current_request_id())  # fmt: skip
@@ -153,11 +152,10 @@ class GatewaySealing:
             measurements=dict(verified.measurements), request_id=current_request_id(),
         )  # fmt: skip
 
-    def _check_isolation(self, evidence: pb.Evidence, tenant: str) -> None:
+    def _check_isolation(self, verified: Verified, tenant: str) -> None:
         """A worker that says (in its signed, verified statement) it serves several tenants gets a
         tenant's keys only while the policy opts that tenant in, whatever the routes say."""
-        isolation = json.loads(evidence.statement).get("isolation", "dedicated")
-        if isolation != "dedicated" and not self.may_share(tenant):
+        if verified.isolation != "dedicated" and not self.may_share(tenant):
             raise AttestationError("the worker is shared and this tenant is not opted in to shared isolation",
                                    reason="ISOLATION_NOT_ALLOWED")  # fmt: skip
 
