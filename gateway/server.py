@@ -23,6 +23,7 @@ from airlock.errors import (
 )
 from airlock.rpcstatus import from_rpc_error
 from airlock.serving import ErrorInterceptor, bind, new_server
+from airlock.streams import batches
 from airlock.types import Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -158,13 +159,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for attempt in (1, 2):
                 call = stub.GenerateStream(work, timeout=context.time_remaining())
                 try:
-                    async for chunk in call:
+                    async for batch in batches(call, size=_sealed_size):
                         started = True
-                        if opener is not None:
-                            chunk.text = open_text(opener, chunk.sealed_text, work.tenant, self._audit)
-                            chunk.ClearField("sealed_text")
-                        ticket.chunk(chunk)
-                        yield chunk
+                        # Sealed to the caller (end to end): each chunk as it is. Else what arrived
+                        # while the caller took the previous message goes as one (airlock/streams.py).
+                        chunks = batch if opener is None else [self._opened(opener, batch, work.tenant)]
+                        for chunk in chunks:
+                            ticket.chunk(chunk)
+                            yield chunk
                     break
                 except grpc.aio.AioRpcError as exc:
                     if started or attempt == 2 or not await self._rekey(work, stub, exc):
@@ -173,6 +175,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     call.cancel()  # no-op when finished; aborts the engine when the caller went away
             if opener is not None:
                 finish(opener, work.tenant, self._audit)
+
+    def _opened(self, opener: Opener, batch: list[pb.GenerateChunk], tenant: str) -> pb.GenerateChunk:
+        """One plain chunk for the caller from consecutive sealed ones: their texts joined, their
+        tokens added; the last one's finish reason and usage (only the final chunk has them)."""
+        chunk = batch[-1]
+        texts = [open_text(opener, c.sealed_text, tenant, self._audit) for c in batch]
+        chunk.ClearField("sealed_text")
+        chunk.text = "".join(texts)
+        chunk.tokens = sum(c.tokens for c in batch)
+        return chunk
 
     async def GetAttestation(
         self, request: pb.AttestationRequest, context: grpc.aio.ServicerContext
@@ -207,6 +219,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 pb.ModelInfo(name=r.model, engine=r.engine, is_default=r.model == default) for r in routes
             ]
         )
+
+
+def _sealed_size(chunk: pb.GenerateChunk) -> int:
+    return len(chunk.sealed_text.ciphertext)
 
 
 _PASS_THROUGH = {

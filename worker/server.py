@@ -21,12 +21,13 @@ from airlock.envelope import Opener, Sealer
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, response_key
 from airlock.serving import ErrorInterceptor, bind, new_server
+from airlock.streams import batches
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from worker.arena import RequestState
 from worker.attestation import WorkerAttestor
-from worker.engine import Engine
+from worker.engine import Engine, EngineOutput
 
 __all__ = ["WorkerService", "WorkerTls", "create_server"]
 
@@ -133,10 +134,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         outputs = self.engine.generate(spec, tenant=request.tenant)
         with self._hold(request):
             try:
-                async for out in outputs:
+                # What the engine produced while the previous chunk was being sent goes as one
+                # chunk (airlock/streams.py); only the last output of a stream has a finish reason.
+                async for batch in batches(outputs, size=_text_size):
+                    out = batch[-1]
                     final = out.finish_reason is not None
-                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=out.tokens)
-                    chunk.sealed_text.CopyFrom(sealer.seal(out.text.encode(), final=final))
+                    text = out.text if len(batch) == 1 else "".join(o.text for o in batch)
+                    tokens = sum(o.tokens for o in batch)
+                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=tokens)
+                    chunk.sealed_text.CopyFrom(sealer.seal(text.encode(), final=final))
                     if out.finish_reason is not None:
                         chunk.finish_reason = FINISH_CODES[out.finish_reason]
                         chunk.usage.prompt_tokens = out.prompt_tokens
@@ -174,6 +180,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             tenants=list(self.attestors),
             isolation=self.isolation,
         )
+
+
+def _text_size(out: EngineOutput) -> int:
+    return len(out.text)
 
 
 class PeerGuard:
