@@ -61,8 +61,15 @@ max_message_bytes = 4194304
 [models.echo]
 engine = "echo"
 
+# Row 4: as fast as it can, but yielding to the event loop between tokens as a real engine does
+# between decoding steps (an unthrottled EchoEngine never yields, so a stream would leave the
+# worker as one chunk). Far above what either path delivers: the rate never binds.
+[models.echo-stream]
+engine = "echo"
+tokens_per_second = 1000000
+
 [tenants.bench]
-models = ["echo"]
+models = ["echo", "echo-stream"]
 """
 
 Call = Callable[[], Awaitable[object]]
@@ -161,20 +168,27 @@ async def throughput_rounds(
     return out
 
 
-async def stream_rounds(streams: dict[str, Callable[[], Awaitable[int]]], rounds: int) -> dict[str, Any]:
-    """One stream at a time, interleaved; tokens/s per path over all its streams."""
+async def stream_rounds(
+    streams: dict[str, Callable[[], Awaitable[tuple[int, int]]]], rounds: int
+) -> dict[str, Any]:
+    """One stream at a time, interleaved; tokens/s per path over all its streams, and how many
+    chunks carried them (what piled up while a chunk was on its way travels as one)."""
     for stream in streams.values():
         await stream()  # warm up
     tokens = dict.fromkeys(streams, 0)
+    chunks = dict.fromkeys(streams, 0)
     seconds = dict.fromkeys(streams, 0.0)
     for r in range(rounds):
         for name in rotated(r, tuple(streams)):
             start = time.perf_counter()
-            tokens[name] += await streams[name]()
+            got, pieces = await streams[name]()
             seconds[name] += time.perf_counter() - start
+            tokens[name] += got
+            chunks[name] += pieces
     return {
         name: {
             "tokens": tokens[name],
+            "chunks": chunks[name],
             "seconds": seconds[name],
             "streams": rounds,
             "tokens_per_s": tokens[name] / seconds[name],
@@ -195,6 +209,7 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
     )
     long_request = pb.GenerateRequest(
         request_id="bench-stream",
+        model="echo-stream",
         messages=[pb.ChatMessage(role="user", content=prompt(args.stream_bytes))],
         params=pb.SamplingParams(max_tokens=8192),
     )
@@ -203,14 +218,17 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
     )
     tls = grpc.ssl_channel_credentials(pki.ca_cert.read_bytes())
     worker_child = stack.workers[("bench", "echo")]
+    stream_child = stack.workers[("bench", "echo-stream")]
     token = mint_dev_token(pki, stack.config.auth, tenant="bench", subject="bench", ttl_seconds=3600)
     metadata = (("authorization", f"Bearer {token}"),)
     async with (
         grpc.aio.secure_channel(f"127.0.0.1:{worker_child.port}", worker_creds) as wch,
+        grpc.aio.secure_channel(f"127.0.0.1:{stream_child.port}", worker_creds) as sch,
         grpc.aio.secure_channel(stack.address, tls) as gch,
         grpc.aio.secure_channel(f"127.0.0.1:{bare.port}", tls) as bch,
     ):
         worker = worker_pb2_grpc.WorkerStub(wch)
+        stream_worker = worker_pb2_grpc.WorkerStub(sch)
         gateway = inference_pb2_grpc.InferenceStub(gch)
         bare_stub = inference_pb2_grpc.InferenceStub(bch)
         # Workers take only sealed prompts: the direct path seals and opens like the gateway does
@@ -222,6 +240,7 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
             audit=AuditLog(None),
         )
         await sealing.ensure_released("bench", "echo", worker)
+        await sealing.ensure_released("bench", "echo-stream", stream_worker)
 
         async def direct() -> object:
             work = worker_pb2.WorkerRequest(tenant="bench", request=request)
@@ -239,23 +258,24 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
         async def through() -> object:
             return await gateway.Generate(request, metadata=metadata, timeout=30)
 
-        async def stream_direct() -> int:
+        async def stream_direct() -> tuple[int, int]:
             work = worker_pb2.WorkerRequest(tenant="bench", request=long_request)
-            work.request.model = "echo"
             opener = sealing.seal("bench", work.request)
             assert opener is not None
-            tokens = 0
-            async for chunk in worker.GenerateStream(work, timeout=120):
+            tokens = chunks = 0
+            async for chunk in stream_worker.GenerateStream(work, timeout=120):
                 chunk.text = open_text(opener, chunk.sealed_text, "bench", sealing.audit)
                 tokens += chunk.tokens
+                chunks += 1
             finish(opener, "bench", sealing.audit)
-            return tokens
+            return tokens, chunks
 
-        async def stream_gateway() -> int:
-            tokens = 0
+        async def stream_gateway() -> tuple[int, int]:
+            tokens = chunks = 0
             async for chunk in gateway.GenerateStream(long_request, metadata=metadata, timeout=120):
                 tokens += chunk.tokens
-            return tokens
+                chunks += 1
+            return tokens, chunks
 
         calls = {"direct": direct, "bare": via_bare, "gateway": through}
         if args.profile is not None:
