@@ -27,7 +27,7 @@ import jwt
 from airlock.attestation import AttestationPolicy, Verified
 from airlock.e2e import EndToEnd
 from airlock.envelope import Opener
-from airlock.errors import AirlockError, AuthenticationError
+from airlock.errors import AirlockError, AuthenticationError, CancelledError, UnavailableError
 from airlock.rpcstatus import from_rpc_error
 from airlock.types import FINISH_REASONS, REQUEST_ID_HEADER, Chunk, Completion, Message, new_request_id
 from airlock.v1 import inference_pb2 as pb
@@ -381,6 +381,14 @@ async def _chain(first: Any, call: Any) -> AsyncGenerator[pb.GenerateChunk, None
 
 def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
     err = from_rpc_error(exc)
+    if isinstance(err, CancelledError):
+        # Never our own cancellation (that raises asyncio.CancelledError here): the server gave up
+        # the call, as gRPC does to calls a gateway had received but not started when it began
+        # to shut down. For this caller it means "try again", like any other UNAVAILABLE.
+        replaced = UnavailableError(
+            "the server cancelled the call (it may be shutting down); retry", reason="SERVER_CANCELLED"
+        )
+        replaced.request_id, err = err.request_id, replaced
     err.request_id = err.request_id or request_id
     return err
 

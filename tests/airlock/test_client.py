@@ -1,15 +1,16 @@
-"""The SDK's moving parts without a server: token refresh, the retry policy, option checks."""
+"""The SDK's moving parts without a server: token refresh, the retry policy, option checks, error mapping."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import grpc
 import jwt
 import pytest
 
-from airlock import AsyncClient, AuthenticationError
-from airlock.client import _service_config, _Token
+from airlock import AsyncClient, AuthenticationError, UnavailableError
+from airlock.client import _error, _service_config, _Token
 
 
 def _jwt(exp_in: float) -> str:
@@ -88,3 +89,15 @@ def test_the_retry_policy_retries_only_unavailable() -> None:
 def test_bad_options_are_refused_up_front(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AsyncClient("127.0.0.1:1", **options)  # type: ignore[arg-type]
+
+
+def test_a_call_the_server_cancelled_is_unavailable_to_the_caller() -> None:
+    # gRPC core cancels calls a stopping server received but never started; the caller didn't
+    # cancel (its own cancellation raises asyncio.CancelledError), so it gets the retryable status.
+    trailing = grpc.aio.Metadata(("x-request-id", "req-7"))
+    exc = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), trailing, details="Cancelled")
+    err = _error(exc, "req-7")
+    assert isinstance(err, UnavailableError)
+    assert (err.reason, err.request_id) == ("SERVER_CANCELLED", "req-7")
+    other = _error(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing), "x")
+    assert isinstance(other, UnavailableError) and other.reason != "SERVER_CANCELLED"
