@@ -139,9 +139,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 async for batch in batches(outputs, size=_text_size):
                     out = batch[-1]
                     final = out.finish_reason is not None
-                    text = out.text if len(batch) == 1 else "".join(o.text for o in batch)
-                    tokens = sum(o.tokens for o in batch)
-                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=tokens)
+                    text = "".join(o.text for o in batch)
+                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=sum(o.tokens for o in batch))
                     chunk.sealed_text.CopyFrom(sealer.seal(text.encode(), final=final))
                     if out.finish_reason is not None:
                         chunk.finish_reason = FINISH_CODES[out.finish_reason]
