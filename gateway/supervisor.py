@@ -29,7 +29,7 @@ from gateway.audit import AuditLog
 if TYPE_CHECKING:
     from gateway.stack import Child, Stack
 
-__all__ = ["Domain", "ScrubFailedError", "Supervisor", "SupervisorMetrics", "run_scrub"]
+__all__ = ["Domain", "ScrubFailedError", "Supervisor", "SupervisorMetrics", "merge_scrubs", "run_scrub"]
 
 _log = logging.getLogger("airlock.supervisor")
 SHM = Path("/dev/shm")
@@ -72,16 +72,47 @@ class Domain:
 
 
 def run_scrub(python: str, domain: Domain, timeout: float = 300.0) -> dict[str, Any]:
-    """Scrub `domain` in a separate process; returns its result (with `verified`), never raises."""
-    cmd = [python, "-m", "worker.scrub", "--arena", str(domain.arena), "--canaries", str(domain.canaries)]
-    cuda = [python, "-m", "worker.scrub", "--device", "cuda", "--canaries", str(domain.cuda_canaries)]
-    runs = [cuda, cmd] if domain.devices else [cmd]
-    result: dict[str, Any] = {}
-    for run in runs:  # a GPU domain: its device memory, then the arena its worker kept on the host
-        result = _scrub_once(run, domain, timeout)
-        if not result["verified"]:
-            break
-    return result
+    """Scrub `domain` in a separate process; returns its result (with `verified`), never raises.
+
+    A GPU domain is scrubbed twice, its device memory and then the arena its worker kept on the
+    host; the result covers both (bytes and canary hits added, `device_bytes` the GPU's share).
+    """
+    arena_cmd = [
+        python,
+        "-m",
+        "worker.scrub",
+        "--arena",
+        str(domain.arena),
+        "--canaries",
+        str(domain.canaries),
+    ]
+    if not domain.devices:
+        return _scrub_once(arena_cmd, domain, timeout)
+    cuda_cmd = [python, "-m", "worker.scrub", "--device", "cuda", "--canaries", str(domain.cuda_canaries)]
+    device = _scrub_once(cuda_cmd, domain, timeout)
+    if not device["verified"]:
+        return {**device, "reason": f"GPU memory: {device.get('reason') or 'not verified'}"}
+    return merge_scrubs(device, _scrub_once(arena_cmd, domain, timeout))
+
+
+def merge_scrubs(device: dict[str, Any], arena: dict[str, Any]) -> dict[str, Any]:
+    """One result for a GPU domain's two scrubs (the device's verified already)."""
+    total = int(device.get("bytes", 0)) + int(arena.get("bytes", 0))
+    seconds = float(device.get("seconds", 0.0)) + float(arena.get("seconds", 0.0))
+    reasons = [
+        f"{part}: {r['reason']}" for part, r in (("GPU memory", device), ("arena", arena)) if r.get("reason")
+    ]
+    return {
+        **arena,
+        "bytes": total,
+        "device_bytes": int(device.get("bytes", 0)),
+        "seconds": seconds,
+        "gbps": round(total / seconds / 1e9, 3) if seconds > 0 else 0.0,
+        "canary_hits": int(device.get("canary_hits", 0)) + int(arena.get("canary_hits", 0)),
+        "nonzero_bytes": int(device.get("nonzero_bytes", 0)) + int(arena.get("nonzero_bytes", 0)),
+        "reason": "; ".join(reasons),
+        "verified": bool(arena["verified"]),
+    }
 
 
 def _scrub_once(cmd: list[str], domain: Domain, timeout: float) -> dict[str, Any]:
@@ -144,7 +175,8 @@ class Supervisor:
         self.metrics.scrubs.labels(tenant, model, "verified" if verified else "failed").inc()
         self.metrics.scrub_bytes.labels(tenant, model).inc(int(result.get("bytes", 0)))
         self.metrics.canary_hits.labels(tenant, model).inc(int(result.get("canary_hits", 0)))
-        fields = {k: result.get(k) for k in ("bytes", "gbps", "canaries_before", "canary_hits", "reason")}
+        keys = ("bytes", "device_bytes", "gbps", "canaries_before", "canary_hits", "reason")
+        fields = {k: result[k] for k in keys if k in result}
         self.audit.record("domain_scrub", tenant=tenant, model=model, domain=domain.id, phase=phase,
                           verified=verified, **fields)  # fmt: skip
         if not verified:

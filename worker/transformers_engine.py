@@ -122,7 +122,10 @@ class TransformersEngine:
 
         class _Abort(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
+                # On the ids' device: generate combines it with its own flags there (cuda:0 on a GPU).
+                return torch.full(
+                    (input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device
+                )
 
         try:
             if stop.is_set():

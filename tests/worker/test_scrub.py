@@ -127,12 +127,52 @@ def test_a_killed_worker_leaves_canaries_that_the_scrubber_removes(state_dir: Pa
     assert not record.exists()  # spent; the next worker records its own
 
 
-def test_cuda_scrub_needs_a_gpu() -> None:
+def _needs_cuda() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the CUDA scrub (allocate free memory, zero_, verify) needs a GPU")
+
+
+def test_cuda_scrub_needs_a_gpu() -> None:
+    _needs_cuda()
     result = scrub_cuda(None)
-    assert result.verified and result.bytes > 0
+    assert result.verified and result.bytes > 0 and result.nonzero_bytes == 0
+
+
+def test_cuda_scrub_after_a_killed_process_that_held_canaries(tmp_path: Path) -> None:
+    """A process puts canaries in GPU memory and is SIGKILLed; the supervisor's scrub command verifies."""
+    _needs_cuda()
+    record = tmp_path / "w.canaries.cuda.json"
+    code = (
+        "import os, signal, sys, torch\nfrom pathlib import Path\n"
+        "from worker.arena import write_cuda_canaries\n"
+        "held = write_cuda_canaries(16, Path(sys.argv[1]))\ntorch.cuda.synchronize()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    dead = subprocess.run([sys.executable, "-c", code, str(record)], timeout=120, check=False)
+    assert dead.returncode == -signal.SIGKILL and record.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.scrub", "--device", "cuda", "--canaries", str(record)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["verified"] and result["canary_hits"] == 0 and result["bytes"] > 0
+    assert not record.exists()
+
+
+def test_a_gpu_block_that_reads_back_dirty_is_counted_and_its_canaries_found() -> None:
+    """The verification path for a block that did not zero, on a CPU tensor (same torch operations)."""
+    torch = pytest.importorskip("torch")
+    from worker.arena import new_canaries
+    from worker.scrub import _dirty_pages
+
+    canary = new_canaries(1)[0]
+    block = torch.zeros(64 * CANARY_BYTES, dtype=torch.uint8)
+    block[5 * CANARY_BYTES : 6 * CANARY_BYTES] = torch.frombuffer(bytearray(canary), dtype=torch.uint8)
+    block[40 * CANARY_BYTES + 7] = 1
+    nonzero, hits = _dirty_pages(block, frozenset({hashlib.sha256(canary).hexdigest()}), batch=1)
+    assert hits == 1 and nonzero == sum(b != 0 for b in canary) + 1
 
 
 def test_arena_refuses_a_planted_symlink(tmp_path: Path) -> None:

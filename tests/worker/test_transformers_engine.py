@@ -118,3 +118,22 @@ async def test_kv_cache_is_zeroed_when_the_request_ends(
     monkeypatch.setattr(engine, "scrub_kv", False)
     await collect(engine.generate(spec("Name a colour.", max_tokens=6, temperature=0.0)))
     assert any(t.any() for layer in caches[1].layers for t in (layer.keys, layer.values))  # type: ignore[attr-defined]
+
+
+async def test_generates_abort_and_zeroes_the_kv_cache_on_cuda(bundled_model_dir: Path) -> None:
+    """The same engine on a GPU: every tensor generate() combines must live on the model's device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the engine on a GPU needs one")
+    engine = TransformersEngine(bundled_model_dir, device="cuda")
+    try:
+        outs = await collect(engine.generate(spec("What is 2+2?", max_tokens=12, temperature=0.0)))
+        assert outs[-1].completion_tokens == sum(o.tokens for o in outs) > 0
+        assert "".join(o.text for o in outs).strip() and engine.zeroed_kv_bytes > 0
+        outputs = engine.generate(spec("Write a very long essay.", "long", max_tokens=300, temperature=0.8))
+        await outputs.__anext__()
+        await engine.abort("long")
+        assert sum(o.tokens for o in await asyncio.wait_for(collect(outputs), timeout=30)) < 50
+    finally:
+        await engine.close()
