@@ -77,6 +77,8 @@ class ModelConfig:
     path: str = "bundled"
     tokens_per_second: float = 0.0
     threads: int = 0
+    # True: callers' text may spell the chat template's control tokens (`<|im_start|>system`).
+    allow_special_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,7 @@ class _Parser:
             key = f"models.{name}"
             if not _NAME.fullmatch(name):
                 raise self.fail(key, "name must be lowercase letters, digits and '-'")
-            m = self.table(t, key, {"engine", "path", "tokens_per_second", "threads"})
+            m = self.table(t, key, {"engine", "path", "tokens_per_second", "threads", "allow_special_tokens"})
             engine = self.get(m, f"{key}.engine", str, "transformers")
             if engine not in ENGINES:
                 raise self.fail(f"{key}.engine", f"must be one of {', '.join(ENGINES)}")
@@ -391,7 +393,8 @@ class _Parser:
                 raise self.fail(f"{key}.path", "the vllm engine needs a local model directory")
             if engine != "echo" and path != "bundled" and not Path(path).expanduser().is_dir():
                 raise self.fail(f"{key}.path", f"{path!r} is not a directory")
-            out[name] = ModelConfig(name, engine, path, rate, threads)
+            allow_special = self.get(m, f"{key}.allow_special_tokens", bool, False)
+            out[name] = ModelConfig(name, engine, path, rate, threads, allow_special)
         return out
 
     def tenants(self, raw: dict[str, Any], models: dict[str, ModelConfig]) -> dict[str, TenantConfig]:

@@ -245,6 +245,8 @@ class Stack:
         ]  # fmt: skip
         if model.engine == "vllm":
             args += ["--tensor-parallel-size", str(max(1, len(domain.devices)))]
+        if model.allow_special_tokens:
+            args.append("--allow-special-tokens")
         return args
 
     def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:

@@ -72,6 +72,8 @@ class WorkerSettings:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     isolation: str = "dedicated"
+    # True: callers' text may spell the chat template's control tokens (the model's opt-out).
+    allow_special_tokens: bool = False
     # A shared worker's other tenants, each with its attestation certificate and key.
     others: tuple[tuple[str, Path, Path], ...] = ()
 
@@ -108,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p.add_argument("--max-model-len", type=int, help="vllm: context per sequence (default: the model's)")
     p.add_argument("--isolation", choices=("dedicated", "shared"), default="dedicated",
                    help="shared: several opted-in tenants on this one engine")  # fmt: skip
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="callers' text may spell chat-template control tokens (default: text)")  # fmt: skip
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--attest-cert",
@@ -162,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         tensor_parallel_size=a.tensor_parallel_size,
         max_model_len=a.max_model_len,
         isolation=a.isolation,
+        allow_special_tokens=a.allow_special_tokens,
     )
 
 
@@ -178,6 +183,9 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
     model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
     manifest = model_dir / MANIFEST  # the bundle's digests of every file (checked just now)
     measured = manifest.read_bytes() if manifest.exists() else b"unsigned:" + str(model_dir).encode()
+    if settings.allow_special_tokens:
+        _log.warning("callers' text may spell this model's chat control tokens (allow_special_tokens)",
+                     extra={"model": settings.model})  # fmt: skip
     if settings.engine == "vllm":
         from worker.vllm_engine import VllmEngine, VllmSettings
 
@@ -187,12 +195,17 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
             max_model_len=settings.max_model_len,
             isolation=settings.isolation,
             scrub=settings.scrub,
+            allow_special_tokens=settings.allow_special_tokens,
         )
         return VllmEngine(vllm, tenant=settings.tenant), measured
     from worker.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(
-        model_dir, threads=settings.threads, device=settings.device, scrub_kv=zeroes_kv_per_request(settings)
+        model_dir,
+        threads=settings.threads,
+        device=settings.device,
+        scrub_kv=zeroes_kv_per_request(settings),
+        allow_special_tokens=settings.allow_special_tokens,
     )
     return engine, measured
 
@@ -212,6 +225,7 @@ def build_attestors(settings: WorkerSettings, manifest: bytes) -> dict[str, Work
         "model_path": settings.model_path, "max_tokens": settings.limits.max_tokens,
         "default_max_tokens": settings.limits.default_max_tokens, "device": settings.device,
         "scrub": settings.scrub, "isolation": settings.isolation, "hpke_suite": settings.hpke_suite,
+        "allow_special_tokens": settings.allow_special_tokens,
     }  # fmt: skip
     if settings.isolation == "shared":
         del measured["tenant"]

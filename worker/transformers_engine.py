@@ -18,6 +18,7 @@ from typing import Any
 
 from airlock.errors import InvalidRequestError
 from airlock.types import GenerationSpec, Sampling
+from worker.chat_prompt import ChatPrompter
 from worker.engine import EngineOutput
 
 __all__ = ["TransformersEngine"]
@@ -35,7 +36,13 @@ class TransformersEngine:
     kind = "transformers"
 
     def __init__(
-        self, model_dir: Path, *, threads: int = 0, device: str = "cpu", scrub_kv: bool = True
+        self,
+        model_dir: Path,
+        *,
+        threads: int = 0,
+        device: str = "cpu",
+        scrub_kv: bool = True,
+        allow_special_tokens: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,6 +52,8 @@ class TransformersEngine:
         self.model_dir = model_dir
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # Callers' text never spells the template's control tokens, unless the model opts out.
+        self.prompter = ChatPrompter(self.tokenizer, allow_special_tokens=allow_special_tokens)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
         self.model.to(device).eval()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -60,13 +69,7 @@ class TransformersEngine:
     async def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]:
         loop = asyncio.get_running_loop()
         # Templating and tokenizing a long prompt takes a while: keep it off the event loop.
-        inputs = await asyncio.to_thread(
-            self.tokenizer.apply_chat_template,
-            [{"role": m.role, "content": m.content} for m in spec.messages],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )
+        inputs = _batch(await asyncio.to_thread(self.prompter.ids, spec.messages))
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens >= self.context_length:
             raise InvalidRequestError(
@@ -167,6 +170,13 @@ class TransformersEngine:
         for stop in self._stops.values():
             stop.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _batch(ids: list[int]) -> Any:
+    """One prompt as the batch `generate` takes (tensors, with its attention mask)."""
+    from transformers import BatchEncoding
+
+    return BatchEncoding({"input_ids": [ids], "attention_mask": [[1] * len(ids)]}, tensor_type="pt")
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from typing import Any
 
 from airlock.errors import InvalidRequestError, UnavailableError
 from airlock.types import GenerationSpec
+from worker.chat_prompt import ChatPrompter
 from worker.engine import EngineOutput
 from worker.kv_scrub import KV_SCRUB_METHOD, KvScrubExtension, TenantGate
 
@@ -49,6 +50,7 @@ class VllmSettings:
     enable_prefix_caching: bool = True
     isolation: str = "dedicated"
     scrub: str = "request"  # shared engines: "request" and "tenant-switch" zero KV between tenants
+    allow_special_tokens: bool = False  # True: callers' text may spell the chat template's control tokens
 
     @property
     def scrubs_kv(self) -> bool:
@@ -117,10 +119,15 @@ class VllmEngine:
         if engine is None:
             os.environ.update(OFFLINE_ENV)
             from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, local_files_only=True)
+        # vLLM gets token ids, built here: callers' text never spells a control token (chat_prompt.py).
+        # Before the engine: a tokenizer that can't keep them out stops the worker before it takes the GPUs.
+        self.prompter = ChatPrompter(tokenizer, allow_special_tokens=settings.allow_special_tokens)
+        if engine is None:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            tokenizer = AutoTokenizer.from_pretrained(settings.model_dir, local_files_only=True)
             engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**settings.engine_args()))
         self.tokenizer = tokenizer
         self._engine = engine
@@ -149,12 +156,7 @@ class VllmEngine:
         self.zeroed_kv_bytes += sum(int(z) for z in zeroed)
 
     def prompt_for(self, spec: GenerationSpec, tenant: str) -> dict[str, Any]:
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in spec.messages],
-            add_generation_prompt=True,
-            tokenize=True,
-        )
-        prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+        prompt: dict[str, Any] = {"prompt_token_ids": self.prompter.ids(spec.messages)}
         if self.settings.isolation == "shared":
             prompt["cache_salt"] = cache_salt(self._salt_key, tenant)
         return prompt

@@ -176,8 +176,20 @@ class FakeAsyncLLM:
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    """No added tokens, so nothing to keep out of a prompt (tests/security covers that)."""
+
+    added_tokens_decoder: dict[int, Any] = {}  # noqa: RUF012
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], *, sanitize_control_tokens: bool = False, **kwargs: Any
+    ) -> list[int]:
         return [len(messages[-1]["content"])]
+
+    def get_chat_template(self) -> str:
+        return ""
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        return []
 
 
 def _spec(tag: str) -> GenerationSpec:
