@@ -133,11 +133,14 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class LockoutConfig:
-    """`max_failures` refusals within `window_seconds` lock that identity out for `lockout_seconds`."""
+    """`max_failures` policy denials of one verified identity within `window_seconds` lock it out for
+    `lockout_seconds`; `max_auth_failures_per_peer` failed authentications from one address lock that
+    address out (which never refuses a valid credential, gateway/guard.py)."""
 
-    max_failures: int = 10  # 0 disables lockout
+    max_failures: int = 10  # 0 disables the lockout of identities
     window_seconds: float = 60.0
     lockout_seconds: float = 300.0
+    max_auth_failures_per_peer: int = 100  # 0 disables the lockout of peers
 
 
 @dataclass(frozen=True)
@@ -355,17 +358,21 @@ class _Parser:
                             algorithms=algorithms)  # fmt: skip
 
     def lockout(self, raw: dict[str, Any]) -> LockoutConfig:
-        t = self.table(raw, "lockout", {"max_failures", "window_seconds", "lockout_seconds"})
+        keys = {"max_failures", "window_seconds", "lockout_seconds", "max_auth_failures_per_peer"}
+        t = self.table(raw, "lockout", keys)
         d = LockoutConfig()
         failures = self.get(t, "lockout.max_failures", int, d.max_failures)
         if failures < 0:
             raise self.fail("lockout.max_failures", "must be >= 0 (0 disables lockout)")
+        per_peer = self.get(t, "lockout.max_auth_failures_per_peer", int, d.max_auth_failures_per_peer)
+        if per_peer < 0:
+            raise self.fail("lockout.max_auth_failures_per_peer", "must be >= 0 (0 disables it)")
         window = self.get(t, "lockout.window_seconds", float, d.window_seconds)
         duration = self.get(t, "lockout.lockout_seconds", float, d.lockout_seconds)
         for key, value in (("lockout.window_seconds", window), ("lockout.lockout_seconds", duration)):
             if value <= 0:
                 raise self.fail(key, "must be > 0")
-        return LockoutConfig(failures, window, duration)
+        return LockoutConfig(failures, window, duration, per_peer)
 
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})

@@ -93,18 +93,6 @@ class JwtVerifier:
                     _log.error("JWKS reload rejected; the old keys stay in use: %s", exc)
         return ok
 
-    def claimed_identity(self, token: str) -> str:
-        """Who an (unverified) token claims to be, for lockout bookkeeping only; never trusted."""
-        if (hit := self._verified.get(token)) is not None:
-            principal, issuer, _ = hit
-            return "|".join(p[:128] for p in (issuer, principal.tenant, principal.subject))
-        try:
-            payload = _segment(token.split(".")[1])
-        except (IndexError, AuthenticationError):
-            return "-"
-        parts = (payload.get("iss"), payload.get("tenant"), payload.get("sub"))
-        return "|".join(str(p)[:128] for p in parts)
-
     def verify(self, token: str) -> Principal:
         if len(token) > self.config.max_token_bytes:  # characters <= bytes: a cheap first bound
             raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
