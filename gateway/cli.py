@@ -11,6 +11,8 @@
     airlock audit verify | bundle create|sign|verify|keygen | health    (gateway/cli_ops.py)
     airlock keys create|rotate|retire|list --tenant T [--key-id K]
                                             manage tenant data keys (docs/keys.md)
+    airlock lockout list | clear (--subject S | --peer P | --key K | --all)
+                                            a running gateway's lockouts, via its admin socket
     airlock domains [--json]                this host's isolation domains (MIG, GPUs, or the CPU)
     airlock plan --model M --domain D [--gpus N]
                                             weights + KV cache + margin; refuses what can't fit
@@ -33,6 +35,7 @@ from typing import Any
 
 from airlock import AirlockError, Client
 from gateway import config as config_mod
+from gateway.admin_cli import add_lockout_commands
 from gateway.cli_ops import add_ops_commands
 from gateway.keys_cli import add_keys_commands
 from gateway.keystore import KeystoreError, ensure_tenant_keys, open_keystore
@@ -359,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_commands(sub)
     add_ops_commands(sub, common)
     add_keys_commands(sub, common)
+    add_lockout_commands(sub, common)
     sub.add_parser("domains", add_help=False, help="list isolation domains (--help for options)")
     sub.add_parser("plan", add_help=False, help="check a model fits a domain (--help for options)")
     return parser

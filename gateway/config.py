@@ -61,6 +61,8 @@ __all__ = [
 ENGINES = ("transformers", "echo", "vllm")
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+ADMIN_SOCKET_NAME = "gateway-admin.sock"
+MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminating NUL
 T = TypeVar("T")
 
 
@@ -98,6 +100,9 @@ class GatewayConfig:
     max_message_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    # The operators' Admin service (a Unix socket; its filesystem permissions are its authentication).
+    # None: STATE_DIR/run/gateway-admin.sock; "": no admin socket. `Config.admin_socket` resolves it.
+    admin_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,14 @@ class Config:
     @property
     def audit_path(self) -> Path:
         return self.audit.path or self.state_dir / "audit" / "gateway.jsonl"
+
+    @property
+    def admin_socket(self) -> Path | None:
+        """The gateway's Admin socket; None when `gateway.admin_socket = ""` disables it."""
+        configured = self.gateway.admin_socket
+        if configured is None:
+            return self.state_dir / "run" / ADMIN_SOCKET_NAME
+        return Path(configured).expanduser().absolute() if configured else None
 
 
 def default_state_dir() -> Path:
@@ -278,7 +291,7 @@ class _Parser:
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
         keys = {
             "listen", "mtls_listen", "metrics_listen", "max_message_bytes", "grace_seconds", "max_tokens",
-            "default_max_tokens",
+            "default_max_tokens", "admin_socket",
         }  # fmt: skip
         t = self.table(raw, "gateway", keys)
         d, dl = GatewayConfig(), Limits()
@@ -298,7 +311,16 @@ class _Parser:
             max_message_bytes=self.positive(t, "gateway.max_message_bytes", d.max_message_bytes),
             grace_seconds=grace,
             limits=Limits(max_tokens=max_tokens, default_max_tokens=default_max),
+            admin_socket=self.admin_socket(t),
         )
+
+    def admin_socket(self, table: dict[str, Any]) -> str | None:
+        if "admin_socket" not in table:
+            return None
+        value = self.get(table, "gateway.admin_socket", str, "")
+        if value and len(os.fsencode(str(Path(value).expanduser().absolute()))) > MAX_UNIX_PATH_BYTES:
+            raise self.fail("gateway.admin_socket", f"a Unix socket path is at most {MAX_UNIX_PATH_BYTES} B")
+        return value
 
     def address(self, table: dict[str, Any], key: str, default: str, *, optional: bool) -> str:
         value = self.get(table, key, str, default)
