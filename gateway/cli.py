@@ -144,6 +144,10 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    limit = cfg.auth.max_token_lifetime_seconds
+    if not 0 < args.ttl <= limit:
+        _err(f"token: --ttl must be 1..{limit} seconds (auth.max_token_lifetime_seconds), got {args.ttl}")
+        return 2
     pki = ensure_dev_pki(cfg.state_dir)
     print(mint_dev_token(pki, cfg.auth, tenant=args.tenant, subject=args.subject, ttl_seconds=args.ttl))
     return 0
@@ -336,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", parents=[common], help="print a development token")
     token.add_argument("--tenant", required=True)
     token.add_argument("--subject", required=True)
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=int, default=3600,
+        help="lifetime in seconds, 1..auth.max_token_lifetime_seconds (default 3600)",
+    )  # fmt: skip
     token.set_defaults(func=cmd_token)
 
     cert = sub.add_parser("cert", parents=[common], help="issue a development service certificate (mTLS)")

@@ -129,6 +129,7 @@ class AuthConfig:
     leeway_seconds: int = 30
     max_token_bytes: int = 8192
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
+    max_token_lifetime_seconds: int = 86400  # a token's `exp - iat` may not exceed it
 
     @property
     def dev_issuer(self) -> IssuerConfig | None:
@@ -334,6 +335,7 @@ class _Parser:
 
     def auth(self, raw: dict[str, Any]) -> AuthConfig:
         keys = {"audience", "issuers", "leeway_seconds", "max_token_bytes", "mtls"}
+        keys.add("max_token_lifetime_seconds")
         t = self.table(raw, "auth", keys)
         d = AuthConfig()
         leeway = self.get(t, "auth.leeway_seconds", int, d.leeway_seconds)
@@ -355,6 +357,9 @@ class _Parser:
             leeway_seconds=leeway,
             max_token_bytes=self.positive(t, "auth.max_token_bytes", d.max_token_bytes),
             mtls=MtlsConfig(ca_file=Path(ca).expanduser() if ca else None, trust_domain=domain),
+            max_token_lifetime_seconds=self.positive(
+                t, "auth.max_token_lifetime_seconds", d.max_token_lifetime_seconds
+            ),
         )
 
     def issuer(self, raw: Any, key: str) -> IssuerConfig:

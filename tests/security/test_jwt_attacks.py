@@ -331,10 +331,22 @@ ATTACKS: dict[str, tuple[Attack, str]] = {
     },
     "invalid-tenant": (
         lambda s: dev_signed(s.pki, claims("atk-tenant", tenant="ACME")),
-        "TOKEN_CLAIM_MISSING",
+        "TOKEN_CLAIM_INVALID",
     ),
-    "roles-not-a-list": (lambda s: dev_signed(s.pki, claims("atk-roles", roles="admin")), "TOKEN_INVALID"),
-    # Malformed, yet with a readable payload: each claims its own identity for lockout purposes.
+    "roles-not-a-list": (
+        lambda s: dev_signed(s.pki, claims("atk-roles", roles="admin")),
+        "TOKEN_CLAIM_INVALID",
+    ),
+    # Times and lifetimes (tests/security/test_token_lifetime.py has the rest).
+    "exp-a-string": (
+        lambda s: dev_signed(s.pki, claims("atk-exp-str", exp="99999999999")),
+        "TOKEN_CLAIM_INVALID",
+    ),
+    "exp-far-future": (
+        lambda s: dev_signed(s.pki, claims("atk-exp-far", exp=10**20)),
+        "TOKEN_LIFETIME_TOO_LONG",
+    ),
+    # Malformed, yet with a readable payload (nothing unverified counts against the identity it names).
     "two-segments": (lambda s: signing_input({"alg": "EdDSA"}, claims("atk-two")), "TOKEN_MALFORMED"),
     "header-not-base64-json": (
         lambda s: "%%%." + dev_signed(s.pki, claims("atk-hdr")).split(".", 1)[1],
