@@ -4,6 +4,9 @@ One interceptor does all three, in that order, and either refuses the call with 
 leaves the verified caller in `current_caller()`. The tenant a call acts in is the identity's own
 unless the `x-airlock-tenant` header names another, and then only if the policy grants the
 subject a role in that tenant explicitly. Every decision is counted and audited.
+
+Lockouts (gateway/lockout.py): a verified identity for its own policy denials; a client address for
+failed authentications, which never refuses a credential that verifies.
 """
 
 from __future__ import annotations

@@ -211,3 +211,38 @@ async def test_the_admin_socket_is_private_and_not_on_any_network_port(
     assert gateway is not None
     stack.stack.stop(timeout=5)
     assert not Path(socket).exists()
+
+
+async def test_airlock_lockout_finds_the_socket_of_airlock_up_from_the_configuration(tmp_path: Path) -> None:
+    # As `airlock up` runs it: the run directory (and the socket) under the state directory.
+    from gateway import config as config_mod
+    from gateway.stack import Stack
+    from tests.conftest import make_policy_dir
+
+    config = tmp_path / "airlock.toml"
+    config.write_text(f'policy_dir = "{make_policy_dir(tmp_path / "policy")}"\n' + ECHO_TOML)
+    state = tmp_path / "state"
+    code = "from gateway.cli import main; raise SystemExit(main())"
+    listing = [
+        sys.executable,
+        "-c",
+        code,
+        "lockout",
+        "list",
+        "--config",
+        str(config),
+        "--state-dir",
+        str(state),
+    ]
+    stack = Stack(config_mod.load(config, state_dir=state), listen="127.0.0.1:0")
+    stack.start(timeout=300)
+    try:
+        assert stack.admin_socket == str(state / "run" / "gateway-admin.sock")
+        done = subprocess.run(listing, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and done.stdout.strip() == "no lockouts and no recent failures", (
+            done.stderr
+        )
+    finally:
+        stack.stop(timeout=5)
+    gone = subprocess.run(listing, capture_output=True, text=True, timeout=60, check=False)
+    assert gone.returncode == 1 and "no gateway answers" in gone.stderr
