@@ -1,6 +1,8 @@
 """What every Airlock gRPC server shares: the server factory, error mapping and call guards.
 
-`new_server` gives a `grpc.aio` server with message limits, keepalive rules, health and reflection.
+`new_server` gives a `grpc.aio` server with message limits, keepalive rules, health and reflection;
+reflection describes the server's own services only (never another `.proto` the process imported),
+and health's `List` answers UNIMPLEMENTED (`Health`).
 `ErrorInterceptor` gives every call its request id (from `x-request-id` metadata, the request body,
 or a new one; echoed in trailing metadata and bound to every log line of the call), runs the
 server's `Guard` check (a refused call never reaches servicer code), maps the Airlock error tree to
@@ -18,6 +20,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,9 +34,11 @@ from airlock.types import REQUEST_ID_HEADER, check_request_id, new_request_id
 __all__ = [
     "ErrorInterceptor",
     "Guard",
+    "Health",
     "abort_with",
     "header_value",
     "new_server",
+    "reflection_pool",
     "request_id_of",
     "wrap_handler",
 ]
@@ -67,14 +73,46 @@ CONNECTION_LIMIT_OPTIONS = (
 )
 
 
+class Health(health.aio.HealthServicer):
+    """gRPC's health servicer, with `List` refused cleanly: it would name every service the server
+    reports on (gRPC's own leaves it to a NotImplementedError and a traceback in the log)."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health/List is not served")
+
+
+def reflection_pool(services: Sequence[str]) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool holding only the files that define `services` and what they import.
+
+    Reflection over the process's default pool would describe every `.proto` the process ever
+    imported (the gateway's internal worker API among them) to anyone who asks."""
+    default, pool, added = descriptor_pool.Default(), descriptor_pool.DescriptorPool(), set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for name in services:
+        add(default.FindServiceByName(name).file)
+    return pool
+
+
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     services: Sequence[str],
     *,
     max_message_bytes: int,
     max_metadata_bytes: int = 64 << 10,
+    health_servicer: Health | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A server with message limits, the health service and reflection for `services`.
+    """A server with message limits, the health service (`health_servicer`, or a plain `Health`)
+    and reflection for `services`.
 
     gRPC's default header limit (8 KiB, enforced at random above it) would refuse large tokens
     before our own size check could give them a stable reason, an audit record and a lockout
@@ -91,10 +129,11 @@ def new_server(
             *CONNECTION_LIMIT_OPTIONS,
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((*services, health_name, reflection.SERVICE_NAME), server)
+    described = (*services, health_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(described, server, pool=reflection_pool(described))
     return server, health_servicer
 
 

@@ -40,7 +40,7 @@ IDENT = StreamKey("acme", "k1", "req-1", pb.DIRECTION_RESPONSE, "echo")
 PLAINTEXTS = (b"first chunk", b"", b"last chunk")
 AUTH = AuthConfig()
 ISSUER = AUTH.issuers[0].issuer
-FAR_FUTURE = 4_102_444_800  # 2100-01-01: seeds stay valid tokens
+LIFETIME = 3600  # seeds stay valid tokens: within auth.max_token_lifetime_seconds of their iat
 
 
 class Finding(AssertionError):
@@ -185,7 +185,7 @@ def _claims_token(r: _Reader) -> str:
     alg, key = _keys()[1][kid]
     header_valid = {"alg": alg, "kid": kid, "typ": "JWT"}
     claims_valid = {"iss": ISSUER, "aud": AUTH.audience, "sub": "alice", "tenant": "acme",
-                    "roles": ["user"], "iat": now, "exp": FAR_FUTURE, "nbf": now - 10}  # fmt: skip
+                    "roles": ["user"], "iat": now, "exp": now + LIFETIME, "nbf": now - 10}  # fmt: skip
     header = {k: v for k, (keep, v) in ((k, _value(r, v)) for k, v in header_valid.items()) if keep}
     claims = {k: v for k, (keep, v) in ((k, _value(r, v)) for k, v in claims_valid.items()) if keep}
     if r.byte() % 8 == 7:  # a header field that must never be honoured

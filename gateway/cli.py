@@ -11,6 +11,8 @@
     airlock audit verify | bundle create|sign|verify|keygen | health    (gateway/cli_ops.py)
     airlock keys create|rotate|retire|list --tenant T [--key-id K]
                                             manage tenant data keys (docs/keys.md)
+    airlock lockout list | clear (--subject S | --peer P | --key K | --all)
+                                            a running gateway's lockouts, via its admin socket
     airlock domains [--json]                this host's isolation domains (MIG, GPUs, or the CPU)
     airlock plan --model M --domain D [--gpus N]
                                             weights + KV cache + margin; refuses what can't fit
@@ -33,6 +35,7 @@ from typing import Any
 
 from airlock import AirlockError, Client
 from gateway import config as config_mod
+from gateway.admin_cli import add_lockout_commands
 from gateway.cli_ops import add_ops_commands
 from gateway.keys_cli import add_keys_commands
 from gateway.keystore import KeystoreError, ensure_tenant_keys, open_keystore
@@ -141,6 +144,10 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    limit = cfg.auth.max_token_lifetime_seconds
+    if not 0 < args.ttl <= limit:
+        _err(f"token: --ttl must be 1..{limit} seconds (auth.max_token_lifetime_seconds), got {args.ttl}")
+        return 2
     pki = ensure_dev_pki(cfg.state_dir)
     print(mint_dev_token(pki, cfg.auth, tenant=args.tenant, subject=args.subject, ttl_seconds=args.ttl))
     return 0
@@ -333,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", parents=[common], help="print a development token")
     token.add_argument("--tenant", required=True)
     token.add_argument("--subject", required=True)
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=int, default=3600,
+        help="lifetime in seconds, 1..auth.max_token_lifetime_seconds (default 3600)",
+    )  # fmt: skip
     token.set_defaults(func=cmd_token)
 
     cert = sub.add_parser("cert", parents=[common], help="issue a development service certificate (mTLS)")
@@ -359,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_commands(sub)
     add_ops_commands(sub, common)
     add_keys_commands(sub, common)
+    add_lockout_commands(sub, common)
     sub.add_parser("domains", add_help=False, help="list isolation domains (--help for options)")
     sub.add_parser("plan", add_help=False, help="check a model fits a domain (--help for options)")
     return parser

@@ -5,7 +5,7 @@ airlock bundle keygen --out KEY                             a new Ed25519 signin
 airlock bundle create DIR [--name N]                        write DIR/airlock-bundle.json
 airlock bundle sign DIR [--key KEY]                         write DIR/airlock-bundle.sig
 airlock bundle verify DIR [--trusted-keys FILE]             signature, digests, no extra files
-airlock health [--address HOST:PORT] [--ca FILE]            exit 0 when the gateway is SERVING
+airlock health [--address HOST:PORT] [--ca FILE] [--service S --token T]   exit 0 when SERVING
 """
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     with grpc.secure_channel(_local(args.address or cfg.gateway.listen), credentials, options) as channel:
         try:
+            metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
             _err(f"health: {exc.code().name}")
@@ -192,6 +193,10 @@ def add_ops_commands(
     health.add_argument("--server-name", help="TLS name to expect when the address is not it")
     health.add_argument("--cert", type=Path, help="client certificate, for servers that require mTLS")
     health.add_argument("--key", type=Path, help="the client certificate's key")
-    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument(
+        "--service", default="",
+        help="service name ('' = the whole server; tenant/NAME needs --token or --cert of that tenant)",
+    )  # fmt: skip
+    health.add_argument("--token", help="a bearer token, for a tenant's own status on the token port")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=cmd_health)

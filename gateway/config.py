@@ -61,6 +61,8 @@ __all__ = [
 ENGINES = ("transformers", "echo", "vllm")
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+ADMIN_SOCKET_NAME = "gateway-admin.sock"
+MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminating NUL
 T = TypeVar("T")
 
 
@@ -100,6 +102,9 @@ class GatewayConfig:
     max_message_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    # The operators' Admin service (a Unix socket; its filesystem permissions are its authentication).
+    # None: STATE_DIR/run/gateway-admin.sock; "": no admin socket. `Config.admin_socket` resolves it.
+    admin_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class AuthConfig:
     leeway_seconds: int = 30
     max_token_bytes: int = 8192
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
+    max_token_lifetime_seconds: int = 86400  # a token's `exp - iat` may not exceed it
 
     @property
     def dev_issuer(self) -> IssuerConfig | None:
@@ -135,11 +141,14 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class LockoutConfig:
-    """`max_failures` refusals within `window_seconds` lock that identity out for `lockout_seconds`."""
+    """`max_failures` policy denials of one verified identity within `window_seconds` lock it out for
+    `lockout_seconds`; `max_auth_failures_per_peer` failed authentications from one address lock that
+    address out (which never refuses a valid credential, gateway/guard.py)."""
 
-    max_failures: int = 10  # 0 disables lockout
+    max_failures: int = 10  # 0 disables the lockout of identities
     window_seconds: float = 60.0
     lockout_seconds: float = 300.0
+    max_auth_failures_per_peer: int = 100  # 0 disables the lockout of peers
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,14 @@ class Config:
     @property
     def audit_path(self) -> Path:
         return self.audit.path or self.state_dir / "audit" / "gateway.jsonl"
+
+    @property
+    def admin_socket(self) -> Path | None:
+        """The gateway's Admin socket; None when `gateway.admin_socket = ""` disables it."""
+        configured = self.gateway.admin_socket
+        if configured is None:
+            return self.state_dir / "run" / ADMIN_SOCKET_NAME
+        return Path(configured).expanduser().absolute() if configured else None
 
 
 def default_state_dir() -> Path:
@@ -277,7 +294,7 @@ class _Parser:
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
         keys = {
             "listen", "mtls_listen", "metrics_listen", "max_message_bytes", "grace_seconds", "max_tokens",
-            "default_max_tokens",
+            "default_max_tokens", "admin_socket",
         }  # fmt: skip
         t = self.table(raw, "gateway", keys)
         d, dl = GatewayConfig(), Limits()
@@ -297,7 +314,16 @@ class _Parser:
             max_message_bytes=self.positive(t, "gateway.max_message_bytes", d.max_message_bytes),
             grace_seconds=grace,
             limits=Limits(max_tokens=max_tokens, default_max_tokens=default_max),
+            admin_socket=self.admin_socket(t),
         )
+
+    def admin_socket(self, table: dict[str, Any]) -> str | None:
+        if "admin_socket" not in table:
+            return None
+        value = self.get(table, "gateway.admin_socket", str, "")
+        if value and len(os.fsencode(str(Path(value).expanduser().absolute()))) > MAX_UNIX_PATH_BYTES:
+            raise self.fail("gateway.admin_socket", f"a Unix socket path is at most {MAX_UNIX_PATH_BYTES} B")
+        return value
 
     def address(self, table: dict[str, Any], key: str, default: str, *, optional: bool) -> str:
         value = self.get(table, key, str, default)
@@ -311,6 +337,7 @@ class _Parser:
 
     def auth(self, raw: dict[str, Any]) -> AuthConfig:
         keys = {"audience", "issuers", "leeway_seconds", "max_token_bytes", "mtls"}
+        keys.add("max_token_lifetime_seconds")
         t = self.table(raw, "auth", keys)
         d = AuthConfig()
         leeway = self.get(t, "auth.leeway_seconds", int, d.leeway_seconds)
@@ -332,6 +359,9 @@ class _Parser:
             leeway_seconds=leeway,
             max_token_bytes=self.positive(t, "auth.max_token_bytes", d.max_token_bytes),
             mtls=MtlsConfig(ca_file=Path(ca).expanduser() if ca else None, trust_domain=domain),
+            max_token_lifetime_seconds=self.positive(
+                t, "auth.max_token_lifetime_seconds", d.max_token_lifetime_seconds
+            ),
         )
 
     def issuer(self, raw: Any, key: str) -> IssuerConfig:
@@ -357,17 +387,21 @@ class _Parser:
                             algorithms=algorithms)  # fmt: skip
 
     def lockout(self, raw: dict[str, Any]) -> LockoutConfig:
-        t = self.table(raw, "lockout", {"max_failures", "window_seconds", "lockout_seconds"})
+        keys = {"max_failures", "window_seconds", "lockout_seconds", "max_auth_failures_per_peer"}
+        t = self.table(raw, "lockout", keys)
         d = LockoutConfig()
         failures = self.get(t, "lockout.max_failures", int, d.max_failures)
         if failures < 0:
             raise self.fail("lockout.max_failures", "must be >= 0 (0 disables lockout)")
+        per_peer = self.get(t, "lockout.max_auth_failures_per_peer", int, d.max_auth_failures_per_peer)
+        if per_peer < 0:
+            raise self.fail("lockout.max_auth_failures_per_peer", "must be >= 0 (0 disables it)")
         window = self.get(t, "lockout.window_seconds", float, d.window_seconds)
         duration = self.get(t, "lockout.lockout_seconds", float, d.lockout_seconds)
         for key, value in (("lockout.window_seconds", window), ("lockout.lockout_seconds", duration)):
             if value <= 0:
                 raise self.fail(key, "must be > 0")
-        return LockoutConfig(failures, window, duration)
+        return LockoutConfig(failures, window, duration, per_peer)
 
     def models(self, raw: dict[str, Any]) -> dict[str, ModelConfig]:
         t = raw.get("models", {})

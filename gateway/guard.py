@@ -4,6 +4,9 @@ One interceptor does all three, in that order, and either refuses the call with 
 leaves the verified caller in `current_caller()`. The tenant a call acts in is the identity's own
 unless the `x-airlock-tenant` header names another, and then only if the policy grants the
 subject a role in that tenant explicitly. Every decision is counted and audited.
+
+Lockouts (gateway/lockout.py): a verified identity for its own policy denials; a client address for
+failed authentications, which never refuses a credential that verifies.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from airlock.serving import header_value
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.identity import JwtVerifier, Principal, ServiceIdentity, bearer_token
-from gateway.lockout import Lockout
+from gateway.lockout import Lockout, peer_key, subject_key
 from gateway.metrics import Metrics
 
 __all__ = ["TENANT_HEADER", "CallGuard", "Caller", "current_caller"]
@@ -72,11 +75,10 @@ class CallGuard:
         self.audit = audit
 
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        peer = _peer_host(context.peer())
+        principal = self.authenticate(method, context)
         metadata = context.invocation_metadata() or ()
-        principal = self._authenticate(peer, method, metadata, context)
         tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
-        key = f"subject:{principal.policy_subject}"
+        key = subject_key(principal.policy_subject)
         if (left := self.lockout.retry_after(key)) is not None:
             raise PermissionDeniedError(
                 f"too many denied calls; locked out for {left:.0f} s", reason="LOCKED_OUT"
@@ -85,53 +87,63 @@ class CallGuard:
             raise PermissionDeniedError("not a tenant name", reason="TENANT_INVALID")
         wanted = self.resources(method, request, tenant)
         if wanted is not None:
+            peer = _peer_host(context.peer())
             self._authorize(principal, tenant, *wanted, method=method, peer=peer, key=key)
         _caller.set(Caller(principal, tenant))
 
-    def _authenticate(
-        self, peer: str, method: str, metadata: Any, context: grpc.aio.ServicerContext
-    ) -> Principal:
-        token: str | None = None
-        key = f"peer:{peer}|-"
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        """The verified identity of the call, or an audited, counted `AuthenticationError`.
+
+        A credential is always verified first, and one that verifies is accepted whatever its peer's
+        record: a failure counts against the peer address only, never against the identity a token
+        merely claims (anyone can put another user's `sub` in a token signed by any key). A locked
+        peer gets LOCKED_OUT instead of the reason for calls that failed anyway, so an attacker
+        learns nothing more from it; behind NAT that peer is shared, and nobody's valid credential
+        is refused for it."""
         try:
-            token = bearer_token(metadata)
-            service = self.services.principal(context.auth_context())
-            if service is not None:
-                key = f"peer:{peer}|{service.subject}"
-                if token is not None:
-                    raise AuthenticationError(
-                        "present a client certificate or a bearer token, not both",
-                        reason="IDENTITY_AMBIGUOUS",
-                    )
-                self._refuse_if_locked(key)
-                return service
-            if token is None:
-                raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
-            key = f"peer:{peer}|{self.verifier.claimed_identity(token)}"
-            self._refuse_if_locked(key)
-            return self.verifier.verify(token)
+            return self._identify(context)
         except AuthenticationError as exc:
-            self.metrics.auth_failures.labels(exc.reason).inc()
+            peer = _peer_host(context.peer())
+            key = peer_key(peer)
+            left = self.lockout.retry_after(key)
+            err, cause = exc, {}
+            if left is not None:
+                err = AuthenticationError(
+                    f"too many failed attempts from this address; locked out for {left:.0f} s",
+                    reason="LOCKED_OUT",
+                )
+                cause = {"cause": exc.reason}  # what the call would have been refused for
+            self.metrics.auth_failures.labels(err.reason).inc()
             self.audit.record(
                 "authentication",
                 decision="refused",
-                reason=exc.reason,
+                reason=err.reason,
+                **cause,
                 peer=peer,
                 method=method,
                 request_id=current_request_id(),
             )
-            if exc.reason != "LOCKED_OUT" and self.lockout.failure(key):
+            if left is None and self.lockout.failure(key):
                 self.metrics.lockouts.labels("authentication").inc()
-                self.audit.record("lockout", kind="authentication", peer=peer,
+                self.audit.record("lockout", kind="authentication", key=key, peer=peer,
                                   seconds=self.lockout.config.lockout_seconds,
                                   request_id=current_request_id())  # fmt: skip
-            raise
+            raise err from None
 
-    def _refuse_if_locked(self, key: str) -> None:
-        if (left := self.lockout.retry_after(key)) is not None:
-            raise AuthenticationError(
-                f"too many failed attempts; locked out for {left:.0f} s", reason="LOCKED_OUT"
-            )
+    def _identify(self, context: grpc.aio.ServicerContext) -> Principal:
+        metadata = context.invocation_metadata() or ()
+        token = bearer_token(metadata)
+        service = self.services.principal(context.auth_context())
+        if service is not None:
+            if token is not None:
+                raise AuthenticationError(
+                    "present a client certificate or a bearer token, not both",
+                    reason="IDENTITY_AMBIGUOUS",
+                )
+            return service
+        if token is None:
+            raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
+        return self.verifier.verify(token)
 
     def _authorize(
         self,
@@ -168,7 +180,7 @@ class CallGuard:
             return
         if self.lockout.failure(key):
             self.metrics.lockouts.labels("authorization").inc()
-            self.audit.record("lockout", kind="authorization", subject=principal.policy_subject,
+            self.audit.record("lockout", kind="authorization", key=key, subject=principal.policy_subject,
                               seconds=self.lockout.config.lockout_seconds,
                               request_id=current_request_id())  # fmt: skip
         raise PermissionDeniedError("not allowed by policy", reason="POLICY_DENIED")
@@ -178,4 +190,4 @@ def _peer_host(peer: str) -> str:
     """`ipv4:127.0.0.1:5000` / `ipv6:[::1]:5000` -> the address without the port."""
     _, _, address = peer.partition(":")
     host = address.rsplit(":", 1)[0] if ":" in address else address
-    return host.strip("[]") or "unknown"
+    return host.strip("[]")[:64] or "unknown"  # an address: bounded anyway, and now provably

@@ -3,7 +3,10 @@
 JWTs: each trusted issuer has its own local JWKS (reloaded when the file changes; never `jku`,
 `x5u`, `x5c` or embedded keys) and its own asymmetric algorithm allow-list; keys are chosen by `kid`
 among that issuer's keys only. `exp`, `iat`, `iss`, `aud`, `sub` and `tenant` are required, and the
-issuer must be one the policy lets speak for that tenant. Services: the identity is the SPIFFE URI
+issuer must be one the policy lets speak for that tenant. `exp`, `iat` and `nbf` must be numbers
+(NumericDate: never strings or booleans), and `exp - iat` at most `auth.max_token_lifetime_seconds`.
+Every claim that can reach a log, an audit record or a metric is bounded first (`MAX_SUBJECT_CHARS`
+and friends, docs/protocol.md). Services: the identity is the SPIFFE URI
 SAN (`spiffe://<trust-domain>/tenant/<t>/svc/<name>`) of a client certificate that TLS verified,
 read only from the TLS auth context. Error messages carry a stable reason, never the token.
 
@@ -18,6 +21,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
@@ -40,6 +44,10 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FORBIDDEN_HEADERS = ("jku", "x5u", "x5c", "jwk")
 _REQUIRED = ["exp", "iat", "iss", "aud", "sub"]
+_TIMES = ("exp", "iat", "nbf")  # NumericDate claims: JSON numbers, never strings or booleans
+MAX_SUBJECT_CHARS = 256  # `sub`: 1..256 printable characters
+MAX_ROLES = 64  # `roles`: at most 64 entries...
+MAX_ROLE_CHARS = 128  # ...of 1..128 printable characters each
 CACHE_SIZE = 4096  # verified tokens remembered; a token is ~1 KiB, so a few MiB at most
 
 
@@ -93,18 +101,6 @@ class JwtVerifier:
                     _log.error("JWKS reload rejected; the old keys stay in use: %s", exc)
         return ok
 
-    def claimed_identity(self, token: str) -> str:
-        """Who an (unverified) token claims to be, for lockout bookkeeping only; never trusted."""
-        if (hit := self._verified.get(token)) is not None:
-            principal, issuer, _ = hit
-            return "|".join(p[:128] for p in (issuer, principal.tenant, principal.subject))
-        try:
-            payload = _segment(token.split(".")[1])
-        except (IndexError, AuthenticationError):
-            return "-"
-        parts = (payload.get("iss"), payload.get("tenant"), payload.get("sub"))
-        return "|".join(str(p)[:128] for p in parts)
-
     def verify(self, token: str) -> Principal:
         if len(token) > self.config.max_token_bytes:  # characters <= bytes: a cheap first bound
             raise AuthenticationError("token too large", reason="TOKEN_TOO_LARGE")
@@ -149,21 +145,26 @@ class JwtVerifier:
             raise AuthenticationError("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
         if key.algorithm_name != alg:
             raise AuthenticationError("token algorithm does not match its key", reason="TOKEN_KEY_MISMATCH")
+        _check_shapes(payload)
         claims = self._decode(token, key, alg, issuer.issuer)
-        tenant, subject = claims.get("tenant"), claims.get("sub")
-        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
-            raise AuthenticationError("token lacks a valid 'tenant' claim", reason="TOKEN_CLAIM_MISSING")
-        if not isinstance(subject, str) or not subject or len(subject) > 256:
-            raise AuthenticationError("token lacks a valid 'sub' claim", reason="TOKEN_CLAIM_MISSING")
-        roles = claims.get("roles", [])
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise AuthenticationError("token 'roles' claim must be a list", reason="TOKEN_INVALID")
-        try:
-            exp = float(claims["exp"])  # PyJWT checked it is a number in the future
-        except (TypeError, ValueError, OverflowError):
-            raise AuthenticationError("token 'exp' claim is not a time", reason="TOKEN_INVALID") from None
-        principal = Principal(subject=subject, tenant=tenant, roles=tuple(roles), method="jwt")
+        exp = self._check_lifetime(claims)
+        principal = Principal(
+            subject=_subject(claims), tenant=_tenant(claims), roles=_roles(claims), method="jwt"
+        )
         return principal, issuer.issuer, exp
+
+    def _check_lifetime(self, claims: dict[str, Any]) -> float:
+        """The token's `exp`, once `exp - iat` is within the configured maximum lifetime.
+
+        PyJWT refused an `iat` in the future (beyond the leeway), so a token accepted here expires
+        at most `max_token_lifetime_seconds` + leeway from now, whatever its `nbf` says."""
+        exp, iat = float(claims["exp"]), float(claims["iat"])  # finite numbers (_check_shapes)
+        if exp - iat > self.config.max_token_lifetime_seconds:
+            raise AuthenticationError(
+                f"token lifetime (exp - iat) exceeds {self.config.max_token_lifetime_seconds} s",
+                reason="TOKEN_LIFETIME_TOO_LONG",
+            )
+        return exp
 
     def _decode(self, token: str, key: jwt.PyJWK, alg: str, issuer: str) -> dict[str, Any]:
         try:
@@ -231,6 +232,64 @@ class ServiceIdentity:
                 reason="CERT_BAD_SPIFFE_ID",
             )
         return Principal(subject=spiffe_id, tenant=match[1], roles=(), method="mtls")
+
+
+def _invalid(claim: str, why: str) -> AuthenticationError:
+    return AuthenticationError(f"token {claim!r} claim {why}", reason="TOKEN_CLAIM_INVALID")
+
+
+def _check_shapes(payload: dict[str, Any]) -> None:
+    """`exp`, `iat` and `nbf`, where present, are finite JSON numbers (RFC 7519 NumericDate), and
+    `sub` and `jti` strings: each refused with its own reason before PyJWT reads them (it would
+    read `"exp": "99999999999"` as a time and `true` as 1, and call a numeric `sub` TOKEN_INVALID)."""
+    for claim in ("sub", "jti"):
+        if claim in payload and not isinstance(payload[claim], str):
+            raise _invalid(claim, "must be a string")
+    for claim in _TIMES:
+        value = payload.get(claim)
+        if value is None:
+            continue  # absent: PyJWT's required-claim check names it (nbf is optional)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _invalid(claim, "must be a number (seconds since the epoch)")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise _invalid(claim, "is not a usable time")
+
+
+def _printable(value: str, limit: int) -> bool:
+    """1..limit characters, none of them a control, format or line/paragraph separator character
+    (str.isprintable: the ASCII space is the only space allowed), so it is safe in a log line."""
+    return 0 < len(value) <= limit and value.isprintable()
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    subject = claims.get("sub")
+    if subject == "":
+        raise AuthenticationError("token lacks the 'sub' claim", reason="TOKEN_CLAIM_MISSING")
+    if not isinstance(subject, str) or not _printable(subject, MAX_SUBJECT_CHARS):
+        raise _invalid("sub", f"must be 1..{MAX_SUBJECT_CHARS} printable characters")
+    return subject
+
+
+def _tenant(claims: dict[str, Any]) -> str:
+    tenant = claims.get("tenant")
+    if tenant is None or tenant == "":
+        raise AuthenticationError("token lacks the 'tenant' claim", reason="TOKEN_CLAIM_MISSING")
+    if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+        raise _invalid("tenant", "must be a tenant name (a-z, 0-9, '-'; at most 63)")
+    return tenant
+
+
+def _roles(claims: dict[str, Any]) -> tuple[str, ...]:
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or len(roles) > MAX_ROLES:
+        raise _invalid("roles", f"must be a list of at most {MAX_ROLES} role names")
+    if not all(isinstance(r, str) and _printable(r, MAX_ROLE_CHARS) for r in roles):
+        raise _invalid("roles", f"entries must be 1..{MAX_ROLE_CHARS} printable characters")
+    return tuple(roles)
 
 
 def _segment(text: str) -> dict[str, Any]:

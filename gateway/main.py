@@ -25,6 +25,7 @@ import watchfiles
 from airlock import logs
 from airlock.attestation import AttestationPolicy
 from gateway import config as config_mod
+from gateway.admin import AdminService, AdminSocketError, create_admin_server, remove_socket
 from gateway.admission import Admission
 from gateway.audit import AuditLog, load_signing_key
 from gateway.authz import Authorizer
@@ -79,6 +80,7 @@ class Gateway:
     admission: Admission | None = None
     tracer_provider: Any = None
     sealing: GatewaySealing | None = None
+    lockout: Lockout | None = None
 
 
 def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
@@ -106,11 +108,12 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     service = InferenceService(
         router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
     )
+    lockout = Lockout(cfg.lockout)
     guard = CallGuard(
         verifier,
         ServiceIdentity(cfg.auth.mtls.trust_domain),
         authorizer,
-        Lockout(cfg.lockout),
+        lockout,
         service.resources,
         metrics=metrics,
         audit=audit,
@@ -126,7 +129,7 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     )
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-        admission=admission, tracer_provider=tracer_provider, sealing=sealing,
+        admission=admission, tracer_provider=tracer_provider, sealing=sealing, lockout=lockout,
     )  # fmt: skip
 
 
@@ -208,13 +211,21 @@ async def watch_jwks(verifier: JwtVerifier, metrics: Metrics, stop: asyncio.Even
 
 
 async def serve(
-    cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str, ready_file: Path | None
+    cfg: config_mod.Config,
+    routes: list[Route],
+    listen: str,
+    mtls_listen: str,
+    ready_file: Path | None,
+    admin_socket: Path | None = None,
 ) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     gw = build(cfg, routes, listen, mtls_listen)
+    admin = None
+    if admin_socket is not None and gw.lockout is not None:
+        admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit))
     metrics_port = None
     if cfg.gateway.metrics_listen:
         host, _, mport = cfg.gateway.metrics_listen.rpartition(":")
@@ -238,9 +249,12 @@ async def serve(
 
     gw.audit.on_failure = audit_failed
     await gw.server.start()
+    if admin is not None:
+        await admin.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid()}
+        info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid(),
+                "admin_socket": str(admin_socket) if admin is not None else None}  # fmt: skip
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
     _log.info("gateway ready", extra={"port": gw.port, "mtls_port": gw.mtls_port})
@@ -248,6 +262,9 @@ async def serve(
     _log.info("gateway draining", extra={"elapsed_s": cfg.gateway.grace_seconds})
     await gw.health.enter_graceful_shutdown()
     await gw.server.stop(cfg.gateway.grace_seconds)
+    if admin is not None and admin_socket is not None:
+        await admin.stop(None)
+        remove_socket(admin_socket)
     await asyncio.gather(*watchers, return_exceptions=True)
     await gw.router.close()
     if gw.admission is not None:
@@ -269,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--route", type=parse_route, action="append", default=[], required=True)
     p.add_argument("--listen", help="override gateway.listen (e.g. 127.0.0.1:0 in tests)")
     p.add_argument("--mtls-listen", help='override gateway.mtls_listen ("" disables it)')
+    p.add_argument("--admin-socket", help='override gateway.admin_socket ("" disables it)')
     p.add_argument("--ready-file", type=Path)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -280,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         mtls = cfg.gateway.mtls_listen if args.mtls_listen is None else args.mtls_listen
-        asyncio.run(serve(cfg, args.route, args.listen or cfg.gateway.listen, mtls, args.ready_file))
+        admin = cfg.admin_socket if args.admin_socket is None else args.admin_socket
+        admin_path = Path(admin).absolute() if admin else None
+        listen = args.listen or cfg.gateway.listen
+        asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path))
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
         return 2
@@ -289,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TelemetryUnavailableError as exc:
         _log.error("%s", exc)
+        return 2
+    except AdminSocketError as exc:
+        _log.error("admin socket refused: %s", exc)
         return 2
     except Exception:
         _log.exception("gateway failed")

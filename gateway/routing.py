@@ -24,7 +24,7 @@ from airlock.logs import current_request_id
 from airlock.v1 import worker_pb2_grpc
 from gateway.audit import AuditLog
 
-__all__ = ["ClientTls", "Route", "Router", "tenant_health_name"]
+__all__ = ["TENANT_HEALTH_PREFIX", "ClientTls", "Route", "Router", "tenant_health_name"]
 
 _log = logging.getLogger("airlock.routing")
 
@@ -40,8 +40,11 @@ _CHANNEL_OPTIONS = (
 _WATCH_RETRY = (0.1, 1.0)  # seconds: first and longest pause before watching a lost worker again
 
 
+TENANT_HEALTH_PREFIX = "tenant/"  # answered only to that tenant's callers (gateway/health.py)
+
+
 def tenant_health_name(tenant: str) -> str:
-    return f"tenant/{tenant}"
+    return f"{TENANT_HEALTH_PREFIX}{tenant}"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from gateway.admission import Admission
 from gateway.audit import AuditLog
 from gateway.authz import Authorizer
 from gateway.guard import CallGuard, current_caller
+from gateway.health import GatewayHealth
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
 from gateway.sealing import GatewaySealing, audit_integrity, finish, open_text
 
@@ -264,10 +265,12 @@ def create_server(
 ) -> tuple[grpc.aio.Server, int, int | None, health.aio.HealthServicer]:
     """Build (not start) the gateway server: a TLS port for token callers and, when `mtls_listen`
     is set, a port that requires a client certificate from the service CA. Returns the server,
-    both ports (None when there is no mTLS port) and the health servicer."""
+    both ports (None when there is no mTLS port) and the health servicer. Reflection describes the
+    public `Inference` service (and health, reflection) only: never the internal worker API."""
     server, health_servicer = new_server(
-        [ErrorInterceptor(guard)], [SERVICE], max_message_bytes=max_message_bytes
-    )
+        [ErrorInterceptor(guard)], [SERVICE], max_message_bytes=max_message_bytes,
+        health_servicer=GatewayHealth(guard.authenticate),
+    )  # fmt: skip
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     identity = [(tls.key.read_bytes(), tls.cert.read_bytes())]
     port = bind(server, listen, grpc.ssl_server_credentials(identity))

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.audit import AuditLog, load_signing_key
-from gateway.config import Config, ModelConfig, TenantConfig
+from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
 from gateway.config_isolation import SHARED, shared_models
 from gateway.keystore import ensure_tenant_keys, open_keystore
 from gateway.pki import DevPki, ensure_dev_pki, worker_attestation_cert
@@ -119,6 +119,23 @@ class Stack:
         return f"{self.listen.rsplit(':', 1)[0]}:{port}" if port else None
 
     @property
+    def admin_socket(self) -> str | None:
+        """The gateway's Admin socket (`airlock lockout`); None when it is disabled."""
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        path = self.gateway.info.get("admin_socket")
+        return str(path) if path else None
+
+    def _admin_socket_args(self) -> list[str]:
+        """A stack with its own run directory (tests, a second stack on one state directory) keeps
+        its gateway's admin socket there too, unless the configuration names one."""
+        default = self.config.state_dir / "run" / ADMIN_SOCKET_NAME
+        if self.config.admin_socket != default or self.run_dir == default.parent:
+            return []
+        path = self.run_dir.absolute() / ADMIN_SOCKET_NAME
+        return ["--admin-socket", str(path) if len(os.fsencode(str(path))) <= MAX_UNIX_PATH_BYTES else ""]
+
+    @property
     def metrics_port(self) -> int | None:
         if self.gateway is None:
             raise StackError("the stack is not running")
@@ -137,6 +154,7 @@ class Stack:
         # Development: every tenant gets a key on first start (production keys are made by operators).
         ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.run_dir, 0o700)  # logs, ready files and the gateway's admin socket: owner only
         sup = self.config.supervisor
         # Beside the gateway's trail, chained and signed the same way (`airlock audit verify` checks both).
         audit = AuditLog(
@@ -167,6 +185,7 @@ class Stack:
         if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
             # A listen override (tests, a second stack) moves the service port too: same host, any port.
             gateway_args += ["--mtls-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]
+        gateway_args += self._admin_socket_args()
         if self.config.source != "<defaults>":
             gateway_args += ["--config", self.config.source]
         self.gateway = self._spawn("gateway", gateway_args + routes, {})
@@ -177,7 +196,7 @@ class Stack:
             self.supervisor_metrics_port = supervisor.metrics.serve(host, int(port))
         supervisor.start()
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
-                "ca": str(pki.ca_cert)}  # fmt: skip
+                "ca": str(pki.ca_cert), "admin_socket": self.admin_socket}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
 
     def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[list[str], Domain]]:

@@ -27,6 +27,13 @@ def mint_dev_token(
     ttl_seconds: int = 3600,
     roles: tuple[str, ...] = ("user",),
 ) -> str:
+    """A dev token for `subject` in `tenant`, valid `ttl_seconds` from now.
+
+    A negative ttl mints an already expired token (tests of expiry); one longer than
+    `auth.max_token_lifetime_seconds` is refused, as the gateway would refuse the token."""
+    if ttl_seconds > auth.max_token_lifetime_seconds:
+        limit = auth.max_token_lifetime_seconds
+        raise ValueError(f"ttl_seconds {ttl_seconds} exceeds auth.max_token_lifetime_seconds ({limit})")
     issuer = auth.dev_issuer
     if issuer is None:
         raise ValueError("no configured issuer uses the dev JWKS; dev tokens would not verify")

@@ -62,6 +62,9 @@ models = ["smollm2"]
 """
 
 
+# Lockouts of identities (policy denials) and of peers (failed authentications) both off.
+NO_LOCKOUT = "\n[lockout]\nmax_failures = 0\nmax_auth_failures_per_peer = 0\n"
+
 REPO_POLICY = Path(__file__).resolve().parent.parent / "policy"
 # The subjects tests call as ("tester" in each demo tenant), on top of the repository's policy.
 TEST_GRANTS = """
@@ -101,7 +104,7 @@ def echo_stack(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     # Every test's refused tokens come from 127.0.0.1: with lockouts on, the order tests run in
     # would decide which of them gets LOCKED_OUT instead of its own reason. Lockouts are tested on
     # private stacks.
-    toml = ECHO_TOML + "\n[lockout]\nmax_failures = 0\n"
+    toml = ECHO_TOML + NO_LOCKOUT
     stack = _start(state_dir, tmp_path_factory.mktemp("echo-run"), toml)
     yield LiveStack(stack)
     stack.stop()

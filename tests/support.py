@@ -83,11 +83,17 @@ class LiveStack:
                 start_new_session=True,
             )
 
-    async def health(self, service: str = "") -> str:
-        """The gateway's health status for `service`, by name (SERVING, NOT_SERVING, ...)."""
+    async def health(self, service: str = "", *, token: str | None = None) -> str:
+        """The gateway's health status for `service`, by name (SERVING, NOT_SERVING, ...).
+
+        A tenant's own status (`tenant/NAME`) answers only that tenant's callers: asked with a token
+        of NAME unless `token` says otherwise."""
+        if token is None and service.startswith("tenant/"):
+            token = self.token(service.removeprefix("tenant/"))
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
         credentials = grpc.ssl_channel_credentials(self.pki.ca_cert.read_bytes())
         async with grpc.aio.secure_channel(self.address, credentials) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=5
+                health_pb2.HealthCheckRequest(service=service), timeout=5, metadata=metadata
             )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

@@ -138,6 +138,24 @@ def test_a_full_file_is_parsed(tmp_path: Path) -> None:
     }
 
 
+def test_the_admin_socket_defaults_to_the_run_directory_and_can_be_moved_or_disabled(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL), state_dir=tmp_path).admin_socket == (
+        tmp_path / "run" / "gateway-admin.sock"
+    )
+    moved = write(tmp_path, '[gateway]\nadmin_socket = "/run/airlock/admin.sock"\n' + MINIMAL)
+    assert load(moved, state_dir=tmp_path).admin_socket == Path("/run/airlock/admin.sock")
+    off = write(tmp_path, '[gateway]\nadmin_socket = ""\n' + MINIMAL)
+    assert load(off, state_dir=tmp_path).admin_socket is None
+
+
+def test_the_new_auth_and_lockout_keys_are_parsed(tmp_path: Path) -> None:
+    text = "[auth]\nmax_token_lifetime_seconds = 3600\n[lockout]\nmax_auth_failures_per_peer = 0\n" + MINIMAL
+    cfg = load(write(tmp_path, text), state_dir=tmp_path)
+    assert cfg.auth.max_token_lifetime_seconds == 3600
+    assert cfg.lockout.max_auth_failures_per_peer == 0
+    assert cfg.lockout.max_failures == LockoutConfig().max_failures
+
+
 def test_the_state_dir_argument_wins_over_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, f'state_dir = "{tmp_path / "from-file"}"\n' + MINIMAL)
     assert load(path, state_dir=tmp_path / "from-cli").state_dir == tmp_path / "from-cli"
@@ -172,6 +190,14 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
         ("[gateway]\nmtls_listen = 'nowhere'\n" + MINIMAL, "gateway.mtls_listen", 'or "" to disable'),
         ("[lockout]\nmax_failures = -1\n" + MINIMAL, "lockout.max_failures", "must be >= 0"),
         ("[lockout]\nwindow_seconds = 0\n" + MINIMAL, "lockout.window_seconds", "must be > 0"),
+        (
+            "[lockout]\nmax_auth_failures_per_peer = -1\n" + MINIMAL,
+            "lockout.max_auth_failures_per_peer",
+            "must be >= 0",
+        ),
+        ("[auth]\nmax_token_lifetime_seconds = 0\n" + MINIMAL, "auth.max_token_lifetime_seconds", "positive"),
+        ("[gateway]\nadmin_socket = 5\n" + MINIMAL, "gateway.admin_socket", "must be str"),
+        ("[gateway]\nadmin_socket = '/" + "s" * 120 + "'\n" + MINIMAL, "gateway.admin_socket", "at most 107"),
         ("policy_dir = '/no/such/policy'\n" + MINIMAL, "policy_dir", "is not a directory"),
         (MINIMAL + "[models.echo2]\nengine = 'echo'\nthread = 2\n", "models.echo2.thread", "unknown key"),
         (

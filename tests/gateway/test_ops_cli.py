@@ -76,3 +76,17 @@ def test_health_probe(echo_stack: LiveStack, capsys: pytest.CaptureFixture[str])
         free = unused.getsockname()[1]
     code, out = run(capsys, "health", "--address", f"127.0.0.1:{free}", "--timeout", "2", *state)
     assert code == 1 and "UNAVAILABLE" in out
+
+
+def test_health_probe_of_a_tenant_needs_that_tenants_credential(
+    echo_stack: LiveStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--address", echo_stack.address, "--state-dir", str(echo_stack.config.state_dir)]
+    code, out = run(capsys, "health", *where, "--service", "tenant/acme")
+    assert code == 1 and "UNAUTHENTICATED" in out
+    code, out = run(capsys, "health", *where, "--service", "tenant/acme", "--token", echo_stack.token("acme"))
+    assert (code, out.strip()) == (0, "SERVING")
+    code, out = run(
+        capsys, "health", *where, "--service", "tenant/acme", "--token", echo_stack.token("globex")
+    )
+    assert code == 1 and "NOT_FOUND" in out

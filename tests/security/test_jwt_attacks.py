@@ -2,9 +2,8 @@
 refused with its exact status and stable reason, the tenant comes from the verified identity only,
 issuers speak only for their tenants, JWKS files rotate without a restart, and no token leaks.
 
-The shared echo stack has lockouts off (every test's refusals come from one peer); the attack tokens
-still claim their own `sub`s, and credentials that claim nothing (garbage, another scheme) go to a
-private stack without lockouts, so the tests hold with lockouts on as well.
+The shared echo stack has lockouts off (every test's refusals come from one peer, and failed
+authentications count against the peer: tests/security/test_lockout_abuse.py).
 """
 
 from __future__ import annotations
@@ -46,13 +45,12 @@ from gateway import config as config_mod
 from gateway.pki import DevPki
 from gateway.stack import Stack
 from gateway.tokens import mint_dev_token
-from tests.conftest import ECHO_TOML, TEST_GRANTS, make_policy_dir
+from tests.conftest import ECHO_TOML, NO_LOCKOUT, TEST_GRANTS, make_policy_dir
 from tests.support import LiveStack
 
 DEV = "airlock-dev"
 PARTNER = "partner-idp"
 AUDIENCE = "airlock"
-NO_LOCKOUT = "\n[lockout]\nmax_failures = 0\n"
 # Any base64url JSON object followed by a second segment: the shape of a JWT, whoever minted it.
 JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}")
 RELOAD_WAIT_S = 15.0
@@ -333,10 +331,22 @@ ATTACKS: dict[str, tuple[Attack, str]] = {
     },
     "invalid-tenant": (
         lambda s: dev_signed(s.pki, claims("atk-tenant", tenant="ACME")),
-        "TOKEN_CLAIM_MISSING",
+        "TOKEN_CLAIM_INVALID",
     ),
-    "roles-not-a-list": (lambda s: dev_signed(s.pki, claims("atk-roles", roles="admin")), "TOKEN_INVALID"),
-    # Malformed, yet with a readable payload: each claims its own identity for lockout purposes.
+    "roles-not-a-list": (
+        lambda s: dev_signed(s.pki, claims("atk-roles", roles="admin")),
+        "TOKEN_CLAIM_INVALID",
+    ),
+    # Times and lifetimes (tests/security/test_token_lifetime.py has the rest).
+    "exp-a-string": (
+        lambda s: dev_signed(s.pki, claims("atk-exp-str", exp="99999999999")),
+        "TOKEN_CLAIM_INVALID",
+    ),
+    "exp-far-future": (
+        lambda s: dev_signed(s.pki, claims("atk-exp-far", exp=10**20)),
+        "TOKEN_LIFETIME_TOO_LONG",
+    ),
+    # Malformed, yet with a readable payload (nothing unverified counts against the identity it names).
     "two-segments": (lambda s: signing_input({"alg": "EdDSA"}, claims("atk-two")), "TOKEN_MALFORMED"),
     "header-not-base64-json": (
         lambda s: "%%%." + dev_signed(s.pki, claims("atk-hdr")).split(".", 1)[1],
@@ -520,7 +530,6 @@ async def test_an_issuers_key_cannot_sign_for_another_issuer(partner: Partner) -
 
 
 async def test_garbage_and_other_schemes_are_malformed(partner: Partner) -> None:
-    # These claim no identity, so on the shared stack they would all count against one lockout key.
     stack = partner.stack
     for garbage in ("garbage", NOT_A_JWT, "a.b.c", "...."):
         assert_refusal(await refused(stack, garbage), AuthenticationError, "TOKEN_MALFORMED", garbage)

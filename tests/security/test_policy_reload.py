@@ -16,7 +16,7 @@ from tests.conftest import ECHO_TOML, make_policy_dir
 from tests.support import LiveStack
 
 
-def private_toml(policy: Path, lockout: str = "max_failures = 0") -> str:
+def private_toml(policy: Path, lockout: str = "max_failures = 0\nmax_auth_failures_per_peer = 0") -> str:
     return (
         f'policy_dir = "{policy}"\n'
         + ECHO_TOML.replace("[gateway]\n", '[gateway]\nmetrics_listen = "127.0.0.1:0"\n')
@@ -118,8 +118,12 @@ async def test_lockout_after_repeated_denials_and_failures_hits_only_that_identi
     make_stack: Callable[[str], LiveStack], tmp_path: Path
 ) -> None:
     policy = make_policy_dir(tmp_path / "policy")
-    stack = make_stack(private_toml(policy, "max_failures = 3\nwindow_seconds = 30\nlockout_seconds = 2"))
+    lockout = "max_failures = 3\nmax_auth_failures_per_peer = 3\nwindow_seconds = 30\nlockout_seconds = 2"
+    stack = make_stack(private_toml(policy, lockout))
     # stranger/forger: same peer as tester; stranger has no role, forger's signature is broken.
+    # stranger's denials lock out stranger (a verified identity); forger's failures lock out the
+    # peer, which only changes the answer to credentials that fail anyway (tests/security/
+    # test_lockout_abuse.py).
     async with (
         stack.client("acme") as tester,
         stack.client("acme", token=_token(stack, "stranger")) as stranger,
