@@ -250,6 +250,11 @@ def _read(path: Path) -> str:
     return read_policy_file(path)
 
 
+def _key(name: str) -> str:
+    """A TOML key as written in a message: bare when it is a plain word, else quoted and cut short."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else show(name)
+
+
 def _parser_error(exc: Exception) -> str:
     """A parser's own message (it names the line), or what went wrong when it has none useful."""
     if isinstance(exc, tomllib.TOMLDecodeError | yaml.YAMLError):
@@ -295,7 +300,7 @@ def _load_tenants(path: Path) -> dict[str, TenantSettings]:
     for name, settings in table.items():
         if not _TENANT.fullmatch(name):
             raise PolicyError(
-                f"{path}: tenants.{show(name)}: tenant names are lowercase letters, digits and '-'"
+                f"{path}: tenants.{_key(name)}: tenant names are lowercase letters, digits and '-'"
             )
         where = f"{path}: tenants.{name}"
         if not isinstance(settings, dict) or set(settings) - {"issuers", "quota", "attestation", "isolation"}:
@@ -351,7 +356,7 @@ def _load_quota(where: str, raw: Any) -> QuotaLimits:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where}: must be a table")
     for key in sorted(set(raw) - set(_QUOTA_KEYS)):
-        raise PolicyError(f"{where}.{show(key)}: unknown key (one of {', '.join(sorted(_QUOTA_KEYS))})")
+        raise PolicyError(f"{where}.{_key(key)}: unknown key (one of {', '.join(sorted(_QUOTA_KEYS))})")
     values: dict[str, Any] = {}
     for key, kind in _QUOTA_KEYS.items():
         if key not in raw:

@@ -257,7 +257,7 @@ def test_tenant_patterns_accepted_in_p_lines(policy_dir: Path) -> None:
         ('[tenants.acme]\nissuers = ["a"]\n[gateway]\nx = 1\n', "unknown key 'gateway'"),
         ("# no tenants\n", "must define at least one [tenants.NAME] table"),
         ("tenants = 3\n", "must define at least one [tenants.NAME] table"),
-        ('[tenants.Acme]\nissuers = ["a"]\n', "tenants.'Acme': tenant names are lowercase"),
+        ('[tenants.Acme]\nissuers = ["a"]\n', "tenants.Acme: tenant names are lowercase"),
         ('[tenants."acme/x"]\nissuers = ["a"]\n', "tenant names are lowercase"),
         ('[tenants."-acme"]\nissuers = ["a"]\n', "tenant names are lowercase"),
         ('[tenants.acme]\nissuers = ["a"]\nmodels = ["x"]\n', "tenants.acme: only 'issuers', 'quota'"),
