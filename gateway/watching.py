@@ -80,6 +80,9 @@ async def watch_directory(
                         break
                     if changes:
                         await on_change({Path(path) for _, path in changes})
+                else:
+                    if not stop.is_set():  # never spin on a watch that keeps ending by itself
+                        raise RuntimeError("the watch ended by itself")
         except Exception as exc:
             on_error()
             missed = True
