@@ -234,6 +234,32 @@ async def test_the_policy_watcher_survives_the_watch_itself_failing(
         await stopped(task, stop)
 
 
+async def test_a_watch_that_ends_by_itself_is_started_again(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authorizer = Authorizer.from_directory(policy_dir, metrics=Metrics())
+    real_awatch = watching.watchfiles.awatch
+    starts = 0
+
+    async def nothing() -> Any:
+        return
+        yield  # an async generator that ends at once
+
+    def ending_awatch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal starts
+        starts += 1
+        return nothing() if starts <= 2 else real_awatch(*args, **kwargs)
+
+    monkeypatch.setattr(watching.watchfiles, "awatch", ending_awatch)
+    task, stop = await watch(authorizer)
+    try:
+        await until(lambda: allowed(authorizer, "acme/zed"), touch=grant(policy_dir, "acme/zed"))
+        await until(lambda: starts == 3)  # watching for real now
+        assert watch_errors(authorizer) == 2  # one per ending, with a pause after each: no busy loop
+    finally:
+        await stopped(task, stop)
+
+
 async def test_the_policy_watcher_follows_a_directory_that_is_removed_and_comes_back(
     policy_dir: Path,
 ) -> None:
