@@ -3,7 +3,8 @@
 `Authorizer.decide` never waits: it reads the current generation (one attribute) and its cache.
 A reload loads, validates and runs the policy's test cases in a worker thread, then swaps the
 generation in one assignment; a policy that fails any step is refused and the old one keeps
-serving. Every reload outcome is logged, counted and audited.
+serving. Every reload outcome is logged, counted and audited; whatever the files make the loader
+raise is a rejection, and the watcher outlives any failure.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import watchfiles
-
 from gateway.audit import AuditLog
 from gateway.metrics import Metrics
 from gateway.policy import Decision, Policy, PolicyError, load_policy
 from gateway.policy_lint import lint_errors
+from gateway.watching import watch_directory
 
 __all__ = ["Authorizer", "load_checked"]
 
 _log = logging.getLogger("airlock.authz")
+_REASON_CHARS = 2000  # of a rejection's reason, in the log and the audit record
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,8 @@ class Authorizer:
                 with _loop_first():
                     load = functools.partial(_load_quietly, directory, self.required_tenants)
                     policy = await loop.run_in_executor(_LOADER, load)
-            except PolicyError as exc:
-                self.metrics.policy_reloads.labels("rejected").inc()
-                self.audit.record("policy_reload", result="rejected", generation=self.generation,
-                                  reason=str(exc))  # fmt: skip
-                _log.error("policy reload rejected; generation %d keeps serving: %s", self.generation, exc)
+            except Exception as exc:  # whatever a file makes the loader raise is a rejection, never a crash
+                self._rejected(exc)
                 return False
             retired = [self._current]
             number = self.swap(policy)
@@ -190,8 +188,26 @@ class Authorizer:
                       number, len(policy.rules), len(policy.links))  # fmt: skip
             return True
 
-    async def watch(self, stop: asyncio.Event, *, debounce_ms: int = 300) -> None:
-        """Reload whenever a file in the policy directory changes, until `stop` is set."""
-        directory = self._current.policy.directory
-        async for _changes in watchfiles.awatch(directory, stop_event=stop, debounce=debounce_ms):
+    def _rejected(self, exc: Exception) -> None:
+        if isinstance(exc, PolicyError):
+            reason = str(exc)
+        else:  # a loader bug, not the file's: the traceback goes to the log, its type to the record
+            reason = f"the policy could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"
+            _log.error("policy reload failed unexpectedly", exc_info=exc)
+        reason = reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS] + "..."
+        self.metrics.policy_reloads.labels("rejected").inc()
+        _log.error("policy reload rejected; generation %d keeps serving: %s", self.generation, reason)
+        self.audit.record("policy_reload", result="rejected", generation=self.generation, reason=reason)
+
+    async def watch(self, stop: asyncio.Event, *, debounce_ms: int = 300, check_ms: int = 1000) -> None:
+        """Reload whenever a file in the policy directory changes, until `stop` is set; survives
+        anything (`gateway.watching`), so a later edit, a revocation say, always takes effect."""
+
+        async def changed(_paths: set[Path] | None) -> None:
             await self.reload()
+
+        await watch_directory(
+            self._current.policy.directory, changed, stop, name="policy",
+            on_error=self.metrics.watch_errors.labels("policy").inc,
+            debounce_ms=debounce_ms, check_ms=check_ms,
+        )  # fmt: skip

@@ -271,6 +271,13 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     decided = _where(policy, decision.rule) if decision.rule else "default deny (no line)"
     print(f"decided by: {decided}")
     print(f"why: {_why(decision)}")
+    difference = policy.casbin_reads_differently()  # the cross-check below means nothing otherwise
+    if difference is not None:
+        print(
+            f"WARNING: CASBIN READS policy.csv DIFFERENTLY: {difference}. Report this as a bug.", flush=True
+        )
+        _err("policy explain: Casbin's reading of policy.csv and Airlock's differ")
+        return 1
     casbin_allows = bool(policy.casbin_enforcer().enforce(subject, tenant, resource, action))
     if casbin_allows == decision.allowed:
         print(f"casbin: {verdict} (agrees)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import watchfiles
 
 from airlock import logs
 from airlock.attestation import AttestationPolicy
@@ -48,6 +48,7 @@ from gateway.server import (
     update_health,
 )
 from gateway.telemetry import TelemetryUnavailableError, make_tracer
+from gateway.watching import watch_directory
 
 _log = logging.getLogger("airlock.gateway")
 
@@ -196,18 +197,35 @@ def build_admission(
     return Admission(store, limits_for, metrics=metrics, audit=audit, tracer=tracer), provider
 
 
-async def watch_jwks(verifier: JwtVerifier, metrics: Metrics, stop: asyncio.Event) -> None:
-    """Reload a JWKS file when it changes (key rotation without a restart)."""
+async def watch_jwks(
+    verifier: JwtVerifier, metrics: Metrics, stop: asyncio.Event, audit: AuditLog | None = None
+) -> None:
+    """Reload a JWKS file when it changes (key rotation without a restart). Whatever a file makes the
+    loader raise is a rejection (the old keys stay), and the watch survives anything."""
     files = {path.resolve() for path in verifier.jwks_files.values()}
-    dirs = {path.parent for path in files}
-    async for changes in watchfiles.awatch(
-        *dirs, stop_event=stop, debounce=300, watch_filter=lambda _c, p: Path(p).resolve() in files
-    ):
-        for changed in {Path(p).resolve() for _, p in changes}:
-            for path in verifier.jwks_files.values():
-                if path.resolve() == changed and changed.exists():
+
+    async def changed(paths: set[Path] | None, directory: Path) -> None:
+        targets = {p.resolve() for p in paths} if paths is not None else files
+        for path in verifier.jwks_files.values():
+            resolved = path.resolve()
+            if resolved in targets and resolved.parent == directory and resolved.exists():
+                try:
                     ok = verifier.reload(path)
-                    metrics.jwks_reloads.labels("accepted" if ok else "rejected").inc()
+                except Exception as exc:
+                    ok = False
+                    _log.error("JWKS reload rejected; the old keys stay in use", exc_info=exc)
+                result = "accepted" if ok else "rejected"
+                metrics.jwks_reloads.labels(result).inc()
+                if audit is not None:
+                    audit.record("jwks_reload", result=result, file=str(path))
+
+    await asyncio.gather(*(
+        watch_directory(
+            directory, functools.partial(changed, directory=directory), stop, name="JWKS",
+            on_error=metrics.watch_errors.labels("jwks").inc, watch_filter=lambda p: p.resolve() in files,
+        )
+        for directory in {path.parent for path in files}
+    ))  # fmt: skip
 
 
 async def serve(
@@ -238,11 +256,12 @@ async def serve(
 
     watchers = [
         asyncio.create_task(gw.authorizer.watch(stopping)),
-        asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping)),
+        asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping, gw.audit)),
         asyncio.create_task(gw.router.watch(stopping, readiness_changed)),
     ]
     if gw.sealing is not None:
-        watchers.append(asyncio.create_task(gw.sealing.watch(stopping)))
+        on_error = gw.metrics.watch_errors.labels("keystore").inc
+        watchers.append(asyncio.create_task(gw.sealing.watch(stopping, on_error=on_error)))
 
     def audit_failed(_why: str) -> None:  # may run on a policy-reload thread
         asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)

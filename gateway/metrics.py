@@ -34,6 +34,10 @@ class Metrics:
         self.jwks_reloads = Counter(
             "airlock_jwks_reloads", "JWKS reloads, by result (accepted, rejected)", ["result"], registry=r
         )
+        self.watch_errors = Counter(
+            "airlock_watch_errors", "Failures inside a file watcher, which then starts again, by watcher "
+            "(policy, jwks, keystore)", ["watcher"], registry=r,
+        )  # fmt: skip
         # Generation calls (gateway.admission): tenants of the policy only, everything else "other".
         self.requests = Counter(
             "airlock_requests", "Generation calls that passed the guard, by tenant, method and status code",

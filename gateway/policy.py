@@ -9,7 +9,6 @@ differential test holds `Policy.decide` (an index over the same lines, fast at 1
 
 from __future__ import annotations
 
-import csv
 import re
 import tomllib
 from collections import defaultdict
@@ -19,8 +18,10 @@ from typing import Any
 
 import casbin
 import yaml
+from casbin.persist.adapters import FileAdapter
 
 from airlock.attestation import LEVELS, AttestationPolicy
+from gateway.policy_text import PolicyError, csv_lines, read_policy_file, show
 from gateway.quota import QuotaLimits
 
 __all__ = [
@@ -51,10 +52,6 @@ _MODEL_SECTIONS = {
         '&& (r.act == p.act || p.act == "*")'
     ),
 }
-
-
-class PolicyError(Exception):
-    """A policy directory that must not serve; the message names the file, line and reason."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +207,29 @@ class Policy:
             enforcer.add_named_grouping_policies("g", [[k.member, k.role, k.tenant] for k in self.links])
         return enforcer
 
+    def casbin_reads_differently(self) -> str | None:
+        """None when Casbin's own file adapter reads policy.csv into exactly our lines, in order;
+        else the first difference. The grammar (`gateway.policy_text`) makes this None for every
+        file we accept; `lint` and `explain` check it anyway, so a reader can trust their answers."""
+        model = casbin.Enforcer.new_model(text=self.model_text)
+        try:
+            FileAdapter(str(self.directory / "policy.csv")).load_policy(model)
+        except Exception as exc:  # Casbin's reader fails with IndexError and others, not its own errors
+            return f"Casbin's file reader fails on it ({type(exc).__name__}: {str(exc)[:200]})"
+        for key, ours in (
+            ("p", [[r.subject, r.tenant, r.resource, r.action, r.effect] for r in self.rules]),
+            ("g", [[k.member, k.role, k.tenant] for k in self.links]),
+        ):
+            theirs = [list(line) for line in model.model[key][key].policy]
+            if theirs != ours:
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                          min(len(ours), len(theirs)))  # fmt: skip
+                mine = ", ".join(ours[at]) if at < len(ours) else "nothing"
+                other = ", ".join(theirs[at]) if at < len(theirs) else "nothing"
+                return (f"{len(theirs)} {key} lines for Casbin, {len(ours)} for Airlock; {key} line "
+                        f"{at + 1}: Casbin reads {show(other)}, Airlock {show(mine)}")  # fmt: skip
+        return None
+
 
 def load_policy(directory: Path) -> Policy:
     """Load and validate a policy directory; raise `PolicyError` naming file, line and reason.
@@ -226,12 +246,20 @@ def load_policy(directory: Path) -> Policy:
 
 
 def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{path}: cannot read ({exc})") from None
+    """Every file of the directory obeys one text grammar (`gateway.policy_text`)."""
+    return read_policy_file(path)
+
+
+def _key(name: str) -> str:
+    """A TOML key as written in a message: bare when it is a plain word, else quoted and cut short."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else show(name)
+
+
+def _parser_error(exc: Exception) -> str:
+    """A parser's own message (it names the line), or what went wrong when it has none useful."""
+    if isinstance(exc, tomllib.TOMLDecodeError | yaml.YAMLError):
+        return str(exc)[:2000]
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _check_model(path: Path, text: str) -> None:
@@ -258,20 +286,23 @@ def _normal(expr: str) -> str:
 
 
 def _load_tenants(path: Path) -> dict[str, TenantSettings]:
+    text = _read(path)
     try:
-        raw = tomllib.loads(_read(path))
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML ({exc})") from None
+        raw = tomllib.loads(text)
+    except Exception as exc:  # any failure of the parser (e.g. RecursionError on deep nesting) refuses
+        raise PolicyError(f"{path}: not valid TOML ({_parser_error(exc)})") from None
     if set(raw) - {"tenants"}:
-        raise PolicyError(f"{path}: unknown key {sorted(set(raw) - {'tenants'})[0]!r}")
+        raise PolicyError(f"{path}: unknown key {show(sorted(set(raw) - {'tenants'})[0])}")
     table = raw.get("tenants", {})
     if not isinstance(table, dict) or not table:
         raise PolicyError(f"{path}: must define at least one [tenants.NAME] table")
     out = {}
     for name, settings in table.items():
-        where = f"{path}: tenants.{name}"
         if not _TENANT.fullmatch(name):
-            raise PolicyError(f"{where}: tenant names are lowercase letters, digits and '-'")
+            raise PolicyError(
+                f"{path}: tenants.{_key(name)}: tenant names are lowercase letters, digits and '-'"
+            )
+        where = f"{path}: tenants.{name}"
         if not isinstance(settings, dict) or set(settings) - {"issuers", "quota", "attestation", "isolation"}:
             raise PolicyError(f"{where}: only 'issuers', 'quota', 'attestation' and 'isolation' may be set")
         issuers = settings.get("issuers", [])
@@ -281,7 +312,7 @@ def _load_tenants(path: Path) -> dict[str, TenantSettings]:
         attestation = _load_attestation(f"{where}.attestation", settings.get("attestation", {}))
         isolation = settings.get("isolation", "dedicated")
         if isolation not in ("dedicated", "shared"):  # a typo must not opt a tenant in
-            raise PolicyError(f'{where}.isolation: must be "dedicated" or "shared", got {isolation!r}')
+            raise PolicyError(f'{where}.isolation: must be "dedicated" or "shared", got {show(isolation)}')
         out[name] = TenantSettings(name, tuple(issuers), quota, attestation, isolation)
     return out
 
@@ -296,7 +327,7 @@ def _load_attestation(where: str, raw: Any) -> AttestationPolicy:
         raise PolicyError(f"{where}: only 'min_level' and 'measurements' may be set")
     level = raw.get("min_level", "software")
     if level not in LEVELS:
-        raise PolicyError(f"{where}.min_level: must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise PolicyError(f"{where}.min_level: must be one of {', '.join(LEVELS)}, got {show(level)}")
     measurements = raw.get("measurements", {})
     if not isinstance(measurements, dict) or set(measurements) - {"code", "config", "model"}:
         raise PolicyError(f"{where}.measurements: only 'code', 'config' and 'model' may be listed")
@@ -325,7 +356,7 @@ def _load_quota(where: str, raw: Any) -> QuotaLimits:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where}: must be a table")
     for key in sorted(set(raw) - set(_QUOTA_KEYS)):
-        raise PolicyError(f"{where}.{key}: unknown key (one of {', '.join(sorted(_QUOTA_KEYS))})")
+        raise PolicyError(f"{where}.{_key(key)}: unknown key (one of {', '.join(sorted(_QUOTA_KEYS))})")
     values: dict[str, Any] = {}
     for key, kind in _QUOTA_KEYS.items():
         if key not in raw:
@@ -334,7 +365,7 @@ def _load_quota(where: str, raw: Any) -> QuotaLimits:
         numeric = (int, float) if kind is float else (int,)
         if isinstance(value, bool) or not isinstance(value, numeric) or not 0 < value < 1e12:
             kind_name = "number" if kind is float else "integer"
-            raise PolicyError(f"{where}.{key}: must be a positive {kind_name}, got {value!r}")
+            raise PolicyError(f"{where}.{key}: must be a positive {kind_name}, got {show(value)}")
         values[key] = kind(value)
     if "burst" in values and "requests_per_second" not in values:
         raise PolicyError(f"{where}.burst: only meaningful with requests_per_second")
@@ -344,14 +375,8 @@ def _load_quota(where: str, raw: Any) -> QuotaLimits:
 def _load_lines(path: Path, tenants: dict[str, TenantSettings]) -> tuple[list[Rule], list[RoleLink]]:
     rules: list[Rule] = []
     links: list[RoleLink] = []
-    text = _read(path)
-    for number, row in enumerate(csv.reader(text.splitlines(), skipinitialspace=True), start=1):
-        fields = [f.strip() for f in row]
-        if not fields or not any(fields) or fields[0].startswith("#"):
-            continue
+    for number, fields in csv_lines(path, _read(path)):
         where = f"{path}:{number}"
-        if any(not f for f in fields):
-            raise PolicyError(f"{where}: empty field")
         kind, values = fields[0], fields[1:]
         if kind == "p":
             if len(values) != 5:
@@ -360,9 +385,9 @@ def _load_lines(path: Path, tenants: dict[str, TenantSettings]) -> tuple[list[Ru
                 )
             subject, tenant, resource, action, effect = values
             if action not in ACTIONS:
-                raise PolicyError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
+                raise PolicyError(f"{where}: unknown action {show(action)} (one of {', '.join(ACTIONS)})")
             if effect not in EFFECTS:
-                raise PolicyError(f"{where}: effect must be allow or deny, got {effect!r}")
+                raise PolicyError(f"{where}: effect must be allow or deny, got {show(effect)}")
             _check_tenant(where, tenant, tenants, pattern_ok=True)
             if "*" in subject:
                 raise PolicyError(f"{where}: subjects and roles are matched exactly; '*' is not allowed")
@@ -376,7 +401,7 @@ def _load_lines(path: Path, tenants: dict[str, TenantSettings]) -> tuple[list[Ru
                 raise PolicyError(f"{where}: subjects and roles are matched exactly; '*' is not allowed")
             links.append(RoleLink(number, member, role, tenant))
         else:
-            raise PolicyError(f"{where}: lines start with p or g, got {kind!r}")
+            raise PolicyError(f"{where}: lines start with p or g, got {show(kind)}")
     return rules, links
 
 
@@ -386,16 +411,17 @@ def _check_tenant(where: str, tenant: str, tenants: dict[str, TenantSettings], *
             raise PolicyError(f"{where}: role lines name one tenant; '*' is not allowed")
         return  # patterns are linted (`airlock policy lint`), not refused: Casbin accepts them
     if tenant not in tenants:
-        raise PolicyError(f"{where}: unknown tenant {tenant!r} (not in tenants.toml)")
+        raise PolicyError(f"{where}: unknown tenant {show(tenant)} (not in tenants.toml)")
 
 
 def _load_cases(path: Path, tenants: dict[str, TenantSettings]) -> list[PolicyCase]:
     if not path.exists():
         return []
+    text = _read(path)
     try:
-        raw: Any = yaml.safe_load(_read(path))
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML ({exc})") from None
+        raw: Any = yaml.safe_load(text)
+    except Exception as exc:  # PyYAML raises ValueError for a bad date, RecursionError for deep nesting
+        raise PolicyError(f"{path}: not valid YAML ({_parser_error(exc)})") from None
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -409,7 +435,7 @@ def _load_cases(path: Path, tenants: dict[str, TenantSettings]) -> list[PolicyCa
             raise PolicyError(f"{path}: case {index}: string values; expect is allow or deny")
         # A typo here would make an `expect: deny` case pass without testing anything.
         if case["tenant"] not in tenants:
-            raise PolicyError(f"{path}: case {index}: unknown tenant {case['tenant']!r}")
+            raise PolicyError(f"{path}: case {index}: unknown tenant {show(case['tenant'])}")
         if case["action"] not in ACTIONS or case["action"] == "*":
             raise PolicyError(f"{path}: case {index}: action must be one of {', '.join(ACTIONS[:-1])}")
         out.append(PolicyCase(index, case["subject"], case["tenant"], case["resource"], case["action"],

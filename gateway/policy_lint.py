@@ -2,7 +2,8 @@
 
 Casbin accepts these lines; a security team almost never means them: tenant patterns that reach
 other tenants, grants across tenants, role-name typos, allows a deny hides, role chains Casbin stops
-following, loose resource prefixes and duplicates. Errors must not ship; warnings need a person.
+following, loose resource prefixes, duplicates and a `#` a reader takes for a comment. Errors must
+not ship; warnings need a person.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.policy import MAX_HOPS, Policy, PolicyError, RoleLink, Rule, key_match, load_policy
+from gateway.policy_text import show
 
 __all__ = ["Finding", "Severity", "home_tenant", "is_concrete", "lint", "lint_directory", "lint_errors"]
 
@@ -84,6 +86,8 @@ def lint(policy: Policy) -> list[Finding]:
         *_role_graph(policy, csv),
         *_prefix_patterns(policy, csv),
         *_duplicates(policy, csv),
+        *_hash_in_fields(policy, csv),
+        *_casbin_reading(policy, csv),
     ]
     return sorted(findings, key=lambda f: (f.file, f.line, f.code))
 
@@ -327,3 +331,26 @@ def _duplicates(policy: Policy, csv: str) -> Iterator[Finding]:
             yield Finding("warning", csv, item.line, "DUPLICATE", f"same as line {first[text]}")
         else:
             first[text] = item.line
+
+
+def _hash_in_fields(policy: Policy, csv: str) -> Iterator[Finding]:
+    """Only a line that starts with `#` is a comment; a `#` later on is part of the value (Casbin's
+    reading), which a person reads as a comment: `g, acme/eve, user, acme # until Friday`."""
+    lines: list[Rule | RoleLink] = [*policy.rules, *policy.links]
+    for item in sorted(lines, key=lambda i: i.line):
+        fields = (item.subject, item.resource) if isinstance(item, Rule) else (item.member, item.role)
+        field = next((f for f in fields if "#" in f), None)
+        if field is not None:
+            yield Finding(
+                "warning", csv, item.line, "HASH_IN_FIELD",
+                f"{show(field)} contains '#': it is part of the value, not a comment (only a line "
+                "that starts with '#' is a comment)",
+            )  # fmt: skip
+
+
+def _casbin_reading(policy: Policy, csv: str) -> Iterator[Finding]:
+    """Casbin's own file reader must see the very lines Airlock enforces (the grammar ensures it;
+    this says so loudly should they ever part)."""
+    difference = policy.casbin_reads_differently()
+    if difference is not None:
+        yield Finding("error", csv, 0, "CASBIN_READS_DIFFERENTLY", f"{difference}; report this as a bug")

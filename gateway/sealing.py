@@ -81,16 +81,30 @@ class GatewaySealing:
             cached = self._active[tenant] = (generation, key_id, key)
         return cached[1], cached[2]
 
-    async def watch(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Notice keystore changes made outside this process (`airlock keys rotate`)."""
+    async def watch(
+        self, stop: asyncio.Event, interval: float = 1.0, on_error: Callable[[], None] = lambda: None
+    ) -> None:
+        """Notice keystore changes made outside this process (`airlock keys rotate`) until `stop`.
+
+        Nothing ends it early: a failure (a keystore mid-write, unreadable or gone, or anything the
+        reload raises) keeps the keys we have, is counted (`on_error`) and logged once until it
+        changes or ends, and the next round tries again."""
+        failing = ""  # the failure reported last: a missing store must not log every second
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             try:
                 if await asyncio.to_thread(self.keystore.reload):
                     _log.info("keystore changed; workers get the new keys before their next request")
-            except Exception:  # a keystore mid-write or unreadable: keep the keys we have
-                _log.exception("keystore reload failed; keeping the previous keys")
+                if failing:
+                    _log.info("keystore readable again")
+                failing = ""
+            except Exception as exc:
+                on_error()
+                what = f"{type(exc).__name__}: {exc}"
+                if what != failing:
+                    _log.error("keystore reload failed; keeping the previous keys", exc_info=exc)
+                failing = what
 
     # -- attestation and key release --------------------------------------------------------------
     def forget(self, tenant: str, model: str) -> None:

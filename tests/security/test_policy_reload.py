@@ -114,6 +114,34 @@ async def test_a_reloaded_deny_takes_effect_without_a_restart(
         assert (await client.generate("other model", model="slow", max_tokens=2)).completion_tokens == 2
 
 
+async def test_a_file_that_crashed_the_reload_does_not_stop_a_later_revocation(
+    make_stack: Callable[[str], LiveStack], tmp_path: Path
+) -> None:
+    """A field over 131,072 characters raised `_csv.Error` out of the reload: the watch task died
+    silently, and a revocation shipped afterwards was never enforced until a restart."""
+    policy = make_policy_dir(tmp_path / "policy")
+    stack = make_stack(private_toml(policy))
+    csv = (policy / "policy.csv").read_text()
+    async with stack.client("acme") as client:
+        assert (await client.generate("before", model="echo")).text == "before"
+        replace(policy / "policy.csv", csv + f"p, acme/{'x' * 131_072}, acme, models, list, allow\n")
+        await wait_for(lambda: metric(stack, "airlock_policy_reloads_total", '{result="rejected"}') >= 1)
+        assert (await client.generate("still served", model="echo")).text == "still served"
+        # The revocation: a deny for the caller, shipped after the bad file.
+        replace(policy / "policy.csv", csv + "p, acme/tester, acme, model:echo, generate, deny\n")
+        await wait_for(lambda: metric(stack, "airlock_policy_generation") >= 2)
+        with pytest.raises(PermissionDeniedError) as err:
+            await client.generate("after", model="echo")
+        assert err.value.reason == "POLICY_DENIED"
+    assert metric(stack, "airlock_watch_errors_total", '{watcher="policy"}') == 0
+    # The rejection is logged and audited, and the 131,072-character value is in neither.
+    log = stack.stack.gateway.log.read_text() if stack.stack.gateway else ""
+    assert "policy reload rejected" in log and "longer than the 4096" in log and "x" * 1000 not in log
+    audit = (stack.config.state_dir / "audit" / "gateway.jsonl").read_text().splitlines()
+    rejected = [line for line in audit if '"event":"policy_reload"' in line and '"result":"rejected"' in line]
+    assert rejected and all(len(line) < 4000 for line in rejected)
+
+
 async def test_lockout_after_repeated_denials_and_failures_hits_only_that_identity(
     make_stack: Callable[[str], LiveStack], tmp_path: Path
 ) -> None:
