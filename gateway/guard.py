@@ -33,6 +33,8 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # (method, request, tenant) -> (resource, action); None: authentication alone suffices (reflection)
 Resources = Callable[[str, Any, str], tuple[str, str] | None]
+# Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
+Gate = Callable[[Principal], None]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class CallGuard:
         *,
         metrics: Metrics,
         audit: AuditLog,
+        gate: Gate | None = None,
     ) -> None:
         self.verifier = verifier
         self.services = services
@@ -70,11 +73,14 @@ class CallGuard:
         self.resources = resources
         self.metrics = metrics
         self.audit = audit
+        self.gate = gate
 
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         peer = _peer_host(context.peer())
         metadata = context.invocation_metadata() or ()
         principal = self._authenticate(peer, method, metadata, context)
+        if self.gate is not None:  # every verified call pays its rate before anything is audited
+            self.gate(principal)
         tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
         key = f"subject:{principal.policy_subject}"
         if (left := self.lockout.retry_after(key)) is not None:
