@@ -1,15 +1,15 @@
 """Admission and accounting of one generation call: quota reservation, metrics, audit, trace span.
 
-Before that, `Admission.gate` charges every authenticated call (any method, refused or not) one
-request of its home tenant's request rate in this replica, before the guard authorizes or audits
-it: refusals can't be sprayed for free, and what a tenant's callers can make this replica write to
-its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md).
-
 The servicer wraps each Generate/GenerateStream call in `Admission.call(method)`; inside it,
 `admit()` reserves the tenant's quota once the request is validated, and the end of the block
 (success, error, cancellation or a caller that went away) always releases the concurrency slot,
 refunds the tokens not generated, and records the outcome once: counters, latency, tokens and one
 audit line. Nothing here ever sees or records a prompt or a completion.
+
+Earlier still, `Admission.gate` charges every authenticated call (any method, refused or not) one
+request of its home tenant's request rate in this replica, before the guard authorizes or audits
+it: refusals can't be sprayed for free, and what a tenant's callers can make this replica write to
+its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md).
 """
 
 from __future__ import annotations
