@@ -13,12 +13,14 @@ from airlock.errors import InvalidRequestError
 from airlock.v1 import inference_pb2 as pb
 
 __all__ = [
+    "MODEL_NAME",
     "Chunk",
     "Completion",
     "GenerationSpec",
     "Limits",
     "Message",
     "Sampling",
+    "check_model",
     "check_request_id",
     "new_request_id",
     "validate_request",
@@ -27,6 +29,9 @@ __all__ = [
 REQUEST_ID_HEADER = "x-request-id"  # metadata carrying the request id, both ways
 ROLES = frozenset({"system", "user", "assistant"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# What a configured model may be called (gateway/config.py refuses any other [models.NAME]), so a
+# name outside it can't name a model: it is refused before anything logs, audits or counts it.
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 FINISH_CODES = {name: code for code, name in FINISH_REASONS.items()}
 
@@ -43,6 +48,20 @@ def check_request_id(request_id: str) -> str:
             field="request_id",
         )
     return request_id
+
+
+def check_model(model: str) -> str:
+    """A requested model name: "" (the tenant's default) or 1..63 of a-z 0-9 - (not starting with -).
+
+    Called by `validate_request` and, on the gateway, before authorization puts `model:NAME` in an
+    audit record; the refusal never repeats the name."""
+    if model and not MODEL_NAME.fullmatch(model):
+        raise InvalidRequestError(
+            "model must be 1..63 characters of a-z 0-9 - (not starting with -)",
+            reason="MODEL_INVALID",
+            field="model",
+        )
+    return model
 
 
 @dataclass(frozen=True)
@@ -110,10 +129,11 @@ class Chunk:
 def validate_request(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
     """Check a request against the limits; raise InvalidRequestError naming the field at fault."""
     request_id = check_request_id(req.request_id or new_request_id())
+    model = check_model(req.model)
     if req.HasField("sealed_messages"):  # end to end: only the worker can open and check them
         if req.messages:
             raise InvalidRequestError("send messages or sealed_messages, not both", field="messages")
-        return GenerationSpec(request_id, req.model, (), _sampling(req.params, limits))
+        return GenerationSpec(request_id, model, (), _sampling(req.params, limits))
     if not req.messages:
         raise InvalidRequestError("messages must not be empty", field="messages")
     if len(req.messages) > limits.max_messages:
@@ -129,7 +149,7 @@ def validate_request(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
         raise InvalidRequestError("messages have no content", field="messages")
     return GenerationSpec(
         request_id=request_id,
-        model=req.model,
+        model=model,
         messages=tuple(messages),
         sampling=_sampling(req.params, limits),
     )

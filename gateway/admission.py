@@ -5,6 +5,11 @@ The servicer wraps each Generate/GenerateStream call in `Admission.call(method)`
 (success, error, cancellation or a caller that went away) always releases the concurrency slot,
 refunds the tokens not generated, and records the outcome once: counters, latency, tokens and one
 audit line. Nothing here ever sees or records a prompt or a completion.
+
+Earlier still, `Admission.gate` charges every authenticated call (any method, refused or not) one
+request of its home tenant's request rate in this replica, before the guard authorizes or audits
+it: refusals can't be sprayed for free, and what a tenant's callers can make this replica write to
+its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md).
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from airlock.errors import AirlockError, PermissionDeniedError, QuotaExceededErr
 from airlock.v1 import inference_pb2 as pb
 from gateway.audit import AuditLog
 from gateway.guard import current_caller
+from gateway.identity import Principal
 from gateway.metrics import Metrics
-from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore
+from gateway.quota import RATE_LIMITED, Bucket, MemoryQuotaStore, QuotaLimits, QuotaStore, quota_error
 
 __all__ = ["Admission", "Ticket"]
 
@@ -43,13 +49,17 @@ class Admission:
         metrics: Metrics,
         audit: AuditLog,
         tracer: Any = None,  # an OpenTelemetry Tracer when tracing is on (gateway.telemetry)
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.limits_for = limits_for
         self.metrics = metrics
         self.audit = audit
         self.tracer = tracer
+        self._clock = clock
         self._releases: set[asyncio.Task[None]] = set()
+        self._gates: dict[str, Bucket] = {}  # home tenant -> its request bucket in this replica
+        self._gated: dict[str, tuple[int, str]] = {}  # tenant -> (calls refused, last subject), unaudited
 
     @classmethod
     def unlimited(cls) -> Admission:
@@ -58,6 +68,34 @@ class Admission:
 
     def call(self, method: str) -> Ticket:
         return Ticket(self, method)
+
+    def gate(self, principal: Principal) -> None:
+        """Charge a verified caller's call one request of its home tenant's request rate, or refuse
+        it (RESOURCE_EXHAUSTED, RATE_LIMITED) when the tenant's bucket in this replica is empty.
+
+        Called by the guard right after authentication, before anything else is decided or audited:
+        the home tenant is the identity's own, so a call naming another tenant can't spend that
+        tenant's budget, and nothing is charged before a signature verified. Synchronous (the guard
+        is), and per replica: each replica keeps its own audit trail, which is what this bounds;
+        with the Redis backend, admitted generation calls also draw on the shared budget. Refusals
+        here are not audited one by one (that is the flood this prevents): they are counted, and
+        the next call of the tenant that passes writes one `rate_limited` record with their number."""
+        tenant = principal.tenant
+        limits = self.limits_for(tenant)
+        if limits is None or not limits.requests_per_second:
+            return  # not limited (an unknown tenant is refused by the policy, or at admission)
+        now, size = self._clock(), limits.bucket
+        bucket = self._gates.setdefault(tenant, Bucket(size, now))
+        level = bucket.refill(now, limits.requests_per_second, size)
+        if level < 1:
+            refused, _ = self._gated.get(tenant, (0, ""))
+            self._gated[tenant] = (refused + 1, principal.policy_subject)
+            self.metrics.quota_rejections.labels(tenant, RATE_LIMITED).inc()
+            raise quota_error(RATE_LIMITED, (1 - level) / limits.requests_per_second, tenant)
+        bucket.level -= 1
+        if (gated := self._gated.get(tenant)) is not None:
+            self.audit.record("rate_limited", tenant=tenant, refused=gated[0], last_subject=gated[1])
+            del self._gated[tenant]
 
     def label(self, tenant: str) -> str:
         """The tenant as a metric label: only tenants of the policy, so callers can't add series."""

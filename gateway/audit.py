@@ -9,7 +9,10 @@ that points past its end. `airlock audit verify` (gateway/audit_verify.py) check
 format is documented in docs/operations.md.
 
 A log that can't be written fails closed: the failing record and every later one raise
-`UnavailableError` ("audit log unavailable"), so no decision goes unrecorded.
+`UnavailableError` ("audit log unavailable"), so no decision goes unrecorded. Because a full disk
+stops every tenant, no record is ever longer than `MAX_RECORD_BYTES`: strings are cut to
+`MAX_STRING_CHARS` and lists and mappings to `MAX_ITEMS`, each cut marked, and a record still too
+long has its largest fields replaced by a marker (docs/operations.md, "Audit limits").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,11 @@ from gateway.config import AuditConfig
 
 __all__ = [
     "GENESIS",
+    "MAX_ITEMS",
+    "MAX_RECORD_BYTES",
+    "MAX_STRING_CHARS",
     "AuditLog",
+    "bounded",
     "canonical",
     "key_id",
     "load_signing_key",
@@ -48,12 +55,65 @@ __all__ = [
 
 GENESIS = "0" * 64  # the `prev` of the very first record
 RESERVED = frozenset({"seq", "ts", "event", "prev", "hash"})
+MAX_STRING_CHARS = 256  # a longer string is cut to this many characters, and says so
+MAX_ITEMS = 32  # items kept of a list or mapping
+MAX_RECORD_BYTES = 4096  # no line of the log is longer, its hash and newline included
+_MAX_DEPTH = 4  # deeper values are recorded as (bounded) text
+_HASH_SUFFIX = len(',"hash":"') + 64 + len('"}\n') - 1  # what a body grows by on its line
 _log = logging.getLogger("airlock.audit")
 
 
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes a record's hash covers: sorted keys, no spaces, ASCII only."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def bounded(value: Any, depth: int = 0) -> Any:
+    """`value` as a record may hold it: strings cut to MAX_STRING_CHARS, lists and mappings to
+    MAX_ITEMS, integers to 64 bits, anything else as its (cut) text; every cut leaves a marker."""
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < 1 << 64 else f"[integer of {value.bit_length()} bits]"
+    if isinstance(value, str):
+        extra = len(value) - MAX_STRING_CHARS
+        return value if extra <= 0 else f"{value[:MAX_STRING_CHARS]}...[{extra} more characters]"
+    if depth < _MAX_DEPTH and isinstance(value, Mapping):
+        items = list(value.items())
+        out = {str(bounded(str(k))): bounded(v, depth + 1) for k, v in items[:MAX_ITEMS]}
+        if len(items) > MAX_ITEMS:
+            out["..."] = f"[{len(items) - MAX_ITEMS} more items]"
+        return out
+    if depth < _MAX_DEPTH and isinstance(value, list | tuple):
+        kept = [bounded(v, depth + 1) for v in value[:MAX_ITEMS]]
+        return [*kept, f"...[{len(value) - MAX_ITEMS} more items]"] if len(value) > MAX_ITEMS else kept
+    try:
+        text = str(value)
+    except Exception:  # a value that can't even say what it is: its type will do
+        text = f"<{type(value).__name__}>"
+    return bounded(text, depth)
+
+
+def _fit(entry: dict[str, Any], budget: int) -> dict[str, Any]:
+    """`entry` (already `bounded`) with its canonical JSON at most `budget` bytes: the largest fields
+    other than the reserved ones are replaced by a marker until it fits; if even that is too long,
+    only the smallest fields that fit are kept, and `dropped_fields` counts the others."""
+    if len(canonical(entry)) <= budget:
+        return entry
+    out = dict(entry)
+    sizes = {k: len(canonical({k: v})) for k, v in entry.items() if k not in RESERVED}
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        out[name] = f"[dropped: {sizes[name]} bytes over the record limit]"
+        if len(canonical(out)) <= budget:
+            return out
+    kept = {k: v for k, v in entry.items() if k in RESERVED}
+    names = sorted(sizes, key=lambda k: (sizes[k], k))
+    for count, name in enumerate(names):
+        trial = {**kept, name: entry[name], "dropped_fields": len(names) - count - 1}
+        if len(canonical(trial)) > budget:
+            return {**kept, "dropped_fields": len(names) - count}
+        kept[name] = entry[name]
+    return kept  # not reached: the fields did not fit together
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -191,8 +251,11 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> None:
         if RESERVED & fields.keys():
             raise ValueError(f"audit fields may not be named {sorted(RESERVED & fields.keys())}")
+        event = str(bounded(event))
+        fields = {str(bounded(name)): bounded(value) for name, value in fields.items()}
         if self.path is None:
-            _log.info(json.dumps({"ts": round(time.time(), 6), "event": event, **fields}))
+            entry = _fit({"ts": round(time.time(), 6), "event": event, **fields}, MAX_RECORD_BYTES - 1)
+            _log.info(json.dumps(entry))
             return
         with self._lock:
             self._refuse_if_failed()
@@ -266,7 +329,7 @@ class AuditLog:
             self._resume()
         entry = {"seq": self._seq + 1, "ts": round(time.time(), 6), "event": event, **fields,
                  "prev": self._head}  # fmt: skip
-        body = canonical(entry)
+        body = canonical(_fit(entry, MAX_RECORD_BYTES - _HASH_SUFFIX))
         digest = hashlib.sha256(body).hexdigest()
         line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'  # encoded once: hash goes last
         _write_whole(self._fd, line, self._end, "the log")

@@ -1,6 +1,8 @@
 """Operator commands of `airlock`: audit verification, signed bundles and the health probe.
 
-airlock audit verify [--dir DIR | --file LOG] [--key PUB]   check chains and signatures
+airlock audit verify [--dir DIR | --file LOG] [--key PUB] [--require-signed] [--expect-head HEAD]
+                                                            check chains and signatures
+airlock audit head [--file LOG] [--key PUB]                 the last signed head, as JSON
 airlock bundle keygen --out KEY                             a new Ed25519 signing key (+ KEY.pub)
 airlock bundle create DIR [--name N]                        write DIR/airlock-bundle.json
 airlock bundle sign DIR [--key KEY]                         write DIR/airlock-bundle.sig
@@ -11,6 +13,7 @@ airlock health [--address HOST:PORT] [--ca FILE] [--service S --token T]   exit 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +33,7 @@ from airlock.bundle import (
     verify_bundle,
 )
 from gateway import config as config_mod
-from gateway.audit_verify import load_public_keys, logs_in, verify_log
+from gateway.audit_verify import Head, head_document, load_head, load_public_keys, logs_in, verify_log
 from gateway.pki import ensure_dev_pki
 
 __all__ = ["add_ops_commands"]
@@ -44,6 +47,11 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(args.config, state_dir=args.state_dir)
 
 
+# A running gateway signs its head within about twice `audit.sign_every_seconds` (the signing
+# thread looks that often at most); records older than that plus this, and unsigned, fail verify.
+UNSIGNED_SLACK_SECONDS = 60.0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     key_path = args.key or ensure_dev_pki(cfg.state_dir).audit_pub
@@ -52,13 +60,27 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         _err(f"audit verify: public key {key_path}: {exc}")
         return 2
+    head: Head | None = None
+    if args.expect_head is not None:
+        try:
+            head = load_head(args.expect_head)
+        except (OSError, ValueError) as exc:
+            _err(f"audit verify: --expect-head: {exc}")
+            return 2
     logs = [args.file] if args.file else logs_in(args.dir or cfg.audit_path.parent)
     if not logs:
         _err(f"audit verify: no audit log (*.jsonl) in {args.dir or cfg.audit_path.parent}")
         return 2
+    every = cfg.audit.sign_every_seconds
+    grace = 2 * every + UNSIGNED_SLACK_SECONDS if every > 0 else None
     failed = 0
+    if head is not None and head.log not in {log.name for log in logs}:
+        print(f"FAIL the expected head is of log {head.log}, which is not among the logs verified")
+        failed += 1
     for log in logs:
-        report = verify_log(log, keys)
+        expected = head if head is not None and head.log == log.name else None
+        report = verify_log(log, keys, require_signed=args.require_signed, unsigned_grace=grace,
+                            expect_head=expected)  # fmt: skip
         for problem in report.problems:
             print(f"FAIL {problem}")
         verdict = "OK" if report.ok else "FAILED"
@@ -70,6 +92,31 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         )
         failed += not report.ok
     return 1 if failed else 0
+
+
+def cmd_audit_head(args: argparse.Namespace) -> int:
+    """Print the last signed head of a log that verifies: a small JSON document to keep off the
+    host and hand back to `audit verify --expect-head` (or to an archive) later."""
+    cfg = _config(args)
+    key_path = args.key or ensure_dev_pki(cfg.state_dir).audit_pub
+    try:
+        keys = load_public_keys(key_path)
+    except (OSError, ValueError) as exc:
+        _err(f"audit head: public key {key_path}: {exc}")
+        return 2
+    log = args.file or cfg.audit_path
+    if not log.exists():
+        _err(f"audit head: no audit log {log}")
+        return 2
+    report = verify_log(log, keys)
+    for problem in report.problems:
+        _err(f"audit head: FAIL {problem}")
+    document = head_document(report)
+    if not report.ok or document is None:
+        _err(f"audit head: {log} does not verify; no head exported")
+        return 1
+    print(json.dumps(document, sort_keys=True))
+    return 0
 
 
 def cmd_bundle_keygen(args: argparse.Namespace) -> int:
@@ -167,7 +214,20 @@ def add_ops_commands(
     verify.add_argument(
         "--key", type=Path, help="PEM file of Ed25519 public keys, old ones too (default: the dev audit key)"
     )
+    verify.add_argument(
+        "--require-signed", action="store_true", help="fail when any record is covered by no signature"
+    )
+    verify.add_argument(
+        "--expect-head", type=Path, metavar="HEAD", help="fail unless the log still holds this head "
+        "(a file written by `airlock audit head`)",
+    )  # fmt: skip
     verify.set_defaults(func=cmd_audit_verify)
+    head = asub.add_parser("head", parents=[common], help="print the last signed chain head (JSON)")
+    head.add_argument("--file", type=Path, help="the log (default: the configured one)")
+    head.add_argument(
+        "--key", type=Path, help="PEM file of Ed25519 public keys, old ones too (default: the dev audit key)"
+    )
+    head.set_defaults(func=cmd_audit_head)
 
     bundle = sub.add_parser("bundle", help="create, sign and verify signed model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)

@@ -36,6 +36,8 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # (method, request, tenant) -> (resource, action); None: authentication alone suffices (reflection)
 Resources = Callable[[str, Any, str], tuple[str, str] | None]
+# Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
+Gate = Callable[[Principal], None]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class CallGuard:
         *,
         metrics: Metrics,
         audit: AuditLog,
+        gate: Gate | None = None,
     ) -> None:
         self.verifier = verifier
         self.services = services
@@ -73,10 +76,13 @@ class CallGuard:
         self.resources = resources
         self.metrics = metrics
         self.audit = audit
+        self.gate = gate
 
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         principal = self.authenticate(method, context)
         metadata = context.invocation_metadata() or ()
+        if self.gate is not None:  # every verified call pays its rate before anything is audited
+            self.gate(principal)
         tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
         key = subject_key(principal.policy_subject)
         if (left := self.lockout.retry_after(key)) is not None:

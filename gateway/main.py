@@ -118,6 +118,7 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         service.resources,
         metrics=metrics,
         audit=audit,
+        gate=admission.gate,
     )
     server_tls = ServerTls(pki.gateway_cert, pki.gateway_key, cfg.auth.mtls.ca_file or pki.service_ca_cert)
     server, port, mtls_port, health = create_server(

@@ -25,6 +25,7 @@ __all__ = [
     "CONCURRENCY_LIMITED",
     "RATE_LIMITED",
     "TOKEN_QUOTA_EXCEEDED",
+    "Bucket",
     "MemoryQuotaStore",
     "QuotaLimits",
     "QuotaStore",
@@ -94,7 +95,9 @@ def _too_large(tenant: str, limits: QuotaLimits, tokens: int) -> QuotaExceededEr
 
 
 @dataclass
-class _Bucket:
+class Bucket:
+    """A token bucket: `level` tokens at time `at`, refilled at a rate up to a size."""
+
     level: float
     at: float
 
@@ -106,8 +109,8 @@ class _Bucket:
 
 @dataclass
 class _TenantState:
-    requests: _Bucket | None = None
-    tokens: _Bucket | None = None
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
     leases: set[str] = field(default_factory=set)
 
 
@@ -131,12 +134,12 @@ class MemoryQuotaStore:
             raise quota_error(CONCURRENCY_LIMITED, CONCURRENCY_RETRY_SECONDS, tenant)
         rps, tpm = limits.requests_per_second, limits.tokens_per_minute
         if rps:
-            state.requests = state.requests or _Bucket(limits.bucket, now)
+            state.requests = state.requests or Bucket(limits.bucket, now)
             level = state.requests.refill(now, rps, limits.bucket)
             if level < 1:
                 raise quota_error(RATE_LIMITED, (1 - level) / rps, tenant)
         if tpm:
-            state.tokens = state.tokens or _Bucket(float(tpm), now)
+            state.tokens = state.tokens or Bucket(float(tpm), now)
             level = state.tokens.refill(now, tpm / 60, tpm)
             if level < tokens:
                 raise quota_error(TOKEN_QUOTA_EXCEEDED, (tokens - level) / (tpm / 60), tenant)

@@ -24,7 +24,7 @@ from airlock.errors import (
 from airlock.rpcstatus import from_rpc_error
 from airlock.serving import ErrorInterceptor, bind, new_server
 from airlock.streams import batches
-from airlock.types import Limits, validate_request
+from airlock.types import Limits, check_model, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.admission import Admission
@@ -78,13 +78,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def resources(self, method: str, request: object, tenant: str) -> tuple[str, str] | None:
         """What a call asks to do, for the policy: `model:NAME` with generate/stream, or list models.
 
-        Other methods (server reflection) need an authenticated caller and nothing more."""
+        Other methods (server reflection) need an authenticated caller and nothing more. A model
+        name that can't be one is refused here (MODEL_INVALID), before the guard audits the call."""
         if method == f"/{SERVICE}/ListModels":
             return "models", "list"
         action = _ACTIONS.get(method)
         if action is None:
             return None
-        model = getattr(request, "model", "") or self.router.default_model(tenant)
+        model = check_model(getattr(request, "model", "")) or self.router.default_model(tenant)
         return f"model:{model}", action
 
     def _dispatch(

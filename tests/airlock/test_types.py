@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from airlock.errors import InvalidRequestError
-from airlock.types import GenerationSpec, Limits, Message, Sampling, validate_request
+from airlock.types import MODEL_NAME, GenerationSpec, Limits, Message, Sampling, check_model, validate_request
 from airlock.v1 import inference_pb2 as pb
 
 LIMITS = Limits()
@@ -145,3 +145,28 @@ def test_malformed_request_ids_are_refused(request_id: str) -> None:
     err = refused(request(request_id=request_id))
     assert err.field == "request_id"
     assert err.message.startswith("request_id must be")
+
+
+@pytest.mark.parametrize(
+    "model", ["x" * 64, "Echo", "echo.v2", "-echo", "echo_2", "échο", "echo\n", "m" * 1_000_000]
+)
+def test_a_model_name_that_cant_name_a_model_is_refused_without_repeating_it(model: str) -> None:
+    req = request()
+    req.model = model
+    err = refused(req)
+    assert (err.reason, err.field) == ("MODEL_INVALID", "model")
+    assert model not in str(err)  # the name is never echoed back
+
+
+@pytest.mark.parametrize("model", ["", "echo", "a", "smollm2", "llama-4-maverick", "x" * 63])
+def test_every_name_a_model_can_be_configured_under_passes(model: str) -> None:
+    assert check_model(model) == model
+    req = request()
+    req.model = model
+    assert validate_request(req, LIMITS).model == model
+
+
+def test_the_model_bound_is_the_one_configuration_allows() -> None:
+    from gateway import config as config_mod
+
+    assert config_mod._NAME.pattern == MODEL_NAME.pattern  # a configured model always passes

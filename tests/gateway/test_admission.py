@@ -210,3 +210,70 @@ def test_traces_on_use_the_otlp_exporter_or_refuse_to_start() -> None:
     tracer, provider = make_tracer(TelemetryConfig(traces=True, otlp_endpoint="127.0.0.1:1"))
     assert tracer is not None  # nothing is sent until a span ends: no collector needed here
     provider.shutdown()
+
+
+# --- the request gate: every verified call pays its home tenant's rate, refused or not ----------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gated(tmp_path: Path, limits: dict[str, QuotaLimits]) -> tuple[Admission, Clock, Path]:
+    clock, path = Clock(), tmp_path / "audit.jsonl"
+    admission = Admission(
+        MemoryQuotaStore(), limits.get, metrics=Metrics(), audit=AuditLog(path), clock=clock
+    )
+    return admission, clock, path
+
+
+def test_the_gate_charges_every_call_and_refuses_an_empty_bucket_unaudited(tmp_path: Path) -> None:
+    admission, clock, audit = gated(tmp_path, {"acme": QuotaLimits(requests_per_second=2, burst=3)})
+    bob = Principal("bob", "acme", (), "jwt")
+    for _ in range(3):
+        admission.gate(bob)  # the burst
+    for _ in range(50):
+        with pytest.raises(QuotaExceededError) as err:
+            admission.gate(bob)
+        assert (err.value.reason, err.value.subject) == ("RATE_LIMITED", "tenant:acme")
+        assert err.value.retry_after == pytest.approx(0.5)
+    assert not audit.exists() or not records(audit)  # fifty refusals, no record
+    assert (
+        sample(admission, "airlock_quota_rejections_total", {"tenant": "acme", "reason": "RATE_LIMITED"})
+        == 50
+    )
+    clock.now += 0.5  # one request refilled
+    admission.gate(bob)
+    [summary] = records(audit)  # the refusals, counted in one record by the next call that passed
+    assert (summary["event"], summary["tenant"], summary["refused"], summary["last_subject"]) == (
+        "rate_limited",
+        "acme",
+        50,
+        "acme/bob",
+    )
+    with pytest.raises(QuotaExceededError):
+        admission.gate(bob)
+
+
+def test_the_gate_charges_the_verified_home_tenant_only(tmp_path: Path) -> None:
+    limits = {
+        "acme": QuotaLimits(requests_per_second=1, burst=1),
+        "globex": QuotaLimits(requests_per_second=1),
+    }
+    admission, _clock, _audit = gated(tmp_path, limits)
+    admission.gate(Principal("eve", "acme", (), "jwt"))  # however many calls name globex later
+    with pytest.raises(QuotaExceededError):
+        admission.gate(Principal("eve", "acme", (), "jwt"))
+    admission.gate(Principal("carol", "globex", (), "jwt"))  # globex's budget is untouched
+
+
+def test_the_gate_passes_tenants_without_a_request_rate(tmp_path: Path) -> None:
+    admission, _clock, audit = gated(tmp_path, {"globex": QuotaLimits(tokens_per_minute=10)})
+    for _ in range(100):
+        admission.gate(Principal("carol", "globex", (), "jwt"))
+        admission.gate(Principal("x", "initech", (), "jwt"))  # not in the policy: refused elsewhere
+    assert not audit.exists() or not records(audit)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from airlock.bundle import key_id
 from airlock.errors import UnavailableError
-from gateway.audit import GENESIS, AuditLog, record_hash
+from gateway.audit import GENESIS, MAX_RECORD_BYTES, MAX_STRING_CHARS, AuditLog, record_hash
 from gateway.audit_verify import verify_log
 from gateway.config import AuditConfig
 
@@ -353,3 +353,62 @@ def test_a_chained_log_is_never_set_aside(log_path: Path) -> None:
     with pytest.raises(UnavailableError):
         AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=KEY)
     assert not list(log_path.parent.glob("gateway.jsonl.legacy-*"))
+
+
+# --- bounded records: no caller can make one record (or the disk) large -------------------------
+
+
+def test_a_huge_string_field_is_cut_and_marked(log_path: Path) -> None:
+    log = AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=KEY)
+    log.record("authorization", resource="model:" + "m" * 1_000_000, subject="acme/u")
+    log.close()
+    [line] = lines(log_path)
+    assert len(line) <= MAX_RECORD_BYTES
+    record = json.loads(line)
+    assert record["resource"].startswith("model:" + "m" * (MAX_STRING_CHARS - 6))
+    assert record["resource"].endswith(f"...[{1_000_006 - MAX_STRING_CHARS} more characters]")
+    assert record["subject"] == "acme/u"
+    assert verify_log(log_path, PUB).ok
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"items": list(range(10_000))},
+        {"nested": {f"k{i}": "v" * 300 for i in range(1000)}},
+        {"deep": [[[[[["x" * 10_000]]]]]]},
+        {"big": 10**5000, "small": -(10**40)},
+        {"unicode": "\u2028\U0001f600" * 5000},  # escaped to 6 or 12 bytes each in canonical JSON
+        {f"f{i}": "y" * 250 for i in range(200)},  # many fields, each under the string bound
+        {"set": {"a", "b"}, "bytes": b"\x00" * 5000, "obj": object()},
+    ],
+)
+def test_no_record_exceeds_the_record_bound(log_path: Path, fields: dict[str, Any]) -> None:
+    log = AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=KEY)
+    log.record("authorization", decision="deny", **fields)
+    log.record("authorization", decision="allow")
+    log.close()
+    records = lines(log_path)
+    assert len(records) == 2 and all(len(line) <= MAX_RECORD_BYTES for line in records)
+    first = json.loads(records[0])
+    assert first["event"] == "authorization" and first["decision"] == "deny"  # small fields survive
+    assert verify_log(log_path, PUB).ok
+
+
+def test_too_many_fields_to_mark_one_by_one_leave_a_count(log_path: Path) -> None:
+    log = AuditLog(log_path, config=AuditConfig(sign_every_seconds=0), signing_key=KEY)
+    log.record("flood", **{f"field{i:04d}": i for i in range(2000)})
+    log.close()
+    [line] = lines(log_path)
+    assert len(line) <= MAX_RECORD_BYTES
+    record = json.loads(line)
+    kept = [name for name in record if name.startswith("field")]
+    assert kept and record["dropped_fields"] == 2000 - len(kept)
+    assert verify_log(log_path, PUB).ok
+
+
+def test_records_without_a_file_are_bounded_too(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="airlock.audit"):
+        AuditLog(None).record("authorization", resource="x" * 100_000)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert len(message) < MAX_RECORD_BYTES and "more characters]" in message

@@ -125,6 +125,10 @@ LIMITS = st.builds(
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 REQUEST_ID_CHARS = "abcXYZ019._-"
 request_ids = st.text(alphabet=REQUEST_ID_CHARS + "/ é\x00", max_size=70)
+MODEL_CHARS = "abz09-"
+models = st.one_of(
+    st.text(alphabet=MODEL_CHARS, max_size=66), st.text(alphabet=MODEL_CHARS + "A_.é\n\x00", max_size=8)
+)
 messages = st.lists(
     st.builds(
         pb.ChatMessage,
@@ -137,7 +141,7 @@ messages = st.lists(
 
 @st.composite
 def requests(draw: st.DrawFn) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=draw(request_ids), model=draw(texts), messages=draw(messages))
+    req = pb.GenerateRequest(request_id=draw(request_ids), model=draw(models), messages=draw(messages))
     params = req.params
     if draw(st.booleans()):
         params.max_tokens = draw(st.integers(-5, 700))
@@ -157,6 +161,9 @@ def allowed(req: pb.GenerateRequest, limits: Limits) -> bool:
     """What the limits allow, written out independently of the validator."""
     rid = req.request_id
     if rid and not (len(rid) <= 64 and all(c in REQUEST_ID_CHARS for c in rid)):
+        return False
+    model = req.model
+    if model and not (len(model) <= 63 and all(c in MODEL_CHARS for c in model) and model[0] != "-"):
         return False
     p = req.params
     max_tokens = p.max_tokens if p.HasField("max_tokens") else limits.default_max_tokens
