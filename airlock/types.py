@@ -29,7 +29,7 @@ __all__ = [
 REQUEST_ID_HEADER = "x-request-id"  # metadata carrying the request id, both ways
 ROLES = frozenset({"system", "user", "assistant"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# What a configured model may be called (gateway/config.py refuses any other [models.NAME]), so a
+# What a configured model may be called (gateway/config/__init__.py refuses any other [models.NAME]), so a
 # name outside it can't name a model: it is refused before anything logs, audits or counts it.
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}

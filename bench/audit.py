@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, write_report  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
+from control.audit_verify import verify_log  # noqa: E402
 from gateway.audit import AuditLog  # noqa: E402
-from gateway.audit_verify import verify_log  # noqa: E402
 from gateway.config import AuditConfig  # noqa: E402
 
 FIELDS = {

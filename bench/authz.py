@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import RESULTS, Row, print_rows, write_report  # noqa: E402
 
-from gateway.authz import Authorizer, load_checked  # noqa: E402
-from gateway.policy import load_policy  # noqa: E402
+from gateway.policy.authz import Authorizer, load_checked  # noqa: E402
+from gateway.policy.rules import load_policy  # noqa: E402
 
 Request = tuple[str, str, str, str]
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from airlock.serving import bind, new_server  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc  # noqa: E402
+from serving.rpc import bind, new_server  # noqa: E402
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 

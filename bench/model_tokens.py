@@ -29,9 +29,9 @@ from common import RESULTS, Row, print_rows, write_report  # noqa: E402
 
 from airlock import AsyncClient  # noqa: E402
 from airlock.types import GenerationSpec, Message, Sampling  # noqa: E402
+from control.launcher import Stack  # noqa: E402
+from control.tokens import mint_dev_token  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
-from gateway.stack import Stack  # noqa: E402
-from gateway.tokens import mint_dev_token  # noqa: E402
 
 CONFIG = """
 [gateway]
@@ -56,7 +56,7 @@ async def alternate(
     stack: Stack, model_dir: Path, runs: int, max_tokens: int
 ) -> tuple[list[float], list[float]]:
     """tokens/s of `runs` runs per path, alternating (after one warm-up run of each)."""
-    from worker.transformers_engine import TransformersEngine
+    from worker.engines.transformers import TransformersEngine
 
     assert stack.pki is not None  # started by the caller
     engine = TransformersEngine(model_dir)
@@ -103,7 +103,7 @@ def main() -> int:
         policy = bench_policy_dir(Path(tmp) / "policy")
         path.write_text(f'policy_dir = "{policy}"\n' + textwrap.dedent(CONFIG))
         cfg = config_mod.load(path, state_dir=args.state_dir or Path(tmp) / "state")
-        from worker.models import resolve_model
+        from worker.engines.models import resolve_model
 
         print("converting the bundled model (first use in this state dir)…", file=sys.stderr)
         model_dir = resolve_model("bundled", cfg.model_cache_dir)

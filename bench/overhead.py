@@ -46,12 +46,12 @@ from common import RESULTS, Row, print_rows, summary, write_report  # noqa: E402
 from airlock.attestation import AttestationPolicy  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
+from control.launcher import ALLOCATOR_ENV, Stack  # noqa: E402
+from control.tokens import mint_dev_token  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
 from gateway.audit import AuditLog  # noqa: E402
-from gateway.keystore import open_keystore  # noqa: E402
+from gateway.keys.store import open_keystore  # noqa: E402
 from gateway.sealing import GatewaySealing, finish, open_text  # noqa: E402
-from gateway.stack import ALLOCATOR_ENV, Stack  # noqa: E402
-from gateway.tokens import mint_dev_token  # noqa: E402
 
 CONFIG = """
 [gateway]

@@ -38,9 +38,9 @@ from overhead import prompt  # noqa: E402
 
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc  # noqa: E402
+from control.launcher import Stack  # noqa: E402
+from control.tokens import mint_dev_token  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
-from gateway.stack import Stack  # noqa: E402
-from gateway.tokens import mint_dev_token  # noqa: E402
 
 CONFIG = """
 [gateway]

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from common import RESULTS, Row, print_rows, write_report  # noqa: E402
 
-from worker.arena import Arena  # noqa: E402
-from worker.scrub import scrub_arena, scrub_cuda  # noqa: E402
+from worker.isolation.arena import Arena  # noqa: E402
+from worker.isolation.scrub import scrub_arena, scrub_cuda  # noqa: E402
 
 
 def _dirty(path: Path, size: int) -> None:

@@ -29,17 +29,17 @@ sys.path.insert(0, str(ROOT))
 from common import RESULTS, Row, print_rows, write_report  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from gateway.stack import ALLOCATOR_ENV  # noqa: E402
+from control.launcher import ALLOCATOR_ENV  # noqa: E402
 
 if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
-    # Measure under the allocator settings the gateway and workers run with (gateway/stack.py).
+    # Measure under the allocator settings the gateway and workers run with (control/launcher.py).
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
 from airlock.attestation import SUITES, AttestationPolicy, hpke_seal, key_release_info, verify  # noqa: E402
 from airlock.envelope import Opener, Sealer, StreamKey  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import worker_pb2  # noqa: E402
-from gateway.pki import ensure_dev_pki, worker_attestation_cert  # noqa: E402
+from control.pki import ensure_dev_pki, worker_attestation_cert  # noqa: E402
 from worker.attestation import WorkerAttestor  # noqa: E402
 
 IDENT = StreamKey("acme", "acme-k1", "bench", pb.DIRECTION_RESPONSE, "smollm2")

@@ -30,8 +30,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from airlock.envelope import Opener, Sealer, SealError, StreamKey
 from airlock.errors import AuthenticationError
 from airlock.v1 import inference_pb2 as pb
+from gateway.auth.identity import JwtVerifier, Principal
 from gateway.config import AuthConfig
-from gateway.identity import JwtVerifier, Principal
 
 __all__ = ["TARGETS", "Finding", "envelope", "jwt_token", "mutations", "seeds"]
 

@@ -4,7 +4,7 @@ Whoever can connect to the socket is an operator of this gateway: filesystem per
 authentication. The socket lives in a directory owned by the gateway's user with mode 0700 (made so
 when missing; a directory that is someone else's, a symlink or open to others stops start-up rather
 than being changed) and is itself mode 0600. A live socket at the path (another gateway) stops
-start-up; a stale one is replaced. `airlock lockout list|clear` is the client (gateway/admin_cli.py).
+start-up; a stale one is replaced. `airlock lockout list|clear` is the client (control/cli/lockout.py).
 
 Every clear is audited before it takes effect: if the audit trail can't be written, nothing is
 cleared. New operator methods (a status report) are added to `AdminService`.
@@ -23,12 +23,12 @@ from pathlib import Path
 import grpc
 
 from airlock.errors import InvalidRequestError
-from airlock.logs import current_request_id
-from airlock.serving import ErrorInterceptor
 from airlock.v1 import admin_pb2, admin_pb2_grpc
 from gateway.audit import AuditLog
+from gateway.auth.lockout import Lockout, peer_key, subject_key
 from gateway.config import MAX_UNIX_PATH_BYTES
-from gateway.lockout import Lockout, peer_key, subject_key
+from serving.logs import current_request_id
+from serving.rpc import ErrorInterceptor
 
 __all__ = ["MAX_TARGET_CHARS", "AdminService", "AdminSocketError", "create_admin_server", "remove_socket"]
 

@@ -27,8 +27,8 @@ import grpc
 from airlock.errors import AirlockError, PermissionDeniedError, QuotaExceededError
 from airlock.v1 import inference_pb2 as pb
 from gateway.audit import AuditLog
-from gateway.guard import current_caller
-from gateway.identity import Principal
+from gateway.auth.guard import current_caller
+from gateway.auth.identity import Principal
 from gateway.metrics import Metrics
 from gateway.quota import RATE_LIMITED, Bucket, MemoryQuotaStore, QuotaLimits, QuotaStore, quota_error
 

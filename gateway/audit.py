@@ -5,7 +5,7 @@ codes and sizes. Each record carries `seq` and `prev` (the previous record's `ha
 `hash`, the SHA-256 of its canonical JSON without `hash`. The chain head is signed with Ed25519
 every `sign_every_records` records, every `sign_every_seconds`, at rotation and at close; the
 signatures go to a sidecar file (`<path>.sig`) so truncating the log is caught by a signature
-that points past its end. `airlock audit verify` (gateway/audit_verify.py) checks all of it; the
+that points past its end. `airlock audit verify` (control/audit_verify.py) checks all of it; the
 format is documented in docs/operations.md.
 
 A log that can't be written fails closed: the failing record and every later one raise
@@ -34,9 +34,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from airlock.bundle import key_id
 from airlock.errors import UnavailableError
 from gateway.config import AuditConfig
+from serving.bundle import key_id
 
 __all__ = [
     "GENESIS",

@@ -6,7 +6,7 @@ answers only a caller authenticated as a member of NAME (a token whose verified 
 either port, or a service certificate of NAME on the mTLS port). A caller without a credential is
 refused like any other call (UNAUTHENTICATED, counted against its address, audited); a verified
 caller of another tenant gets NOT_FOUND, exactly what a tenant that does not exist gets.
-`List` is never served (`airlock.serving.Health`).
+`List` is never served (`serving.rpc.Health`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from airlock.errors import AirlockError
-from airlock.logs import bind_request_id
-from airlock.serving import HEALTH_PREFIX, Health, abort_with
 from airlock.types import new_request_id
-from gateway.identity import Principal
+from gateway.auth.identity import Principal
 from gateway.routing import TENANT_HEALTH_PREFIX
+from serving.logs import bind_request_id
+from serving.rpc import HEALTH_PREFIX, Health, abort_with
 
 __all__ = ["GatewayHealth"]
 

@@ -22,20 +22,19 @@ from typing import Any
 
 import grpc
 
-from airlock import logs
 from airlock.attestation import AttestationPolicy
+from control.pki import ensure_dev_pki
 from gateway import config as config_mod
 from gateway.admin import AdminService, AdminSocketError, create_admin_server, remove_socket
 from gateway.admission import Admission
 from gateway.audit import AuditLog, load_signing_key
-from gateway.authz import Authorizer
-from gateway.guard import CallGuard
-from gateway.identity import JwtVerifier, ServiceIdentity
-from gateway.keystore import KeystoreError, open_keystore
-from gateway.lockout import Lockout
+from gateway.auth.guard import CallGuard
+from gateway.auth.identity import JwtVerifier, ServiceIdentity
+from gateway.auth.lockout import Lockout
+from gateway.keys.store import KeystoreError, open_keystore
 from gateway.metrics import Metrics
-from gateway.pki import ensure_dev_pki
-from gateway.policy import PolicyError
+from gateway.policy.authz import Authorizer
+from gateway.policy.rules import PolicyError
 from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore
 from gateway.sealing import GatewaySealing
 from gateway.server import (
@@ -49,6 +48,7 @@ from gateway.server import (
 )
 from gateway.telemetry import TelemetryUnavailableError, make_tracer
 from gateway.watching import watch_directory
+from serving import logs
 
 _log = logging.getLogger("airlock.gateway")
 

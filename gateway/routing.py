@@ -20,9 +20,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
-from airlock.logs import current_request_id
 from airlock.v1 import worker_pb2_grpc
 from gateway.audit import AuditLog
+from serving.logs import current_request_id
 
 __all__ = ["TENANT_HEALTH_PREFIX", "ClientTls", "Route", "Router", "tenant_health_name"]
 

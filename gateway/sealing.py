@@ -24,12 +24,12 @@ import grpc
 from airlock.attestation import AttestationPolicy, Verified, hpke_seal, key_release_info, verify
 from airlock.envelope import Opener, SealError
 from airlock.errors import AirlockError, AttestationError, UnavailableError
-from airlock.logs import current_request_id
 from airlock.sealing import E2E_KEY_ID, response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from gateway.audit import AuditLog
-from gateway.keystore import Keystore, KeystoreError
+from gateway.keys.store import Keystore, KeystoreError
+from serving.logs import current_request_id
 
 __all__ = ["GatewaySealing"]
 

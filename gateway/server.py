@@ -22,18 +22,18 @@ from airlock.errors import (
     UnavailableError,
 )
 from airlock.rpcstatus import from_rpc_error
-from airlock.serving import ErrorInterceptor, bind, new_server
-from airlock.streams import batches
 from airlock.types import Limits, check_model, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.admission import Admission
 from gateway.audit import AuditLog
-from gateway.authz import Authorizer
-from gateway.guard import CallGuard, current_caller
+from gateway.auth.guard import CallGuard, current_caller
 from gateway.health import GatewayHealth
+from gateway.policy.authz import Authorizer
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
 from gateway.sealing import GatewaySealing, audit_integrity, finish, open_text
+from serving.rpc import ErrorInterceptor, bind, new_server
+from serving.streams import batches
 
 __all__ = [
     "ClientTls",
@@ -164,7 +164,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     async for batch in batches(call, size=_sealed_size):
                         started = True
                         # Sealed to the caller (end to end): each chunk as it is. Else what arrived
-                        # while the caller took the previous message goes as one (airlock/streams.py).
+                        # while the caller took the previous message goes as one (serving/streams.py).
                         chunks = batch if opener is None else [self._opened(opener, batch, work.tenant)]
                         for chunk in chunks:
                             ticket.chunk(chunk)

@@ -18,7 +18,7 @@ if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; } \
     >/dev/null 2>&1 || echo "bootstrap: redis-server could not be installed; its tests will skip" >&2
 fi
-# softhsm2: the PKCS#11 keystore tests run against a real SoftHSM2 token (gateway/keystore_pkcs11.py).
+# softhsm2: the PKCS#11 keystore tests run against a real SoftHSM2 token (gateway/keys/pkcs11.py).
 if ! command -v softhsm2-util >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "bootstrap: installing softhsm2…" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends softhsm2; } \

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from control.launcher import Stack
 from gateway import config as config_mod
-from gateway.stack import Stack
 from tests.softhsm import SoftHsm
 from tests.support import LiveStack
 
@@ -135,8 +135,8 @@ def make_stack(state_dir: Path, tmp_path: Path) -> Iterator[Callable[[str], Live
 @pytest.fixture(scope="session")
 def bundled_model_dir(state_dir: Path) -> Path:
     """The converted bundled model (the same copy the model stack's workers use, signed alike)."""
-    from gateway.pki import ensure_dev_pki
-    from worker.models import BundlePolicy, resolve_model
+    from control.pki import ensure_dev_pki
+    from worker.engines.models import BundlePolicy, resolve_model
 
     pki = ensure_dev_pki(state_dir)
     policy = BundlePolicy(pki.bundle_trusted, True, pki.bundle_key)

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.keystore_pkcs11 import find_module
+from gateway.keys.pkcs11 import find_module
 
 TOKEN_LABEL = "airlock-test"
 USER_PIN = "4711-user-pin"

@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import AsyncClient
 from airlock.v1 import worker_pb2, worker_pb2_grpc
-from gateway.pki import DevPki
-from gateway.stack import Stack
-from gateway.tokens import mint_dev_token
+from control.launcher import Stack
+from control.pki import DevPki
+from control.tokens import mint_dev_token
 
 
 class LiveStack:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from airlock import logs
 from airlock.attestation import SUITES
 from airlock.types import Limits
-from worker.arena import SCRUB_MODES, Arena, RequestState, write_cuda_canaries
+from serving import logs
 from worker.attestation import WorkerAttestor
 from worker.engine import Engine
-from worker.models import BundlePolicy
+from worker.engines.models import BundlePolicy
+from worker.isolation.arena import SCRUB_MODES, Arena, RequestState, write_cuda_canaries
 from worker.server import SERVICE, WorkerService, WorkerTls, create_server
 
 _log = logging.getLogger("airlock.worker")
@@ -173,11 +173,11 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
     """The engine, and the manifest that identifies its model (measured into the evidence)."""
     if settings.engine == "echo":
-        from worker.echo import EchoEngine
+        from worker.engines.echo import EchoEngine
 
         return EchoEngine(settings.echo_tokens_per_second), b"echo"
-    from airlock.bundle import MANIFEST
-    from worker.models import resolve_model
+    from serving.bundle import MANIFEST
+    from worker.engines.models import resolve_model
 
     # Every model directory is checked against its signed bundle before it is loaded.
     model_dir = resolve_model(settings.model_path, settings.cache_dir, settings.bundles)
@@ -187,7 +187,7 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
         _log.warning("callers' text may spell this model's chat control tokens (allow_special_tokens)",
                      extra={"model": settings.model})  # fmt: skip
     if settings.engine == "vllm":
-        from worker.vllm_engine import VllmEngine, VllmSettings
+        from worker.engines.vllm import VllmEngine, VllmSettings
 
         vllm = VllmSettings(
             model_dir,
@@ -198,7 +198,7 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
             allow_special_tokens=settings.allow_special_tokens,
         )
         return VllmEngine(vllm, tenant=settings.tenant), measured
-    from worker.transformers_engine import TransformersEngine
+    from worker.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(
         model_dir,

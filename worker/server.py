@@ -20,14 +20,14 @@ from grpc_health.v1 import health
 from airlock.envelope import Opener, Sealer
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, response_key
-from airlock.serving import ErrorInterceptor, bind, new_server
-from airlock.streams import batches
 from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
-from worker.arena import RequestState
+from serving.rpc import ErrorInterceptor, bind, new_server
+from serving.streams import batches
 from worker.attestation import WorkerAttestor
 from worker.engine import Engine, EngineOutput
+from worker.isolation.arena import RequestState
 
 __all__ = ["WorkerService", "WorkerTls", "create_server"]
 
@@ -135,7 +135,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         with self._hold(request):
             try:
                 # What the engine produced while the previous chunk was being sent goes as one
-                # chunk (airlock/streams.py); only the last output of a stream has a finish reason.
+                # chunk (serving/streams.py); only the last output of a stream has a finish reason.
                 async for batch in batches(outputs, size=_text_size):
                     out = batch[-1]
                     final = out.finish_reason is not None

@@ -14,7 +14,7 @@ import pytest
 from airlock.attestation import SUITES, AttestationPolicy, hpke_seal, key_release_info, sign_statement, verify
 from airlock.errors import AttestationError
 from airlock.v1 import worker_pb2
-from gateway.pki import DevPki, ensure_dev_pki, worker_attestation_cert
+from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
 from worker.attestation import WorkerAttestor
 
 NONCE = os.urandom(32)

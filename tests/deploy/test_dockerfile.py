@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
+from control.cli.main import build_parser
 from gateway import config as config_mod
-from gateway.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 

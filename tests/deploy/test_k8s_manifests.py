@@ -13,8 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from control.cli.main import build_parser
 from gateway import config as config_mod
-from gateway.cli import build_parser
 from gateway.main import parse_route
 from worker.main import parse_args as worker_args
 

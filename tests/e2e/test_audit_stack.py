@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from airlock import PermissionDeniedError, UnavailableError
-from gateway.audit_verify import load_public_key, verify_log
-from gateway.cli import main
-from gateway.tokens import mint_dev_token
+from control.audit_verify import load_public_key, verify_log
+from control.cli.main import main
+from control.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML
 from tests.support import LiveStack
 

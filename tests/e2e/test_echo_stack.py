@@ -37,7 +37,7 @@ async def test_unary_and_stream_answer(echo_stack: LiveStack) -> None:
         assert answer.model == "echo"
         chunks = [c async for c in client.stream("one two three four", model="echo")]
     assert "".join(c.text for c in chunks) == "one two three four"
-    # What piles up while a chunk is on its way goes as one chunk (airlock/streams.py): count tokens.
+    # What piles up while a chunk is on its way goes as one chunk (serving/streams.py): count tokens.
     assert sum(c.tokens for c in chunks) == 4
     assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == 4
     assert all(c.finish_reason is None for c in chunks[:-1])
@@ -95,7 +95,7 @@ async def test_bad_tokens_are_unauthenticated_and_dispatch_nothing(
 ) -> None:
     import dataclasses
 
-    from gateway.tokens import mint_dev_token
+    from control.tokens import mint_dev_token
 
     if token == "expired":
         token = echo_stack.token(ttl_seconds=-120)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pki import issue_service_cert
+from control.pki import issue_service_cert
 from tests.support import LiveStack
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sdk.md"

@@ -17,7 +17,7 @@ from airlock.envelope import SealError
 from airlock.sealing import open_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from gateway.keystore import open_keystore
+from gateway.keys.store import open_keystore
 from tests.conftest import ECHO_TOML, make_policy_dir
 from tests.support import LiveStack
 
@@ -191,7 +191,7 @@ async def test_rotating_the_tenant_key_under_load_loses_no_request(make_stack) -
 
 
 def test_sealing_config_refuses_unknown_attestation_level(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from gateway.policy import PolicyError, load_policy
+    from gateway.policy.rules import PolicyError, load_policy
 
     policy = make_policy_dir(tmp_path / "p")
     with (policy / "tenants.toml").open("a") as fh:

@@ -64,9 +64,9 @@ def main() -> int:
     config_path, state_dir, run_dir = (Path(a) for a in sys.argv[1:4])
     enter_loopback_only_namespace()
     from airlock import Client
+    from control.launcher import Stack
+    from control.tokens import mint_dev_token
     from gateway import config as config_mod
-    from gateway.stack import Stack
-    from gateway.tokens import mint_dev_token
 
     result: dict[str, object] = {
         "interfaces": [name for _, name in socket.if_nameindex()],

@@ -19,8 +19,8 @@ from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import admin_pb2, admin_pb2_grpc
 from gateway.admin import AdminService, AdminSocketError, create_admin_server, remove_socket
 from gateway.audit import AuditLog
+from gateway.auth.lockout import Lockout, peer_key, subject_key
 from gateway.config import LockoutConfig
-from gateway.lockout import Lockout, peer_key, subject_key
 
 
 class FailingAudit(AuditLog):

@@ -15,9 +15,9 @@ from airlock.errors import InvalidRequestError, QuotaExceededError, UnavailableE
 from airlock.v1 import inference_pb2 as pb
 from gateway.admission import Admission
 from gateway.audit import AuditLog
+from gateway.auth.guard import Caller, _caller
+from gateway.auth.identity import Principal
 from gateway.config import TelemetryConfig
-from gateway.guard import Caller, _caller
-from gateway.identity import Principal
 from gateway.metrics import Metrics
 from gateway.quota import MemoryQuotaStore, QuotaLimits
 from gateway.telemetry import make_tracer

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from airlock.bundle import key_id
 from airlock.errors import UnavailableError
+from control.audit_verify import verify_log
 from gateway.audit import GENESIS, MAX_RECORD_BYTES, MAX_STRING_CHARS, AuditLog, record_hash
-from gateway.audit_verify import verify_log
 from gateway.config import AuditConfig
+from serving.bundle import key_id
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

@@ -11,16 +11,16 @@ import pytest
 from airlock import AsyncClient, AuthenticationError, PermissionDeniedError
 from airlock.types import Limits
 from airlock.v1 import inference_pb2 as pb
+from control.pki import ensure_dev_pki
+from control.tokens import mint_dev_token
 from gateway.audit import AuditLog
-from gateway.authz import Authorizer
+from gateway.auth.guard import CallGuard, current_caller
+from gateway.auth.identity import JwtVerifier, ServiceIdentity
+from gateway.auth.lockout import Lockout
 from gateway.config import AuthConfig, LockoutConfig
-from gateway.guard import CallGuard, current_caller
-from gateway.identity import JwtVerifier, ServiceIdentity
-from gateway.lockout import Lockout
 from gateway.metrics import Metrics
-from gateway.pki import ensure_dev_pki
+from gateway.policy.authz import Authorizer
 from gateway.server import ClientTls, InferenceService, Route, Router, ServerTls, create_server
-from gateway.tokens import mint_dev_token
 from tests.conftest import make_policy_dir
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from control.launcher import Stack
 from gateway.config import ConfigError, load
-from gateway.config_isolation import shared_models
-from gateway.stack import Stack
+from gateway.config.isolation import shared_models
 from tests.config_files import refused_config, write_config
 
 SHARING = '[tenants.acme]\nmodels = ["echo"]\nisolation = "shared"\n'
@@ -89,7 +89,7 @@ def test_nonsense_is_refused_with_the_key_and_why(tmp_path: Path, text: str, key
 
 
 def test_the_launcher_starts_one_shared_worker_per_model_for_every_shared_tenant(tmp_path: Path) -> None:
-    from gateway.pki import ensure_dev_pki
+    from control.pki import ensure_dev_pki
 
     cfg = load(write(tmp_path, """
         [tenants.acme]

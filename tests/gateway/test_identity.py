@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm
 
 from airlock.errors import AuthenticationError
+from control.pki import DevPki, ensure_dev_pki
+from control.tokens import mint_dev_token
+from gateway.auth.identity import JwtVerifier, Principal, bearer_token
 from gateway.config import AuthConfig
-from gateway.identity import JwtVerifier, Principal, bearer_token
-from gateway.pki import DevPki, ensure_dev_pki
-from gateway.tokens import mint_dev_token
 
 AUTH = AuthConfig()
 ISSUER = AUTH.issuers[0].issuer
@@ -442,7 +442,7 @@ def test_a_jwks_reload_forgets_every_verified_token(pki: DevPki, tmp_path: Path)
 
 
 def test_the_cache_is_bounded(pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.identity.CACHE_SIZE", 3)
+    monkeypatch.setattr("gateway.auth.identity.CACHE_SIZE", 3)
     verifier = make_verifier(pki.jwks)
     for n in range(10):
         verifier.verify(sign(pki, claims(sub=f"user-{n}")))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.keystore import KeystoreError
-from gateway.keystore_file import FileKeystore
+from gateway.keys.file import FileKeystore
+from gateway.keys.store import KeystoreError
 
 
 def make(tmp_path: Path) -> FileKeystore:

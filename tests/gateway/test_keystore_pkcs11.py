@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.config import Pkcs11KeysConfig
-from gateway.keystore import KeystoreError
-from gateway.keystore_pkcs11 import Pkcs11Keystore, kek_label
+from gateway.keys.pkcs11 import Pkcs11Keystore, kek_label
+from gateway.keys.store import KeystoreError
 from tests.softhsm import USER_PIN, SoftHsm
 
 

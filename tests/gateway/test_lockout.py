@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from gateway.auth.lockout import Lockout, LockoutEntry, peer_key, subject_key
 from gateway.config import LockoutConfig
-from gateway.lockout import Lockout, LockoutEntry, peer_key, subject_key
 
 
 class Clock:

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from gateway import authz
 from gateway.audit import AuditLog
-from gateway.authz import Authorizer, load_checked
 from gateway.metrics import Metrics
-from gateway.policy import Decision, Policy, PolicyError, load_policy
+from gateway.policy import authz
+from gateway.policy.authz import Authorizer, load_checked
+from gateway.policy.rules import Decision, Policy, PolicyError, load_policy
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 GENERATE = ("model:smollm2", "generate")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AuditLog
-from gateway.authz import Authorizer
-from gateway.policy import PolicyError, load_policy
+from gateway.policy.authz import Authorizer
+from gateway.policy.rules import PolicyError, load_policy
 from gateway.quota import QuotaLimits
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"

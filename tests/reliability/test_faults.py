@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from airlock import PermissionDeniedError, UnavailableError
+from control.audit_verify import load_public_key, verify_log
+from control.tokens import mint_dev_token
 from gateway.audit import AuditLog, load_signing_key
-from gateway.audit_verify import load_public_key, verify_log
-from gateway.tokens import mint_dev_token
 from tests.conftest import make_policy_dir
 from tests.reliability.load import Load, wait_until, without_quotas
 from tests.support import LiveStack

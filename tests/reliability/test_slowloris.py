@@ -1,6 +1,6 @@
 """Slowloris-style clients against a live gateway: streams opened and never read, TCP connections
 that never finish (or never start) their TLS handshake, and pings far too often. A normal client
-must keep being served, the idle handshakes must be closed (airlock/serving.py bounds them), and
+must keep being served, the idle handshakes must be closed (serving/rpc.py bounds them), and
 the gateway's memory must stay bounded."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.pki import DevPki
+from control.pki import DevPki
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -25,8 +25,8 @@ import pytest
 from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc
+from control.audit_verify import verify_log
 from gateway.audit import MAX_RECORD_BYTES
-from gateway.audit_verify import verify_log
 from tests.conftest import ECHO_TOML, make_policy_dir
 from tests.support import LiveStack
 

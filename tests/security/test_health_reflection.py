@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from airlock.rpcstatus import from_rpc_error
-from gateway.pki import issue_service_cert
+from control.pki import issue_service_cert
 from tests.support import LiveStack
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

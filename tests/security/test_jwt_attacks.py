@@ -41,10 +41,10 @@ from airlock import (
 from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc
+from control.launcher import Stack
+from control.pki import DevPki
+from control.tokens import mint_dev_token
 from gateway import config as config_mod
-from gateway.pki import DevPki
-from gateway.stack import Stack
-from gateway.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML, NO_LOCKOUT, TEST_GRANTS, make_policy_dir
 from tests.support import LiveStack
 

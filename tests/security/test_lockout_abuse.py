@@ -25,8 +25,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from airlock import AirlockError, AsyncClient
-from gateway.pki import issue_service_cert
-from gateway.tokens import mint_dev_token
+from control.pki import issue_service_cert
+from control.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML
 from tests.support import LiveStack
 
@@ -62,7 +62,7 @@ def lockout_cli(stack: LiveStack, *args: str) -> subprocess.CompletedProcess[str
     """`airlock lockout ...` as an operator runs it, against this stack's admin socket."""
     socket = stack.stack.admin_socket
     assert socket is not None
-    code = "from gateway.cli import main; raise SystemExit(main())"
+    code = "from control.cli.main import main; raise SystemExit(main())"
     return subprocess.run(
         [sys.executable, "-c", code, "lockout", *args, "--socket", socket],
         capture_output=True, text=True, timeout=60, check=False,
@@ -215,14 +215,14 @@ async def test_the_admin_socket_is_private_and_not_on_any_network_port(
 
 async def test_airlock_lockout_finds_the_socket_of_airlock_up_from_the_configuration(tmp_path: Path) -> None:
     # As `airlock up` runs it: the run directory (and the socket) under the state directory.
+    from control.launcher import Stack
     from gateway import config as config_mod
-    from gateway.stack import Stack
     from tests.conftest import make_policy_dir
 
     config = tmp_path / "airlock.toml"
     config.write_text(f'policy_dir = "{make_policy_dir(tmp_path / "policy")}"\n' + ECHO_TOML)
     state = tmp_path / "state"
-    code = "from gateway.cli import main; raise SystemExit(main())"
+    code = "from control.cli.main import main; raise SystemExit(main())"
     listing = [
         sys.executable,
         "-c",

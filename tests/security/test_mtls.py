@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from airlock import AsyncClient, AuthenticationError, PermissionDeniedError, UnavailableError
-from gateway.pki import issue_service_cert
+from control.pki import issue_service_cert
 from tests.security.certs import client_cert, make_ca, service_ca
 from tests.support import LiveStack
 

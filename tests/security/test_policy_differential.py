@@ -17,7 +17,7 @@ from pathlib import Path
 import casbin
 import pytest
 
-from gateway.policy import ACTIONS, Policy, load_policy
+from gateway.policy.rules import ACTIONS, Policy, load_policy
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 SEEDS = [1, 2, 3, 4, 5, 6, 7, 8]

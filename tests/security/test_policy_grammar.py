@@ -19,10 +19,10 @@ import casbin
 import pytest
 from casbin.persist.adapters import FileAdapter
 
-from gateway import policy as policy_mod
-from gateway.cli import main
-from gateway.policy import PolicyError, load_policy
-from gateway.policy_lint import lint, lint_directory
+from control.cli.main import main
+from gateway.policy import rules as policy_mod
+from gateway.policy.lint import lint, lint_directory
+from gateway.policy.rules import PolicyError, load_policy
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 HIDDEN_GRANT = "g, acme/eve, tenant-admin, acme"

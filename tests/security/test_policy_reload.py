@@ -185,6 +185,6 @@ async def test_lockout_after_repeated_denials_and_failures_hits_only_that_identi
 
 
 def _token(stack: LiveStack, subject: str) -> str:
-    from gateway.tokens import mint_dev_token
+    from control.tokens import mint_dev_token
 
     return mint_dev_token(stack.pki, stack.config.auth, tenant="acme", subject=subject)

@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from airlock.errors import AuthenticationError
 from gateway import watching
 from gateway.audit import AuditLog
-from gateway.authz import Authorizer
+from gateway.auth.identity import JwtVerifier
 from gateway.config import AuthConfig
-from gateway.identity import JwtVerifier
 from gateway.main import watch_jwks
 from gateway.metrics import Metrics
+from gateway.policy.authz import Authorizer
 from gateway.sealing import GatewaySealing
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
@@ -200,7 +200,7 @@ async def test_a_reload_that_raises_unexpectedly_is_a_rejection(
     def crash(_directory: Path, _required: tuple[str, ...]) -> Any:
         raise MemoryError("the loader ran out of memory")
 
-    monkeypatch.setattr("gateway.authz.load_checked", crash)
+    monkeypatch.setattr("gateway.policy.authz.load_checked", crash)
     assert await authorizer.reload() is False
     assert authorizer.generation == 1
     assert sample(authorizer.metrics, "airlock_policy_reloads_total", {"result": "rejected"}) == 1

@@ -14,9 +14,9 @@ import torch
 
 from airlock.errors import UnavailableError
 from airlock.types import GenerationSpec, Message, Sampling
-from worker import vllm_engine
-from worker.kv_scrub import KV_SCRUB_METHOD, KvScrubExtension, TenantGate, zero_tensors
-from worker.vllm_engine import VllmEngine, VllmSettings, cache_salt
+from worker.engines import vllm as vllm_engine
+from worker.engines.kv_scrub import KV_SCRUB_METHOD, KvScrubExtension, TenantGate, zero_tensors
+from worker.engines.vllm import VllmEngine, VllmSettings, cache_salt
 
 
 def test_zero_tensors_reaches_every_tensor_and_counts_bytes() -> None:
@@ -42,7 +42,7 @@ def test_the_worker_extension_zeroes_the_model_runners_kv_caches() -> None:
 
 def test_only_a_shared_scrubbing_engine_asks_vllm_for_the_extension() -> None:
     shared = VllmSettings(Path("/m"), isolation="shared").engine_args()
-    assert shared["worker_extension_cls"] == "worker.kv_scrub.KvScrubExtension"
+    assert shared["worker_extension_cls"] == "worker.engines.kv_scrub.KvScrubExtension"
     assert "worker_extension_cls" not in VllmSettings(Path("/m")).engine_args()
     assert (
         "worker_extension_cls" not in VllmSettings(Path("/m"), isolation="shared", scrub="off").engine_args()

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, Llama4ForCausalLM, Llama4TextConfig
 
 from airlock.types import GenerationSpec, Message, Sampling
-from worker.transformers_engine import TransformersEngine
+from worker.engines.transformers import TransformersEngine
 
 
 def build_tiny_llama4(target: Path, tokenizer_dir: Path) -> None:

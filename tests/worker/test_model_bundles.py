@@ -11,7 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from airlock.bundle import (
+from control.launcher import StackError
+from control.pki import ensure_dev_pki
+from serving.bundle import (
     SIGNATURE,
     create_manifest,
     load_private_key,
@@ -19,10 +21,8 @@ from airlock.bundle import (
     sign_bundle,
     verify_bundle,
 )
-from gateway.pki import ensure_dev_pki
-from gateway.stack import StackError
 from tests.support import LiveStack
-from worker.models import BundlePolicy, ModelError, resolve_model
+from worker.engines.models import BundlePolicy, ModelError, resolve_model
 
 KEY = ed25519.Ed25519PrivateKey.generate()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import models
+from worker.engines import models
 
 
 def test_converted_copy_verifies_and_is_reused(bundled_model_dir: Path, state_dir: Path) -> None:

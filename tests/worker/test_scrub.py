@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pki import ensure_dev_pki, worker_attestation_cert
-from worker.arena import CANARY_BYTES, Arena, CanaryRecord, RequestState
-from worker.scrub import scrub_arena, scrub_cuda
+from control.pki import ensure_dev_pki, worker_attestation_cert
+from worker.isolation.arena import CANARY_BYTES, Arena, CanaryRecord, RequestState
+from worker.isolation.scrub import scrub_arena, scrub_cuda
 
 SECRET = b"patient 4711: diagnosis text that must not outlive its request"
 
@@ -117,7 +117,7 @@ def test_a_killed_worker_leaves_canaries_that_the_scrubber_removes(state_dir: Pa
         worker.wait()
     assert canaries_in(arena, recorded) == 16  # the dead worker's memory still holds them
     done = subprocess.run(
-        [sys.executable, "-m", "worker.scrub", "--arena", str(arena), "--canaries", str(record)],
+        [sys.executable, "-m", "worker.isolation.scrub", "--arena", str(arena), "--canaries", str(record)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -145,14 +145,14 @@ def test_cuda_scrub_after_a_killed_process_that_held_canaries(tmp_path: Path) ->
     record = tmp_path / "w.canaries.cuda.json"
     code = (
         "import os, signal, sys, torch\nfrom pathlib import Path\n"
-        "from worker.arena import write_cuda_canaries\n"
+        "from worker.isolation.arena import write_cuda_canaries\n"
         "held = write_cuda_canaries(16, Path(sys.argv[1]))\ntorch.cuda.synchronize()\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     dead = subprocess.run([sys.executable, "-c", code, str(record)], timeout=120, check=False)
     assert dead.returncode == -signal.SIGKILL and record.exists()
     done = subprocess.run(
-        [sys.executable, "-m", "worker.scrub", "--device", "cuda", "--canaries", str(record)],
+        [sys.executable, "-m", "worker.isolation.scrub", "--device", "cuda", "--canaries", str(record)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -164,8 +164,8 @@ def test_cuda_scrub_after_a_killed_process_that_held_canaries(tmp_path: Path) ->
 def test_a_gpu_block_that_reads_back_dirty_is_counted_and_its_canaries_found() -> None:
     """The verification path for a block that did not zero, on a CPU tensor (same torch operations)."""
     torch = pytest.importorskip("torch")
-    from worker.arena import new_canaries
-    from worker.scrub import _dirty_pages
+    from worker.isolation.arena import new_canaries
+    from worker.isolation.scrub import _dirty_pages
 
     canary = new_canaries(1)[0]
     block = torch.zeros(64 * CANARY_BYTES, dtype=torch.uint8)

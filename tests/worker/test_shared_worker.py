@@ -14,8 +14,8 @@ from airlock.attestation import AttestationPolicy, verify
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from airlock.types import Limits
 from airlock.v1 import worker_pb2
-from gateway.pki import DevPki, ensure_dev_pki, worker_attestation_cert
-from worker.echo import EchoEngine
+from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
+from worker.engines.echo import EchoEngine
 from worker.main import build_attestors, parse_args, zeroes_kv_per_request
 from worker.server import WorkerService
 
@@ -149,7 +149,7 @@ async def test_the_gateway_releases_no_key_to_a_shared_worker_for_a_tenant_not_o
     """Whatever the routes say: the worker's own signed statement says it is shared."""
     from gateway.audit import AuditLog
     from gateway.config import KeysConfig
-    from gateway.keystore import ensure_tenant_keys, open_keystore
+    from gateway.keys.store import ensure_tenant_keys, open_keystore
     from gateway.sealing import GatewaySealing
 
     keystore = open_keystore(KeysConfig(), tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from airlock.types import GenerationSpec, Message, Sampling
 from worker.engine import EngineOutput
-from worker.transformers_engine import TransformersEngine
+from worker.engines.transformers import TransformersEngine
 
 
 @pytest.fixture(scope="module")

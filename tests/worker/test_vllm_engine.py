@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from airlock.types import GenerationSpec, Message, Sampling
-from worker.plan import MODELS
-from worker.vllm_engine import VllmEngine, VllmSettings, cache_salt, maverick_fp8
+from worker.engines.vllm import VllmEngine, VllmSettings, cache_salt, maverick_fp8
+from worker.isolation.plan import MODELS
 
 
 def test_cache_salts_are_per_tenant_and_keyed() -> None:

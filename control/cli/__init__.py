@@ -1,0 +1,1 @@
+"""The `airlock` command; each subcommand's module is imported only when it runs."""

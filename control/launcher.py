@@ -1,0 +1,400 @@
+"""Start and stop a whole stack as processes: one worker per (tenant, model), then the gateway.
+
+Tenants with `isolation = "shared"` have no workers of their own: every model they use gets one
+shared worker (key `("shared", MODEL)`), serving all of them.
+
+Used by `airlock up` and by the end-to-end tests. Children run in their own process groups with a
+parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
+from control.supervisor import Domain, Supervisor, SupervisorMetrics
+from gateway.audit import AuditLog, load_signing_key
+from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
+from gateway.config.isolation import SHARED, shared_models
+from gateway.keys.store import ensure_tenant_keys, open_keystore
+
+__all__ = ["Child", "Stack", "StackError"]
+
+_PR_SET_PDEATHSIG = 1
+
+# glibc hands large freed blocks back to the kernel and faults them in again on the next request:
+# with megabyte payloads (sealed prompts, KV buffers) that costs more than the AES-GCM itself
+# (bench/sealing.py measures 1 MiB sealing ~4x slower without this). Keep them in the process.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+
+
+class StackError(Exception):
+    """A part of the stack failed to start; the message says which and quotes its log."""
+
+
+# The parent-death signal is set by a tiny exec shim, not by a preexec_fn: Python code between
+# fork and exec can abort the child when another thread (the supervisor's, gRPC's, torch's) held
+# malloc's or the loader's locks at fork time. The shim checks its parent is still the launcher
+# (it may have died before prctl ran), then execs the real command; the setting survives exec.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def port(self) -> int:
+        return int(self.info["port"])
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class Stack:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        run_dir: Path | None = None,
+        listen: str | None = None,
+        python: str = sys.executable,
+        log_level: str = "info",
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir or config.state_dir / "run"
+        self.listen = listen or config.gateway.listen
+        self.python = python
+        self.log_level = log_level
+        self.pki: DevPki | None = None
+        self.workers: dict[tuple[str, str], Child] = {}
+        self.gateway: Child | None = None
+        # Isolation domains (CPU arenas) per worker, the arguments that start each worker (for
+        # restarts), and the supervisor that scrubs and restarts them.
+        self.domains: dict[tuple[str, str], Domain] = {}
+        self._worker_args: dict[tuple[str, str], list[str]] = {}
+        self._ports: dict[tuple[str, str], int] = {}  # a restarted worker binds its first port again
+        self.supervisor: Supervisor | None = None
+        self.supervisor_metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.gateway.port}"
+
+    @property
+    def mtls_address(self) -> str | None:
+        """The service (mTLS) port's address; None when it is disabled."""
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        port = self.gateway.info.get("mtls_port")
+        return f"{self.listen.rsplit(':', 1)[0]}:{port}" if port else None
+
+    @property
+    def admin_socket(self) -> str | None:
+        """The gateway's Admin socket (`airlock lockout`); None when it is disabled."""
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        path = self.gateway.info.get("admin_socket")
+        return str(path) if path else None
+
+    def _admin_socket_args(self) -> list[str]:
+        """A stack with its own run directory (tests, a second stack on one state directory) keeps
+        its gateway's admin socket there too, unless the configuration names one."""
+        default = self.config.state_dir / "run" / ADMIN_SOCKET_NAME
+        if self.config.admin_socket != default or self.run_dir == default.parent:
+            return []
+        path = self.run_dir.absolute() / ADMIN_SOCKET_NAME
+        return ["--admin-socket", str(path) if len(os.fsencode(str(path))) <= MAX_UNIX_PATH_BYTES else ""]
+
+    @property
+    def metrics_port(self) -> int | None:
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        port = self.gateway.info.get("metrics_port")
+        return int(port) if port else None
+
+    def start(self, *, timeout: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> None:
+        try:
+            self._start(timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
+        self.pki = pki = ensure_dev_pki(self.config.state_dir)
+        # Development: every tenant gets a key on first start (production keys are made by operators).
+        ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.run_dir, 0o700)  # logs, ready files and the gateway's admin socket: owner only
+        sup = self.config.supervisor
+        # Beside the gateway's trail, chained and signed the same way (`airlock audit verify` checks both).
+        audit = AuditLog(
+            self.config.audit_path.with_name("supervisor.jsonl"), config=self.config.audit,
+            signing_key=load_signing_key(self.config.audit.signing_key or pki.audit_key),
+        )  # fmt: skip
+        self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
+        for key, (args, domain) in self._worker_plan(pki).items():
+            self.domains[key], self._worker_args[key] = domain, args
+            # Whatever an earlier worker left in the domain goes before this one gets it.
+            scrubbed = supervisor.scrub(key, "start")
+            if not scrubbed["verified"]:
+                raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
+                                 f"{scrubbed.get('reason')}")  # fmt: skip
+            # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
+            self.workers[key] = self._spawn(f"worker-{key[0]}-{key[1]}", args, domain.env)
+        deadline = time.monotonic() + timeout
+        self._wait_ready(list(self.workers.values()), deadline, progress)
+        self._ports = {key: child.port for key, child in self.workers.items()}
+        routes = []
+        for tenant in self.config.tenants.values():  # in each tenant's model order: its first is its default
+            for model in tenant.models:
+                shared = tenant.isolation == "shared"
+                child = self.workers[(SHARED, model) if shared else (tenant.name, model)]
+                engine = self.config.models[model].engine + ("/shared" if shared else "")
+                routes.append(f"--route={tenant.name}/{model}/{engine}=127.0.0.1:{child.port}")
+        gateway_args = ["-m", "gateway", "--listen", self.listen, "--state-dir", str(self.config.state_dir)]
+        if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
+            # A listen override (tests, a second stack) moves the service port too: same host, any port.
+            gateway_args += ["--mtls-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]
+        gateway_args += self._admin_socket_args()
+        if self.config.source != "<defaults>":
+            gateway_args += ["--config", self.config.source]
+        self.gateway = self._spawn("gateway", gateway_args + routes, {})
+        self._wait_ready([self.gateway], deadline, progress)
+        self._check_health(deadline)
+        if sup.metrics_listen:
+            host, _, port = sup.metrics_listen.rpartition(":")
+            self.supervisor_metrics_port = supervisor.metrics.serve(host, int(port))
+        supervisor.start()
+        info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
+                "ca": str(pki.ca_cert), "admin_socket": self.admin_socket}  # fmt: skip
+        (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[list[str], Domain]]:
+        """Every worker to start: one per (dedicated tenant, model), one per shared model."""
+        plan = {}
+        for tenant in self.config.tenants.values():
+            if tenant.isolation == "dedicated":
+                for model in tenant.models:
+                    plan[(tenant.name, model)] = self.worker_command(pki, tenant, self.config.models[model])
+        for model, tenants in shared_models(self.config).items():
+            plan[(SHARED, model)] = self.shared_worker_command(pki, tenants, self.config.models[model])
+        return plan
+
+    def worker_command(
+        self, pki: DevPki, tenant: TenantConfig, model: ModelConfig
+    ) -> tuple[list[str], Domain]:
+        """The arguments of one (tenant, model) worker, and the isolation domain it is pinned to."""
+        devices = tenant.domains.get(model.name, ())
+        domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
+        return self._worker_args_for(pki, (tenant.name,), model, domain, self.config.supervisor.scrub), domain
+
+    def shared_worker_command(
+        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig
+    ) -> tuple[list[str], Domain]:
+        """One model's shared worker: every opted-in tenant, each with its attestation identity."""
+        devices = self.config.shared_domains.get(model.name, ())
+        domain = Domain.for_worker(self.run_dir, f"worker-{SHARED}-{model.name}", devices)
+        # State is zeroed between tenants whatever dedicated workers do ("off" leaves it to the exit scrub).
+        scrub = "request" if self.config.supervisor.scrub == "request" else "tenant-switch"
+        args = self._worker_args_for(pki, tenants, model, domain, scrub)
+        return [*args, "--isolation", "shared"], domain
+
+    def _worker_args_for(
+        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig, domain: Domain, scrub: str
+    ) -> list[str]:
+        limits = self.config.gateway.limits
+        sup = self.config.supervisor
+        identities = []
+        for tenant in tenants:  # each tenant: its name, then its attestation certificate and key
+            attest = worker_attestation_cert(pki, tenant, self.config.auth.mtls.trust_domain)
+            identities += ["--tenant", tenant, "--attest-cert", str(attest.cert),
+                           "--attest-key", str(attest.key)]  # fmt: skip
+        args = [
+            "-m", "worker",
+            *identities,
+            "--model", model.name,
+            "--engine", model.engine,
+            "--model-path", model.path,
+            "--cache-dir", str(self.config.model_cache_dir),
+            "--tls-cert", str(pki.worker_cert),
+            "--tls-key", str(pki.worker_key),
+            "--client-ca", str(pki.ca_cert),
+            "--max-tokens", str(limits.max_tokens),
+            "--default-max-tokens", str(limits.default_max_tokens),
+            "--echo-tokens-per-second", str(model.tokens_per_second),
+            "--threads", str(model.threads),
+            "--max-message-bytes", str(self.config.gateway.max_message_bytes),
+            "--arena", str(domain.arena),
+            "--arena-bytes", str(sup.arena_mb << 20),
+            "--canary-file", str(domain.canaries),
+            "--scrub", scrub,
+            "--device", domain.device,
+            *self._bundle_args(pki, model.path),
+            "--hpke-suite", self.config.sealing.hpke_suite,
+        ]  # fmt: skip
+        if model.engine == "vllm":
+            args += ["--tensor-parallel-size", str(max(1, len(domain.devices)))]
+        if model.allow_special_tokens:
+            args.append("--allow-special-tokens")
+        return args
+
+    def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
+        """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""
+        bundles = self.config.bundles
+        args = ["--trusted-keys", str(bundles.trusted_keys or pki.bundle_trusted)]
+        if not bundles.require_signed:
+            args.append("--allow-unsigned")
+        if model_path == "bundled":
+            args += ["--bundle-signing-key", str(pki.bundle_key)]
+        return args
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:
+        log = self.run_dir / f"{name}.log"
+        ready = self.run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **ALLOCATOR_ENV, **extra_env}
+        with log.open("ab") as fh:
+            shim = [self.python, "-c", _DIE_WITH_PARENT, str(os.getpid())]
+            process = subprocess.Popen(
+                [*shim, self.python, *args, "--ready-file", str(ready), "--log-level", self.log_level],
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return Child(name, process, log, ready)
+
+    def _wait_ready(self, children: list[Child], deadline: float, progress: Callable[[str], None]) -> None:
+        pending = list(children)
+        last_note = time.monotonic()
+        while pending:
+            for child in list(pending):
+                if child.ready_file.exists():
+                    child.info = json.loads(child.ready_file.read_text())
+                    pending.remove(child)
+                    progress(f"{child.name} ready on port {child.port}")
+                elif child.process.poll() is not None:
+                    raise StackError(
+                        f"{child.name} exited with code {child.process.returncode} before it was ready; "
+                        f"its log ({child.log}) ends with:\n{child.log_tail()}"
+                    )
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out waiting for {', '.join(c.name for c in pending)}")
+            if time.monotonic() - last_note > 10:
+                last_note = time.monotonic()
+                progress(f"still starting: {', '.join(c.name for c in pending)} (model load)")
+            time.sleep(0.05)
+
+    def _check_health(self, deadline: float) -> None:
+        if self.pki is None or self.gateway is None:
+            raise StackError("health check before start")
+        credentials = grpc.ssl_channel_credentials(self.pki.ca_cert.read_bytes())
+        with grpc.secure_channel(self.address, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.RpcError as exc:
+                    status = exc.code().name
+                if time.monotonic() > deadline:
+                    raise StackError(f"gateway not serving ({status}); its log ({self.gateway.log}) ends "
+                                     f"with:\n{self.gateway.log_tail()}")  # fmt: skip
+                time.sleep(0.1)
+
+    def spawn_worker(self, key: tuple[str, str]) -> Child:
+        """Start a worker again, on its first address (the supervisor scrubbed its domain first).
+
+        Returns at once; the new child has no `info` until its ready file appears.
+        """
+        old = self.workers[key]
+        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{self._ports[key]}"]
+        child = self.workers[key] = self._spawn(old.name, args, self.domains[key].env)
+        return child
+
+    def kill_worker(self, key: tuple[str, str]) -> None:
+        _signal_group(self.workers[key], signal.SIGKILL)
+
+    def reap(self, child: Child) -> None:
+        _signal_group(child, signal.SIGKILL)
+
+    def children(self) -> list[Child]:
+        return ([self.gateway] if self.gateway else []) + list(self.workers.values())
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers."""
+        grace = self.config.gateway.grace_seconds if timeout is None else timeout
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()  # no restarts while shutting down (its thread lives on, see close())
+        if self.gateway is not None:
+            _terminate([self.gateway], grace + 5)
+        _terminate(list(self.workers.values()), 15)
+        if supervisor is not None:
+            # Drained and stopped: scrub every domain so no tenant's data outlives the stack.
+            supervisor.close()
+            for key, domain in self.domains.items():
+                if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
+                    domain.arena.unlink(missing_ok=True)
+            supervisor.audit.close()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _terminate(children: list[Child], timeout: float) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(child, signal.SIGKILL)
+            child.process.wait()
+        # Anything the child itself started lives in its group; make sure none outlives it.
+        _signal_group(child, signal.SIGKILL)
+
+
+def _signal_group(child: Child, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, sig)

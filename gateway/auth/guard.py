@@ -1,0 +1,199 @@
+"""The gateway's call guard: authenticate, check lockouts, authorize — before any servicer runs.
+
+One interceptor does all three, in that order, and either refuses the call with a typed error or
+leaves the verified caller in `current_caller()`. The tenant a call acts in is the identity's own
+unless the `x-airlock-tenant` header names another, and then only if the policy grants the
+subject a role in that tenant explicitly. Every decision is counted and audited.
+
+Lockouts (gateway/auth/lockout.py): a verified identity for its own policy denials; a client address for
+failed authentications, which never refuses a credential that verifies.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from airlock.client import TENANT_HEADER
+from airlock.errors import AuthenticationError, PermissionDeniedError
+from gateway.audit import AuditLog
+from gateway.auth.identity import JwtVerifier, Principal, ServiceIdentity, bearer_token
+from gateway.auth.lockout import Lockout, peer_key, subject_key
+from gateway.metrics import Metrics
+from gateway.policy.authz import Authorizer
+from serving.logs import current_request_id
+from serving.rpc import header_value
+
+__all__ = ["TENANT_HEADER", "CallGuard", "Caller", "current_caller"]
+
+_TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+# (method, request, tenant) -> (resource, action); None: authentication alone suffices (reflection)
+Resources = Callable[[str, Any, str], tuple[str, str] | None]
+# Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
+Gate = Callable[[Principal], None]
+
+
+@dataclass(frozen=True)
+class Caller:
+    principal: Principal
+    tenant: str  # the tenant this call acts in (authorized)
+
+
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("airlock_caller")
+
+
+def current_caller() -> Caller:
+    """The verified, authorized caller of the current RPC (set before the servicer runs)."""
+    return _caller.get()
+
+
+class CallGuard:
+    """The gateway's `serving.rpc.Guard`."""
+
+    def __init__(
+        self,
+        verifier: JwtVerifier,
+        services: ServiceIdentity,
+        authorizer: Authorizer,
+        lockout: Lockout,
+        resources: Resources,
+        *,
+        metrics: Metrics,
+        audit: AuditLog,
+        gate: Gate | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.services = services
+        self.authorizer = authorizer
+        self.lockout = lockout
+        self.resources = resources
+        self.metrics = metrics
+        self.audit = audit
+        self.gate = gate
+
+    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        principal = self.authenticate(method, context)
+        metadata = context.invocation_metadata() or ()
+        if self.gate is not None:  # every verified call pays its rate before anything is audited
+            self.gate(principal)
+        tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
+        key = subject_key(principal.policy_subject)
+        if (left := self.lockout.retry_after(key)) is not None:
+            raise PermissionDeniedError(
+                f"too many denied calls; locked out for {left:.0f} s", reason="LOCKED_OUT"
+            )
+        if not _TENANT.fullmatch(tenant):
+            raise PermissionDeniedError("not a tenant name", reason="TENANT_INVALID")
+        wanted = self.resources(method, request, tenant)
+        if wanted is not None:
+            peer = _peer_host(context.peer())
+            self._authorize(principal, tenant, *wanted, method=method, peer=peer, key=key)
+        _caller.set(Caller(principal, tenant))
+
+    def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        """The verified identity of the call, or an audited, counted `AuthenticationError`.
+
+        A credential is always verified first, and one that verifies is accepted whatever its peer's
+        record: a failure counts against the peer address only, never against the identity a token
+        merely claims (anyone can put another user's `sub` in a token signed by any key). A locked
+        peer gets LOCKED_OUT instead of the reason for calls that failed anyway, so an attacker
+        learns nothing more from it; behind NAT that peer is shared, and nobody's valid credential
+        is refused for it."""
+        try:
+            return self._identify(context)
+        except AuthenticationError as exc:
+            peer = _peer_host(context.peer())
+            key = peer_key(peer)
+            left = self.lockout.retry_after(key)
+            err, cause = exc, {}
+            if left is not None:
+                err = AuthenticationError(
+                    f"too many failed attempts from this address; locked out for {left:.0f} s",
+                    reason="LOCKED_OUT",
+                )
+                cause = {"cause": exc.reason}  # what the call would have been refused for
+            self.metrics.auth_failures.labels(err.reason).inc()
+            self.audit.record(
+                "authentication",
+                decision="refused",
+                reason=err.reason,
+                **cause,
+                peer=peer,
+                method=method,
+                request_id=current_request_id(),
+            )
+            if left is None and self.lockout.failure(key):
+                self.metrics.lockouts.labels("authentication").inc()
+                self.audit.record("lockout", kind="authentication", key=key, peer=peer,
+                                  seconds=self.lockout.config.lockout_seconds,
+                                  request_id=current_request_id())  # fmt: skip
+            raise err from None
+
+    def _identify(self, context: grpc.aio.ServicerContext) -> Principal:
+        metadata = context.invocation_metadata() or ()
+        token = bearer_token(metadata)
+        service = self.services.principal(context.auth_context())
+        if service is not None:
+            if token is not None:
+                raise AuthenticationError(
+                    "present a client certificate or a bearer token, not both",
+                    reason="IDENTITY_AMBIGUOUS",
+                )
+            return service
+        if token is None:
+            raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
+        return self.verifier.verify(token)
+
+    def _authorize(
+        self,
+        principal: Principal,
+        tenant: str,
+        resource: str,
+        action: str,
+        *,
+        method: str,
+        peer: str,
+        key: str,
+    ) -> None:
+        start = time.perf_counter()
+        decision = self.authorizer.decide(principal.policy_subject, tenant, resource, action)
+        label = tenant if tenant in self.authorizer.policy.tenants else "other"  # bounded labels
+        self.metrics.authz_decisions.labels(label, "allow" if decision.allowed else "deny").inc()
+        self.audit.record(
+            "authorization",
+            decision="allow" if decision.allowed else "deny",
+            subject=principal.policy_subject,
+            method=principal.method,
+            home_tenant=principal.tenant,
+            tenant=tenant,
+            resource=resource,
+            action=action,
+            rule_line=decision.rule.line if decision.rule else None,
+            generation=self.authorizer.generation,
+            peer=peer,
+            rpc=method,
+            decision_us=round((time.perf_counter() - start) * 1e6, 1),
+            request_id=current_request_id(),
+        )
+        if decision.allowed:
+            return
+        if self.lockout.failure(key):
+            self.metrics.lockouts.labels("authorization").inc()
+            self.audit.record("lockout", kind="authorization", key=key, subject=principal.policy_subject,
+                              seconds=self.lockout.config.lockout_seconds,
+                              request_id=current_request_id())  # fmt: skip
+        raise PermissionDeniedError("not allowed by policy", reason="POLICY_DENIED")
+
+
+def _peer_host(peer: str) -> str:
+    """`ipv4:127.0.0.1:5000` / `ipv6:[::1]:5000` -> the address without the port."""
+    _, _, address = peer.partition(":")
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]")[:64] or "unknown"  # an address: bounded anyway, and now provably

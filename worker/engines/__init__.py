@@ -1,0 +1,1 @@
+"""Inference engines and where their weights come from (torch, transformers and vLLM live only here)."""

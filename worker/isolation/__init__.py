@@ -1,0 +1,1 @@
+"""Isolation domains: discovery, capacity plans, the memory arena, canaries and the scrubber."""
