@@ -15,10 +15,13 @@ COPY pyproject.toml README.md ./
 COPY scripts/ scripts/
 COPY protos/ protos/
 COPY airlock/ airlock/
+COPY serving/ serving/
 COPY gateway/ gateway/
+COPY control/ control/
 COPY worker/ worker/
-# vLLM brings its CUDA torch: no CPU torch first (AIRLOCK_TORCH empty), a regular (non-editable) install.
-RUN VENV=/opt/airlock AIRLOCK_EXTRAS=gpu AIRLOCK_TORCH= AIRLOCK_EDITABLE=0 ./scripts/bootstrap.sh \
+# The whole stack in one image: the gateway and control plane, and GPU workers. vLLM brings its CUDA
+# torch: no CPU torch first (AIRLOCK_TORCH empty), a regular (non-editable) install.
+RUN VENV=/opt/airlock AIRLOCK_EXTRAS=gateway,gpu AIRLOCK_TORCH= AIRLOCK_EDITABLE=0 ./scripts/bootstrap.sh \
  && /opt/airlock/bin/python -m compileall -q /opt/airlock/lib
 
 # --- runtime: CUDA runtime libraries, the venv, policy and config; no compilers -------------------

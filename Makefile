@@ -14,6 +14,7 @@ run: venv
 ## Lint, type-check and run the whole test suite (real processes, real TLS, the real bundled model).
 test: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(VENV)/bin/airlock policy lint --dir policy
 	$(VENV)/bin/airlock policy test --dir policy
@@ -24,9 +25,11 @@ test: venv
 protos: venv
 	$(PY) scripts/gen_protos.py
 
+## Style and the architecture's import rules (pyproject.toml [tool.importlinter], docs/architecture.md).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy

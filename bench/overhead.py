@@ -50,7 +50,7 @@ from control.launcher import ALLOCATOR_ENV, Stack  # noqa: E402
 from control.tokens import mint_dev_token  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
 from gateway.audit import AuditLog  # noqa: E402
-from gateway.keys.store import open_keystore  # noqa: E402
+from gateway.keys import open_keystore  # noqa: E402
 from gateway.sealing import GatewaySealing, finish, open_text  # noqa: E402
 
 CONFIG = """

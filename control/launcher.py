@@ -17,19 +17,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from control.children import Child
 from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
 from control.supervisor import Domain, Supervisor, SupervisorMetrics
 from gateway.audit import AuditLog, load_signing_key
 from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
 from gateway.config.isolation import SHARED, shared_models
-from gateway.keys.store import ensure_tenant_keys, open_keystore
+from gateway.keys import ensure_tenant_keys, open_keystore
 
 __all__ = ["Child", "Stack", "StackError"]
 
@@ -39,6 +38,9 @@ _PR_SET_PDEATHSIG = 1
 # with megabyte payloads (sealed prompts, KV buffers) that costs more than the AES-GCM itself
 # (bench/sealing.py measures 1 MiB sealing ~4x slower without this). Keep them in the process.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "134217728"}
+
+
+TLS_KEYS = ("cert", "key", "worker_ca", "service_ca", "attestation_ca")
 
 
 class StackError(Exception):
@@ -55,26 +57,6 @@ _DIE_WITH_PARENT = (
     "if os.getppid() != int(sys.argv[1]):\n    os._exit(1)\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    ready_file: Path
-    info: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def port(self) -> int:
-        return int(self.info["port"])
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class Stack:
@@ -151,6 +133,14 @@ class Stack:
 
     def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
         self.pki = pki = ensure_dev_pki(self.config.state_dir)
+        custom = [f"tls.{name}" for name in TLS_KEYS if name not in self.config.tls_files.dev]
+        if custom:
+            # Its workers' certificates come from the development CA, which a configured
+            # tls.worker_ca would not trust: a production gateway is started on its own.
+            raise StackError(
+                f"`airlock up` runs a development stack on the PKI in {pki.dir}; {', '.join(custom)} "
+                "configure a production gateway, started on its own (`python -m gateway`, docs/production.md)"
+            )
         # Development: every tenant gets a key on first start (production keys are made by operators).
         ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -159,9 +149,9 @@ class Stack:
         # Beside the gateway's trail, chained and signed the same way (`airlock audit verify` checks both).
         audit = AuditLog(
             self.config.audit_path.with_name("supervisor.jsonl"), config=self.config.audit,
-            signing_key=load_signing_key(self.config.audit.signing_key or pki.audit_key),
+            signing_key=load_signing_key(self.config.audit_signing_key),
         )  # fmt: skip
-        self.supervisor = supervisor = Supervisor(self, audit, SupervisorMetrics())
+        self.supervisor = supervisor = Supervisor(self, sup, audit, SupervisorMetrics())
         for key, (args, domain) in self._worker_plan(pki).items():
             self.domains[key], self._worker_args[key] = domain, args
             # Whatever an earlier worker left in the domain goes before this one gets it.
@@ -271,7 +261,7 @@ class Stack:
     def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
         """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""
         bundles = self.config.bundles
-        args = ["--trusted-keys", str(bundles.trusted_keys or pki.bundle_trusted)]
+        args = ["--trusted-keys", str(self.config.bundle_trusted_keys)]
         if not bundles.require_signed:
             args.append("--allow-unsigned")
         if model_path == "bundled":
@@ -336,6 +326,15 @@ class Stack:
                     raise StackError(f"gateway not serving ({status}); its log ({self.gateway.log}) ends "
                                      f"with:\n{self.gateway.log_tail()}")  # fmt: skip
                 time.sleep(0.1)
+
+    def worker_credentials(self) -> grpc.ChannelCredentials | None:
+        """How the launcher's side talks to its workers (the gateway's certificate), once started."""
+        if self.pki is None:
+            return None
+        pki = self.pki
+        return grpc.ssl_channel_credentials(
+            pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
+        )
 
     def spawn_worker(self, key: tuple[str, str]) -> Child:
         """Start a worker again, on its first address (the supervisor scrubbed its domain first).

@@ -18,16 +18,32 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from control.children import Child
 from gateway.audit import AuditLog
+from gateway.config import SupervisorConfig
 
-if TYPE_CHECKING:
-    from control.launcher import Child, Stack
+
+class Workers(Protocol):
+    """What the supervisor needs of the launcher, which owns the worker processes."""
+
+    python: str
+    workers: dict[tuple[str, str], Child]
+    domains: dict[tuple[str, str], Domain]
+
+    def worker_credentials(self) -> grpc.ChannelCredentials | None: ...
+
+    def spawn_worker(self, key: tuple[str, str]) -> Child: ...
+
+    def kill_worker(self, key: tuple[str, str]) -> None: ...
+
+    def reap(self, child: Child) -> None: ...
+
 
 __all__ = ["Domain", "ScrubFailedError", "Supervisor", "SupervisorMetrics", "merge_scrubs", "run_scrub"]
 
@@ -157,9 +173,11 @@ class SupervisorMetrics:
 
 
 class Supervisor:
-    def __init__(self, stack: Stack, audit: AuditLog, metrics: SupervisorMetrics) -> None:
+    def __init__(
+        self, stack: Workers, settings: SupervisorConfig, audit: AuditLog, metrics: SupervisorMetrics
+    ) -> None:
         self.stack = stack
-        self.settings = stack.config.supervisor
+        self.settings = settings
         self.audit = audit
         self.metrics = metrics
         self.out_of_service: dict[tuple[str, str], str] = {}
@@ -250,12 +268,9 @@ class Supervisor:
                 self._unhealthy.pop(key, None)
 
     def _healthy(self, child: Child) -> bool:
-        pki = self.stack.pki
-        if pki is None:
+        creds = self.stack.worker_credentials()
+        if creds is None:
             return True
-        creds = grpc.ssl_channel_credentials(
-            pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-        )
         try:
             with grpc.secure_channel(f"127.0.0.1:{child.port}", creds) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)

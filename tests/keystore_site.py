@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load
-from gateway.keys.store import Keystore, open_keystore
+from gateway.keys import Keystore, open_keystore
 from tests.softhsm import SoftHsm
 
 MINIMAL = """
@@ -43,7 +43,7 @@ class Site:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())", *args,
+            [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())", *args,
              "--config", str(self.config), "--state-dir", str(self.state_dir)],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip

@@ -6,13 +6,13 @@ A running gateway picks the change up on its next keystore reload: the store is 
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 from gateway import config as config_mod
-from gateway.keys.store import KeyInfo, Keystore, open_keystore
+from gateway.keys import open_keystore
+from gateway.keys.store import KeyInfo, Keystore
 
-__all__ = ["add_keys_commands"]
+__all__ = ["cmd_keys_create", "cmd_keys_list", "cmd_keys_retire", "cmd_keys_rotate"]
 
 
 def _keystore(args: argparse.Namespace) -> Keystore:
@@ -55,33 +55,3 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     if not infos:
         print("(no keys)")
     return 0
-
-
-def _tenant(text: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: lowercase letters, digits and '-'")
-    return text
-
-
-def add_keys_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    keys = sub.add_parser("keys", help="create, rotate, list and retire tenant data keys")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
-
-    create = ksub.add_parser("create", parents=[common], help="make the first key of a tenant")
-    create.add_argument("--tenant", required=True, type=_tenant)
-    create.set_defaults(func=cmd_keys_create)
-
-    rotate = ksub.add_parser("rotate", parents=[common], help="new active key; old one decrypt-only")
-    rotate.add_argument("--tenant", required=True, type=_tenant)
-    rotate.set_defaults(func=cmd_keys_rotate)
-
-    retire = ksub.add_parser("retire", parents=[common], help="destroy a decrypt-only key (irreversible)")
-    retire.add_argument("--tenant", required=True, type=_tenant)
-    retire.add_argument("--key-id", required=True)
-    retire.set_defaults(func=cmd_keys_retire)
-
-    listing = ksub.add_parser("list", parents=[common], help="table of keys (never their material)")
-    listing.add_argument("--tenant", type=_tenant, help="only this tenant's keys")
-    listing.set_defaults(func=cmd_keys_list)

@@ -11,20 +11,16 @@ can use these commands. Exit codes: 0 done, 1 no gateway answered or it refused,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import grpc
 
 from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import admin_pb2, admin_pb2_grpc
+from control.cli.output import err as _err
 from gateway import config as config_mod
 
-__all__ = ["add_lockout_commands"]
-
-
-def _err(message: str) -> None:
-    print(f"airlock: {message}", file=sys.stderr, flush=True)
+__all__ = ["cmd_lockout_clear", "cmd_lockout_list"]
 
 
 def _socket(args: argparse.Namespace) -> Path | None:
@@ -85,26 +81,3 @@ def cmd_lockout_clear(args: argparse.Namespace) -> int:
     if not reply.cleared:
         print("nothing to clear: no lockout or failures matched")
     return 0
-
-
-def add_lockout_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    where = argparse.ArgumentParser(add_help=False, parents=[common])
-    where.add_argument(
-        "--socket", type=Path, help="the gateway's admin socket (default: gateway.admin_socket)"
-    )
-    where.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway")
-    lockout = sub.add_parser("lockout", help="list and clear a running gateway's lockouts")
-    lsub = lockout.add_subparsers(dest="lockout_command", required=True)
-
-    listing = lsub.add_parser("list", parents=[where], help="table of lockouts and recent failures")
-    listing.set_defaults(func=cmd_lockout_list)
-
-    clear = lsub.add_parser("clear", parents=[where], help="lift lockouts (audited)")
-    which = clear.add_mutually_exclusive_group(required=True)
-    which.add_argument("--subject", help="a verified identity: acme/alice, or a service's SPIFFE ID")
-    which.add_argument("--peer", help="a client address, as `list` shows it after peer:")
-    which.add_argument("--key", help="one key exactly as `list` shows it")
-    which.add_argument("--all", action="store_true", help="every lockout and failure count")
-    clear.set_defaults(func=cmd_lockout_clear)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control.audit_verify import Head, head_document, load_head, load_public_keys, logs_in, verify_log
+from control.cli.output import err as _err
 from control.pki import ensure_dev_pki
 from gateway import config as config_mod
 from serving.bundle import (
@@ -36,11 +36,15 @@ from serving.bundle import (
     verify_bundle,
 )
 
-__all__ = ["add_ops_commands"]
-
-
-def _err(message: str) -> None:
-    print(f"airlock: {message}", file=sys.stderr, flush=True)
+__all__ = [
+    "cmd_audit_head",
+    "cmd_audit_verify",
+    "cmd_bundle_create",
+    "cmd_bundle_keygen",
+    "cmd_bundle_sign",
+    "cmd_bundle_verify",
+    "cmd_health",
+]
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
@@ -200,63 +204,3 @@ def _local(address: str) -> str:
     """A wildcard listen address, probed from inside the same host or container, is loopback."""
     host, _, port = address.rpartition(":")
     return {"0.0.0.0": f"127.0.0.1:{port}", "[::]": f"[::1]:{port}"}.get(host, address)
-
-
-def add_ops_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
-    audit = sub.add_parser("audit", help="verify the tamper-evident audit trail")
-    asub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = asub.add_parser("verify", parents=[common], help="check hash chains and signatures")
-    where = verify.add_mutually_exclusive_group()
-    where.add_argument("--dir", type=Path, help="verify every log in DIR (default: the configured one's)")
-    where.add_argument("--file", type=Path, help="verify one log (its rotated files come with it)")
-    verify.add_argument(
-        "--key", type=Path, help="PEM file of Ed25519 public keys, old ones too (default: the dev audit key)"
-    )
-    verify.add_argument(
-        "--require-signed", action="store_true", help="fail when any record is covered by no signature"
-    )
-    verify.add_argument(
-        "--expect-head", type=Path, metavar="HEAD", help="fail unless the log still holds this head "
-        "(a file written by `airlock audit head`)",
-    )  # fmt: skip
-    verify.set_defaults(func=cmd_audit_verify)
-    head = asub.add_parser("head", parents=[common], help="print the last signed chain head (JSON)")
-    head.add_argument("--file", type=Path, help="the log (default: the configured one)")
-    head.add_argument(
-        "--key", type=Path, help="PEM file of Ed25519 public keys, old ones too (default: the dev audit key)"
-    )
-    head.set_defaults(func=cmd_audit_head)
-
-    bundle = sub.add_parser("bundle", help="create, sign and verify signed model bundles")
-    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
-    keygen = bsub.add_parser("keygen", help="make an Ed25519 signing key and its public half")
-    keygen.add_argument("--out", type=Path, required=True)
-    keygen.set_defaults(func=cmd_bundle_keygen)
-    create = bsub.add_parser("create", help="write the manifest of sha256 digests")
-    create.add_argument("dir", type=Path)
-    create.add_argument("--name", help="bundle name (default: the directory's)")
-    create.set_defaults(func=cmd_bundle_create)
-    sign = bsub.add_parser("sign", parents=[common], help="sign the manifest")
-    sign.add_argument("dir", type=Path)
-    sign.add_argument("--key", type=Path, help="Ed25519 private key (default: the dev bundle key)")
-    sign.set_defaults(func=cmd_bundle_sign)
-    check = bsub.add_parser("verify", parents=[common], help="check signature and every file")
-    check.add_argument("dir", type=Path)
-    check.add_argument("--trusted-keys", type=Path, help="PEM public keys (default: bundles.trusted_keys)")
-    check.set_defaults(func=cmd_bundle_verify)
-
-    health = sub.add_parser("health", parents=[common], help="gRPC health check of a gateway")
-    health.add_argument("--address", help="HOST:PORT (default: gateway.listen)")
-    health.add_argument("--ca", type=Path, help="CA certificate (default: the dev CA)")
-    health.add_argument("--server-name", help="TLS name to expect when the address is not it")
-    health.add_argument("--cert", type=Path, help="client certificate, for servers that require mTLS")
-    health.add_argument("--key", type=Path, help="the client certificate's key")
-    health.add_argument(
-        "--service", default="",
-        help="service name ('' = the whole server; tenant/NAME needs --token or --cert of that tenant)",
-    )  # fmt: skip
-    health.add_argument("--token", help="a bearer token, for a tenant's own status on the token port")
-    health.add_argument("--timeout", type=float, default=5.0)
-    health.set_defaults(func=cmd_health)

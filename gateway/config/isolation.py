@@ -11,9 +11,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.config import Config, TenantConfig, _Parser
+    from gateway.config.parser import Parser
+    from gateway.config.schema import Config, TenantConfig
 
-__all__ = ["ISOLATION_LEVELS", "SHARED", "parse_shared_domains", "parse_tenant_isolation", "shared_models"]
+__all__ = [
+    "ISOLATION_LEVELS",
+    "SHARED",
+    "parse_domains",
+    "parse_shared_domains",
+    "parse_tenant_isolation",
+    "shared_models",
+]
 
 ISOLATION_LEVELS = ("dedicated", "shared")
 # What the launcher, the supervisor's audit trail and metrics call a shared worker's tenant: never a
@@ -21,7 +29,7 @@ ISOLATION_LEVELS = ("dedicated", "shared")
 SHARED = "shared"
 
 
-def parse_tenant_isolation(parser: _Parser, table: dict[str, Any], key: str) -> str:
+def parse_tenant_isolation(parser: Parser, table: dict[str, Any], key: str) -> str:
     """`[tenants.T] isolation`: "dedicated" (default) or "shared"; a shared tenant has no domains."""
     level = parser.get(table, f"{key}.isolation", str, "dedicated")
     if level not in ISOLATION_LEVELS:
@@ -36,7 +44,7 @@ def parse_tenant_isolation(parser: _Parser, table: dict[str, Any], key: str) -> 
 
 
 def parse_shared_domains(
-    parser: _Parser, raw: dict[str, Any], tenants: dict[str, TenantConfig]
+    parser: Parser, raw: dict[str, Any], tenants: dict[str, TenantConfig]
 ) -> dict[str, tuple[str, ...]]:
     """`[shared] domains`: the GPUs of a model's shared worker, checked like a tenant's domains (a
     device belongs to one worker) and only for models some shared tenant uses."""
@@ -55,7 +63,7 @@ def parse_shared_domains(
         for model, devices in t.domains.items()
         for device in devices
     }
-    return parser.domains(table, "shared", models, taken)
+    return parse_domains(parser, table, "shared", models, taken)
 
 
 def shared_models(config: Config) -> dict[str, tuple[str, ...]]:
@@ -66,3 +74,30 @@ def shared_models(config: Config) -> dict[str, tuple[str, ...]]:
             for model in tenant.models:
                 out.setdefault(model, []).append(tenant.name)
     return {model: tuple(sorted(names)) for model, names in out.items()}
+
+
+def parse_domains(
+    parser: Parser, table: dict[str, Any], key: str, models: list[str], taken: dict[str, str]
+) -> dict[str, tuple[str, ...]]:
+    """`domains = { MODEL = ["GPU-…"] }`: the CUDA UUIDs of each model's worker; a device belongs to one
+    worker at a time (`taken` names who has it)."""
+    raw = parser.get(table, f"{key}.domains", dict, {})
+    out = {}
+    for model, devices in raw.items():
+        where = f"{key}.domains.{model}"
+        if model not in models:
+            raise parser.fail(where, "not one of this tenant's models")
+        uuids = isinstance(devices, list) and all(
+            isinstance(d, str) and d.startswith(("GPU-", "MIG-")) for d in devices
+        )
+        if not devices or not uuids:
+            raise parser.fail(where, "must list CUDA UUIDs (GPU-… or MIG-…), as `airlock domains` prints")
+        if any(d.startswith("MIG-") for d in devices) and len(devices) > 1:
+            raise parser.fail(where, "a MIG instance is a domain on its own (MIG slices can't be grouped)")
+        for device in devices:
+            # A domain belongs to one worker, hence one tenant, at a time.
+            if device in taken:
+                raise parser.fail(where, f"{device} is already the domain of {taken[device]}")
+            taken[device] = f"{key}.domains.{model}"
+        out[model] = tuple(devices)
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.config import _Parser
+    from gateway.config.parser import Parser
 
 __all__ = [
     "FSYNC_POLICIES",
@@ -118,10 +118,9 @@ class SealingConfig:
 
     hpke_suite: str = "mlkem768-x25519"  # how keys are sealed to workers: or "x25519"
     reattest_seconds: float = 600.0  # a worker is attested again at least this often
-    attestation_ca: Path | None = None  # CA of worker attestation certificates; None: the dev one
 
 
-def parse_keys(p: _Parser, raw: dict[str, Any]) -> KeysConfig:
+def parse_keys(p: Parser, raw: dict[str, Any]) -> KeysConfig:
     t = p.table(raw, "keys", {"backend", "store", "file", "pkcs11"})
     backend = p.get(t, "keys.backend", str, "file")
     if backend not in ("file", "pkcs11"):
@@ -147,12 +146,12 @@ def parse_keys(p: _Parser, raw: dict[str, Any]) -> KeysConfig:
     return KeysConfig(backend, _keys_path(p, t, "keys.store"), FileKeysConfig(master), pkcs11)
 
 
-def _keys_path(p: _Parser, table: dict[str, Any], key: str) -> Path | None:
+def _keys_path(p: Parser, table: dict[str, Any], key: str) -> Path | None:
     value = p.get(table, key, str, "")
     return Path(value).expanduser().absolute() if value else None
 
 
-def parse_quota(p: _Parser, raw: dict[str, Any]) -> QuotaConfig:
+def parse_quota(p: Parser, raw: dict[str, Any]) -> QuotaConfig:
     t = p.table(raw, "quota", {"backend", "redis_url", "key_prefix", "lease_seconds"})
     d = QuotaConfig()
     backend = p.get(t, "quota.backend", str, d.backend)
@@ -170,7 +169,7 @@ def parse_quota(p: _Parser, raw: dict[str, Any]) -> QuotaConfig:
     return QuotaConfig(backend, url, prefix, lease)
 
 
-def parse_telemetry(p: _Parser, raw: dict[str, Any]) -> TelemetryConfig:
+def parse_telemetry(p: Parser, raw: dict[str, Any]) -> TelemetryConfig:
     t = p.table(raw, "telemetry", {"traces", "otlp_endpoint", "service_name"})
     d = TelemetryConfig()
     return TelemetryConfig(
@@ -180,7 +179,7 @@ def parse_telemetry(p: _Parser, raw: dict[str, Any]) -> TelemetryConfig:
     )
 
 
-def parse_audit(p: _Parser, raw: dict[str, Any]) -> AuditConfig:
+def parse_audit(p: Parser, raw: dict[str, Any]) -> AuditConfig:
     keys = {
         "path", "fsync", "fsync_interval_seconds", "rotate_bytes", "sign_every_records",
         "sign_every_seconds", "signing_key",
@@ -212,7 +211,7 @@ def parse_audit(p: _Parser, raw: dict[str, Any]) -> AuditConfig:
     )
 
 
-def parse_bundles(p: _Parser, raw: dict[str, Any]) -> BundleConfig:
+def parse_bundles(p: Parser, raw: dict[str, Any]) -> BundleConfig:
     t = p.table(raw, "bundles", {"trusted_keys", "require_signed"})
     keys = p.get(t, "bundles.trusted_keys", str, "")
     return BundleConfig(
@@ -221,7 +220,7 @@ def parse_bundles(p: _Parser, raw: dict[str, Any]) -> BundleConfig:
     )
 
 
-def parse_sealing(p: _Parser, raw: dict[str, Any]) -> SealingConfig:
+def parse_sealing(p: Parser, raw: dict[str, Any]) -> SealingConfig:
     t = p.table(raw, "sealing", {"hpke_suite", "reattest_seconds", "attestation_ca"})
     d = SealingConfig()
     suite = p.get(t, "sealing.hpke_suite", str, d.hpke_suite)
@@ -230,11 +229,12 @@ def parse_sealing(p: _Parser, raw: dict[str, Any]) -> SealingConfig:
     seconds = p.get(t, "sealing.reattest_seconds", float, d.reattest_seconds)
     if not 0 < seconds <= 86400:
         raise p.fail("sealing.reattest_seconds", "must be in (0, 86400]")
-    ca = p.get(t, "sealing.attestation_ca", str, "")
-    return SealingConfig(suite, seconds, Path(ca).expanduser().absolute() if ca else None)
+    if "attestation_ca" in t:
+        raise p.fail("sealing.attestation_ca", "moved: the attestation CA is [tls] attestation_ca")
+    return SealingConfig(suite, seconds)
 
 
-def parse_supervisor(p: _Parser, raw: dict[str, Any]) -> SupervisorConfig:
+def parse_supervisor(p: Parser, raw: dict[str, Any]) -> SupervisorConfig:
     keys = {"restart", "backoff_seconds", "backoff_max_seconds", "health_interval_seconds",
             "metrics_listen", "scrub", "arena_mb"}  # fmt: skip
     t = p.table(raw, "supervisor", keys)

@@ -2,8 +2,9 @@
 
 Metadata (tenant, key id, state, created, the wrapped key) lives in one JSON store file, written
 atomically under a lock file so CLI invocations and a running gateway never see half a change.
-How a data key is wrapped is the backend's business: `FileKeystore` (keystore_file.py, a master key
-file) or `Pkcs11Keystore` (keystore_pkcs11.py, key-encryption keys that never leave an HSM token).
+How a data key is wrapped is the backend's business: `FileKeystore` (file.py, a master key file)
+or `Pkcs11Keystore` (pkcs11.py, key-encryption keys that never leave an HSM token);
+`gateway.keys.open_keystore` opens the one the configuration names.
 
 Lifecycle of a key: active (seals and opens) -> decrypt-only (opens only, after a rotation) ->
 retired (its wrapped key is destroyed; the id stays recorded so it is never reused).
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
-    from gateway.config import KeysConfig
+    pass
 
 __all__ = [
     "KeyInfo",
@@ -40,7 +41,6 @@ __all__ = [
     "StoredKeystore",
     "check_private_file",
     "ensure_tenant_keys",
-    "open_keystore",
 ]
 
 KeyState = Literal["active", "decrypt-only", "retired"]
@@ -361,18 +361,6 @@ def _find(records: dict[str, _Record], tenant: str, key_id: str) -> _Record:
     if record.info.state == "retired":
         raise KeyNotFoundError(f"key {key_id} of tenant {tenant!r} is retired")
     return record
-
-
-def open_keystore(config: KeysConfig, state_dir: Path) -> Keystore:
-    """The keystore the `[keys]` configuration describes (files default under state_dir/keys)."""
-    store = config.store or state_dir / "keys" / "keystore.json"
-    if config.backend == "pkcs11":
-        from gateway.keys.pkcs11 import Pkcs11Keystore
-
-        return Pkcs11Keystore.from_config(config.pkcs11, store)
-    from gateway.keys.file import FileKeystore
-
-    return FileKeystore(store, config.file.master_key or state_dir / "keys" / "master.key")
 
 
 def ensure_tenant_keys(keystore: Keystore, tenants: Iterable[str]) -> list[KeyInfo]:

@@ -169,4 +169,4 @@ def test_every_name_a_model_can_be_configured_under_passes(model: str) -> None:
 def test_the_model_bound_is_the_one_configuration_allows() -> None:
     from gateway import config as config_mod
 
-    assert config_mod._NAME.pattern == MODEL_NAME.pattern  # a configured model always passes
+    assert config_mod.NAME.pattern == MODEL_NAME.pattern  # a configured model always passes

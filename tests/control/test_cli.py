@@ -13,7 +13,7 @@ from tests.support import LiveStack
 
 def airlock(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())", *args],
+        [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -97,7 +97,7 @@ def test_up_creates_a_key_for_each_tenant_that_has_none(tmp_path: Path) -> None:
     ok(site, "create", "--tenant", "acme")
     existing = site.open().active("acme")[0]
     up = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())", "up",
+        [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())", "up",
          "--listen", "127.0.0.1:0", "--config", str(site.config), "--state-dir", str(site.state_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from control.cli.main import main
+from control.cli import main
 from control.pki import ensure_dev_pki
 from gateway.audit import AuditLog, load_signing_key
 from tests.support import LiveStack

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from control.cli.main import main
+from control.cli import main
 from gateway.policy.lint import lint
 from gateway.policy.rules import load_policy
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from control.cli.main import build_parser
+from control.cli import build_parser
 from gateway import config as config_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,12 +55,15 @@ def test_multi_stage_on_cuda_bases(instructions: list[dict[str, str]]) -> None:
 
 def test_install_reuses_the_makefile_bootstrap_with_the_gpu_extra(instructions: list[dict[str, str]]) -> None:
     runs = " ".join(values(stages(instructions)[0], "RUN"))
-    assert "./scripts/bootstrap.sh" in runs and "AIRLOCK_EXTRAS=gpu" in runs
+    assert "./scripts/bootstrap.sh" in runs and "AIRLOCK_EXTRAS=gateway,gpu" in runs
     assert "./scripts/bootstrap.sh" in (ROOT / "Makefile").read_text()
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
     assert all(knob in bootstrap for knob in ("AIRLOCK_EXTRAS", "AIRLOCK_TORCH", "AIRLOCK_EDITABLE", "VENV"))
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert "vllm" in extras["gpu"]
+    assert "vllm" in extras["gpu"] and "airlock[worker]" in extras["gpu"]
+    # The image holds every package the processes it runs import.
+    copied = {c.split()[0].rstrip("/") for c in values(stages(instructions)[0], "COPY")}
+    assert {"airlock", "serving", "gateway", "control", "worker"} <= copied
 
 
 def test_every_copied_path_exists(instructions: list[dict[str, str]]) -> None:
@@ -99,7 +102,7 @@ def test_healthcheck_is_the_grpc_health_command(instructions: list[dict[str, str
     command = json.loads(health.split("CMD", 1)[1].strip())
     assert command[:2] == ["airlock", "health"]
     args = build_parser().parse_args(command[1:])  # fails if the CLI has no such flags
-    assert args.func.__name__ == "cmd_health"
+    assert args.handler == "ops:cmd_health"
     [entrypoint], [cmd] = values(final, "ENTRYPOINT"), values(final, "CMD")
     assert json.loads(entrypoint) == ["airlock"]
-    assert build_parser().parse_args(json.loads(cmd)).func.__name__ == "cmd_up"
+    assert build_parser().parse_args(json.loads(cmd)).handler == "stack:cmd_up"

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from control.cli.main import build_parser
+from control.cli import build_parser
 from gateway import config as config_mod
 from gateway.main import parse_route
 from worker.main import parse_args as worker_args
@@ -108,7 +108,7 @@ def test_the_gateway_runs_several_replicas_routed_to_existing_workers() -> None:
     for probe in ("readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
         assert command[:2] == ["airlock", "health"]
-        assert build_parser().parse_args(command[1:]).func.__name__ == "cmd_health"
+        assert build_parser().parse_args(command[1:]).handler == "ops:cmd_health"
 
 
 def test_redis_holds_the_shared_quota_state() -> None:

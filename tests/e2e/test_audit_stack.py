@@ -12,7 +12,7 @@ import pytest
 
 from airlock import PermissionDeniedError, UnavailableError
 from control.audit_verify import load_public_key, verify_log
-from control.cli.main import main
+from control.cli import main
 from control.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML
 from tests.support import LiveStack

@@ -17,7 +17,7 @@ from airlock.envelope import SealError
 from airlock.sealing import open_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from gateway.keys.store import open_keystore
+from gateway.keys import open_keystore
 from tests.conftest import ECHO_TOML, make_policy_dir
 from tests.support import LiveStack
 

@@ -24,7 +24,7 @@ from airlock.envelope import Opener, SealError
 from airlock.sealing import response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from gateway.keys.store import open_keystore
+from gateway.keys import open_keystore
 from tests.conftest import _start, make_policy_dir
 from tests.support import LiveStack
 

@@ -174,7 +174,7 @@ def test_killed_launcher_leaves_no_orphan_even_after_a_restart(tmp_path: Path) -
     config = tmp_path / "airlock.toml"
     config.write_text(f'policy_dir = "{make_policy_dir(tmp_path / "policy")}"\n' + TOML)
     up = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())", "up",
+        [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())", "up",
          "--config", str(config), "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

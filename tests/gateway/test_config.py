@@ -16,6 +16,7 @@ from gateway.config import (
     ModelConfig,
     MtlsConfig,
     TenantConfig,
+    TlsConfig,
     load,
 )
 from tests.config_files import MINIMAL, refused_config, write_config
@@ -80,8 +81,12 @@ def test_a_full_file_is_parsed(tmp_path: Path) -> None:
         issuer = "airlock-dev"
 
         [auth.mtls]
-        ca_file = "{tmp_path / "services-ca.pem"}"
         trust_domain = "bank.example"
+
+        [tls]
+        cert = "{tmp_path / "gw.crt"}"
+        key = "{tmp_path / "gw.key"}"
+        service_ca = "{tmp_path / "services-ca.pem"}"
 
         [lockout]
         max_failures = 3
@@ -124,7 +129,16 @@ def test_a_full_file_is_parsed(tmp_path: Path) -> None:
         ),
         leeway_seconds=5,
         max_token_bytes=4096,
-        mtls=MtlsConfig(tmp_path / "services-ca.pem", "bank.example"),
+        mtls=MtlsConfig("bank.example"),
+    )
+    assert cfg.tls == TlsConfig(
+        cert=tmp_path / "gw.crt", key=tmp_path / "gw.key", service_ca=tmp_path / "services-ca.pem"
+    )
+    files = cfg.tls_files
+    assert (files.cert, files.service_ca) == (tmp_path / "gw.crt", tmp_path / "services-ca.pem")
+    assert files.worker_ca == cfg.state_dir / "pki" / "ca.crt" and files.dev == (
+        "worker_ca",
+        "attestation_ca",
     )
     assert cfg.auth.dev_issuer == IssuerConfig("airlock-dev", None, ("EdDSA", "ES256"))
     assert cfg.lockout == LockoutConfig(3, 10.0, 60.0)
@@ -336,3 +350,24 @@ def test_a_tenant_model_that_is_not_a_string_is_refused(tmp_path: Path, entry: s
 def test_the_example_file_parses(tmp_path: Path) -> None:
     cfg = load(EXAMPLE, state_dir=tmp_path)
     assert cfg.models and cfg.tenants
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "reason"),
+    [
+        ('[auth.mtls]\nca_file = "/x.pem"', "auth.mtls.ca_file", "moved: the service CA is [tls] service_ca"),
+        (
+            '[sealing]\nattestation_ca = "/x.crt"',
+            "sealing.attestation_ca",
+            "moved: the attestation CA is [tls] attestation_ca",
+        ),
+        ('[tls]\ncert = "/x.crt"', "tls.key", "set tls.cert and tls.key together"),
+        ('[tls]\nworker_key = "/x"', "tls.worker_key", "unknown key"),
+    ],
+)
+def test_tls_keys_and_the_ones_they_replaced(tmp_path: Path, toml: str, key: str, reason: str) -> None:
+    path = tmp_path / "airlock.toml"
+    path.write_text(toml + '\n[models.m]\nengine = "echo"\n[tenants.t]\nmodels = ["m"]\n')
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert (err.value.key, err.value.reason) == (key, reason)

@@ -140,7 +140,7 @@ def test_concurrent_cli_rotations_lose_no_update(site: Site) -> None:
     site.open().create("acme")
     script = (
         "import sys; from pathlib import Path; from gateway.config import load\n"
-        "from gateway.keys.store import open_keystore\n"
+        "from gateway.keys import open_keystore\n"
         "cfg = load(Path(sys.argv[1]), state_dir=Path(sys.argv[2]))\n"
         "ks = open_keystore(cfg.keys, cfg.state_dir)\n"
         "for _ in range(5): ks.rotate('acme')\n"

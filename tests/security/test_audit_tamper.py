@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from control.cli.main import main
+from control.cli import main
 from gateway import audit as audit_mod
 from gateway.audit import AuditLog, record_hash, signed_message
 from gateway.config import AuditConfig

@@ -62,7 +62,7 @@ def lockout_cli(stack: LiveStack, *args: str) -> subprocess.CompletedProcess[str
     """`airlock lockout ...` as an operator runs it, against this stack's admin socket."""
     socket = stack.stack.admin_socket
     assert socket is not None
-    code = "from control.cli.main import main; raise SystemExit(main())"
+    code = "from control.cli import main; raise SystemExit(main())"
     return subprocess.run(
         [sys.executable, "-c", code, "lockout", *args, "--socket", socket],
         capture_output=True, text=True, timeout=60, check=False,
@@ -222,7 +222,7 @@ async def test_airlock_lockout_finds_the_socket_of_airlock_up_from_the_configura
     config = tmp_path / "airlock.toml"
     config.write_text(f'policy_dir = "{make_policy_dir(tmp_path / "policy")}"\n' + ECHO_TOML)
     state = tmp_path / "state"
-    code = "from control.cli.main import main; raise SystemExit(main())"
+    code = "from control.cli import main; raise SystemExit(main())"
     listing = [
         sys.executable,
         "-c",

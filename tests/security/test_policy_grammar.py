@@ -19,7 +19,7 @@ import casbin
 import pytest
 from casbin.persist.adapters import FileAdapter
 
-from control.cli.main import main
+from control.cli import main
 from gateway.policy import rules as policy_mod
 from gateway.policy.lint import lint, lint_directory
 from gateway.policy.rules import PolicyError, load_policy

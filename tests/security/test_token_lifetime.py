@@ -128,7 +128,7 @@ def test_dev_tokens_stay_within_the_cap(echo_stack: LiveStack) -> None:
 
 @pytest.mark.parametrize("ttl", ["0", "-5", str(DAY + 1)])
 def test_airlock_token_refuses_a_ttl_the_gateway_would_refuse(echo_stack: LiveStack, ttl: str) -> None:
-    code = "from control.cli.main import main; raise SystemExit(main())"
+    code = "from control.cli import main; raise SystemExit(main())"
     args = ["token", "--tenant", "acme", "--subject", "tester", "--ttl", ttl,
             "--state-dir", str(echo_stack.config.state_dir)]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)

@@ -120,7 +120,7 @@ def test_airlock_domains_without_nvml_lists_the_cpu_domain() -> None:
     if importlib.util.find_spec("pynvml") is not None:
         pytest.skip("nvidia-ml-py is installed here: `airlock domains` lists what NVML finds instead")
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())", "domains"],
+        [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())", "domains"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ from worker.isolation.plan import MODELS, GiB, PlanError, domain_shape, plan
 
 def airlock_plan(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from control.cli.main import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from control.cli import main; sys.exit(main())",
          "plan", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -149,7 +149,7 @@ async def test_the_gateway_releases_no_key_to_a_shared_worker_for_a_tenant_not_o
     """Whatever the routes say: the worker's own signed statement says it is shared."""
     from gateway.audit import AuditLog
     from gateway.config import KeysConfig
-    from gateway.keys.store import ensure_tenant_keys, open_keystore
+    from gateway.keys import ensure_tenant_keys, open_keystore
     from gateway.sealing import GatewaySealing
 
     keystore = open_keystore(KeysConfig(), tmp_path)
