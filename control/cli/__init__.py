@@ -246,8 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         ).returncode
     args = build_parser().parse_args(argv)
     module, _, function = str(args.handler).partition(":")
-    run = getattr(importlib.import_module(f"control.cli.{module}"), function)
     from control.cli.output import err
+
+    try:
+        run = getattr(importlib.import_module(f"control.cli.{module}"), function)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in (
+            "airlock",
+            "serving",
+            "gateway",
+            "control",
+            "worker",
+        ):
+            raise
+        err(f"`airlock {args.command}` needs the server packages ({exc.name} is not installed): "
+            "pip install 'airlock[gateway]'")  # fmt: skip
+        return 2
     from gateway.config import ConfigError
     from gateway.keys import KeystoreError
 
