@@ -1,4 +1,4 @@
-"""A worker's settings: one frozen object, written once here, that the launcher writes and the worker reads.
+"""A worker's settings: one frozen object, defined once, that the launcher writes and the worker reads.
 
     python -m worker --settings run/worker-acme-smollm2.settings.json
 
@@ -181,7 +181,7 @@ class WorkerSettings:
         if not self.model_path:
             raise SettingsError("model_path", 'must be "bundled" or a model directory')
         host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
+        if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise SettingsError("listen", "must be HOST:PORT (port 0: any free port)")
         if len(self.tenants) > 1 and self.isolation != "shared":
             raise SettingsError("isolation", 'serving several tenants needs isolation "shared"')
