@@ -3,6 +3,9 @@
 Tenants with `isolation = "shared"` have no workers of their own: every model they use gets one
 shared worker (key `("shared", MODEL)`), serving all of them.
 
+Each worker is started as `python -m worker --settings run/<worker>.settings.json`: the launcher
+builds its `WorkerSettings` from the configuration, the domain and the dev PKI, and writes it there.
+
 Used by `airlock up` and by the end-to-end tests. Children run in their own process groups with a
 parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind.
 """
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,6 +33,14 @@ from gateway.audit import AuditLog, load_signing_key
 from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
 from gateway.config.isolation import SHARED, shared_models
 from gateway.keys import ensure_tenant_keys, open_keystore
+from serving.settings import (
+    BundleTrust,
+    DomainSettings,
+    RequestLimits,
+    TenantIdentity,
+    TlsFiles,
+    WorkerSettings,
+)
 
 __all__ = ["Child", "Stack", "StackError"]
 
@@ -77,11 +89,10 @@ class Stack:
         self.pki: DevPki | None = None
         self.workers: dict[tuple[str, str], Child] = {}
         self.gateway: Child | None = None
-        # Isolation domains (CPU arenas) per worker, the arguments that start each worker (for
-        # restarts), and the supervisor that scrubs and restarts them.
+        # Isolation domains (CPU arenas) per worker, the settings each worker runs with (a restart
+        # reads the same file again), and the supervisor that scrubs and restarts them.
         self.domains: dict[tuple[str, str], Domain] = {}
-        self._worker_args: dict[tuple[str, str], list[str]] = {}
-        self._ports: dict[tuple[str, str], int] = {}  # a restarted worker binds its first port again
+        self.settings: dict[tuple[str, str], WorkerSettings] = {}
         self.supervisor: Supervisor | None = None
         self.supervisor_metrics_port: int | None = None
 
@@ -152,18 +163,20 @@ class Stack:
             signing_key=load_signing_key(self.config.audit_signing_key),
         )  # fmt: skip
         self.supervisor = supervisor = Supervisor(self, sup, audit, SupervisorMetrics())
-        for key, (args, domain) in self._worker_plan(pki).items():
-            self.domains[key], self._worker_args[key] = domain, args
+        for key, (settings, domain) in self._worker_plan(pki).items():
+            self.domains[key] = domain
+            self._write_settings(key, settings)
             # Whatever an earlier worker left in the domain goes before this one gets it.
             scrubbed = supervisor.scrub(key, "start")
             if not scrubbed["verified"]:
                 raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
                                  f"{scrubbed.get('reason')}")  # fmt: skip
             # Pinned to its domain: its GPUs (by UUID) only, or none for a CPU domain.
-            self.workers[key] = self._spawn(f"worker-{key[0]}-{key[1]}", args, domain.env)
+            self.workers[key] = self._spawn_worker(key)
         deadline = time.monotonic() + timeout
         self._wait_ready(list(self.workers.values()), deadline, progress)
-        self._ports = {key: child.port for key, child in self.workers.items()}
+        for key, child in self.workers.items():  # a restarted worker binds its first port again
+            self._write_settings(key, replace(self.settings[key], listen=f"127.0.0.1:{child.port}"))
         routes = []
         for tenant in self.config.tenants.values():  # in each tenant's model order: its first is its default
             for model in tenant.models:
@@ -189,84 +202,91 @@ class Stack:
                 "ca": str(pki.ca_cert), "admin_socket": self.admin_socket}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
 
-    def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[list[str], Domain]]:
+    def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[WorkerSettings, Domain]]:
         """Every worker to start: one per (dedicated tenant, model), one per shared model."""
         plan = {}
         for tenant in self.config.tenants.values():
             if tenant.isolation == "dedicated":
                 for model in tenant.models:
-                    plan[(tenant.name, model)] = self.worker_command(pki, tenant, self.config.models[model])
+                    plan[(tenant.name, model)] = self.worker_settings(pki, tenant, self.config.models[model])
         for model, tenants in shared_models(self.config).items():
-            plan[(SHARED, model)] = self.shared_worker_command(pki, tenants, self.config.models[model])
+            plan[(SHARED, model)] = self.shared_worker_settings(pki, tenants, self.config.models[model])
         return plan
 
-    def worker_command(
+    def worker_settings(
         self, pki: DevPki, tenant: TenantConfig, model: ModelConfig
-    ) -> tuple[list[str], Domain]:
-        """The arguments of one (tenant, model) worker, and the isolation domain it is pinned to."""
+    ) -> tuple[WorkerSettings, Domain]:
+        """The settings of one (tenant, model) worker, and the isolation domain it is pinned to."""
         devices = tenant.domains.get(model.name, ())
         domain = Domain.for_worker(self.run_dir, f"worker-{tenant.name}-{model.name}", devices)
-        return self._worker_args_for(pki, (tenant.name,), model, domain, self.config.supervisor.scrub), domain
+        settings = self._settings_for(pki, (tenant.name,), model, domain, self.config.supervisor.scrub)
+        return settings, domain
 
-    def shared_worker_command(
+    def shared_worker_settings(
         self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig
-    ) -> tuple[list[str], Domain]:
+    ) -> tuple[WorkerSettings, Domain]:
         """One model's shared worker: every opted-in tenant, each with its attestation identity."""
         devices = self.config.shared_domains.get(model.name, ())
         domain = Domain.for_worker(self.run_dir, f"worker-{SHARED}-{model.name}", devices)
         # State is zeroed between tenants whatever dedicated workers do ("off" leaves it to the exit scrub).
         scrub = "request" if self.config.supervisor.scrub == "request" else "tenant-switch"
-        args = self._worker_args_for(pki, tenants, model, domain, scrub)
-        return [*args, "--isolation", "shared"], domain
+        return self._settings_for(pki, tenants, model, domain, scrub, isolation="shared"), domain
 
-    def _worker_args_for(
-        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig, domain: Domain, scrub: str
-    ) -> list[str]:
-        limits = self.config.gateway.limits
-        sup = self.config.supervisor
+    def _settings_for(
+        self,
+        pki: DevPki,
+        tenants: tuple[str, ...],
+        model: ModelConfig,
+        domain: Domain,
+        scrub: str,
+        isolation: str = "dedicated",
+    ) -> WorkerSettings:
         identities = []
-        for tenant in tenants:  # each tenant: its name, then its attestation certificate and key
+        for tenant in tenants:  # each tenant with its own attestation certificate and key
             attest = worker_attestation_cert(pki, tenant, self.config.auth.mtls.trust_domain)
-            identities += ["--tenant", tenant, "--attest-cert", str(attest.cert),
-                           "--attest-key", str(attest.key)]  # fmt: skip
-        args = [
-            "-m", "worker",
-            *identities,
-            "--model", model.name,
-            "--engine", model.engine,
-            "--model-path", model.path,
-            "--cache-dir", str(self.config.model_cache_dir),
-            "--tls-cert", str(pki.worker_cert),
-            "--tls-key", str(pki.worker_key),
-            "--client-ca", str(pki.ca_cert),
-            "--max-tokens", str(limits.max_tokens),
-            "--default-max-tokens", str(limits.default_max_tokens),
-            "--echo-tokens-per-second", str(model.tokens_per_second),
-            "--threads", str(model.threads),
-            "--max-message-bytes", str(self.config.gateway.max_message_bytes),
-            "--arena", str(domain.arena),
-            "--arena-bytes", str(sup.arena_mb << 20),
-            "--canary-file", str(domain.canaries),
-            "--scrub", scrub,
-            "--device", domain.device,
-            *self._bundle_args(pki, model.path),
-            "--hpke-suite", self.config.sealing.hpke_suite,
-        ]  # fmt: skip
-        if model.engine == "vllm":
-            args += ["--tensor-parallel-size", str(max(1, len(domain.devices)))]
-        if model.allow_special_tokens:
-            args.append("--allow-special-tokens")
-        return args
+            identities.append(TenantIdentity(tenant, attest.cert, attest.key))
+        gateway = self.config.gateway
+        return WorkerSettings(
+            tenants=tuple(identities),
+            model=model.name,
+            engine=model.engine,
+            model_path=model.path,
+            cache_dir=self.config.model_cache_dir,
+            tls=TlsFiles(pki.worker_cert, pki.worker_key, pki.ca_cert),
+            isolation=isolation,
+            domain=DomainSettings(
+                device=domain.device,
+                arena=domain.arena,
+                arena_bytes=self.config.supervisor.arena_mb << 20,
+                canary_file=domain.canaries,
+                scrub=scrub,
+                tensor_parallel_size=max(1, len(domain.devices)) if model.engine == "vllm" else 1,
+            ),
+            bundles=BundleTrust(
+                trusted_keys=self.config.bundle_trusted_keys,
+                require_signed=self.config.bundles.require_signed,
+                # Only the bundled model is signed with the dev key (when it is converted).
+                signing_key=pki.bundle_key if model.path == "bundled" else None,
+            ),
+            limits=RequestLimits(
+                gateway.limits.max_tokens, gateway.limits.default_max_tokens, gateway.max_message_bytes
+            ),
+            hpke_suite=self.config.sealing.hpke_suite,
+            echo_tokens_per_second=model.tokens_per_second,
+            threads=model.threads,
+            allow_special_tokens=model.allow_special_tokens,
+        )
 
-    def _bundle_args(self, pki: DevPki, model_path: str) -> list[str]:
-        """Bundle trust for a worker; only the bundled model is signed with the dev key (at conversion)."""
-        bundles = self.config.bundles
-        args = ["--trusted-keys", str(self.config.bundle_trusted_keys)]
-        if not bundles.require_signed:
-            args.append("--allow-unsigned")
-        if model_path == "bundled":
-            args += ["--bundle-signing-key", str(pki.bundle_key)]
-        return args
+    def settings_file(self, key: tuple[str, str]) -> Path:
+        return self.run_dir / f"worker-{key[0]}-{key[1]}.settings.json"
+
+    def _write_settings(self, key: tuple[str, str], settings: WorkerSettings) -> None:
+        settings.write(self.settings_file(key))
+        self.settings[key] = settings
+
+    def _spawn_worker(self, key: tuple[str, str]) -> Child:
+        args = ["-m", "worker", "--settings", str(self.settings_file(key))]
+        return self._spawn(f"worker-{key[0]}-{key[1]}", args, self.domains[key].env)
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str]) -> Child:
         log = self.run_dir / f"{name}.log"
@@ -341,9 +361,7 @@ class Stack:
 
         Returns at once; the new child has no `info` until its ready file appears.
         """
-        old = self.workers[key]
-        args = [*self._worker_args[key], "--listen", f"127.0.0.1:{self._ports[key]}"]
-        child = self.workers[key] = self._spawn(old.name, args, self.domains[key].env)
+        child = self.workers[key] = self._spawn_worker(key)  # its settings name its first address
         return child
 
     def kill_worker(self, key: tuple[str, str]) -> None:

@@ -72,11 +72,12 @@ class LiveStack:
         return argv
 
     def restart_worker(self, tenant: str, model: str, argv: list[bytes]) -> None:
-        """Start a killed worker again on the address it had (the gateway reconnects by itself)."""
+        """Start a killed worker again on the address it had (its settings file names it since it
+        was first ready; the gateway reconnects by itself)."""
         child = self.stack.workers[(tenant, model)]
         with child.log.open("ab") as log:
             child.process = subprocess.Popen(
-                [*argv, b"--listen", f"127.0.0.1:{child.port}".encode()],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

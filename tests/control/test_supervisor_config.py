@@ -124,9 +124,8 @@ def test_workers_are_pinned_to_their_domain(tmp_path: Path) -> None:
     stack = Stack(cfg, run_dir=tmp_path / "run")
     pki = ensure_dev_pki(tmp_path)
     acme = cfg.tenants["acme"]
-    args, domain = stack.worker_command(pki, acme, cfg.models["big"])
+    settings, domain = stack.worker_settings(pki, acme, cfg.models["big"])
     assert domain.env == {"CUDA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb"}
-    assert args[args.index("--device") + 1] == "cuda"
-    assert args[args.index("--arena") + 1] == str(domain.arena)
-    args, domain = stack.worker_command(pki, acme, cfg.models["echo"])
-    assert domain.env == {"CUDA_VISIBLE_DEVICES": ""} and args[args.index("--device") + 1] == "cpu"
+    assert settings.domain.device == "cuda" and settings.domain.arena == domain.arena
+    settings, domain = stack.worker_settings(pki, acme, cfg.models["echo"])
+    assert domain.env == {"CUDA_VISIBLE_DEVICES": ""} and settings.domain.device == "cpu"

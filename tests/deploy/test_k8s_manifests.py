@@ -1,7 +1,8 @@
 """deploy/k8s, validated statically: every manifest against the Kubernetes schemas (kubernetes-validate,
 strict: unknown fields are errors), then what matters to Airlock — non-root, read-only root
-filesystems, MIG slices per worker, Maverick on 8 GPUs, Redis for quotas, egress denied — and the
-commands in the manifests parsed by our own argument parsers."""
+filesystems, MIG slices per worker, Maverick on 8 GPUs, Redis for quotas, egress denied — the
+commands in the manifests parsed by our own argument parsers, and each worker's settings file loaded
+and checked by the worker's own loader."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import yaml
 from control.cli import build_parser
 from gateway import config as config_mod
 from gateway.main import parse_route
-from worker.main import parse_args as worker_args
+from serving.settings import WorkerSettings
+from worker.main import build_parser as worker_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -56,6 +58,27 @@ def workers() -> list[dict[str, Any]]:
         for d in of_kind("Deployment")
         if d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
     ]
+
+
+def worker_settings(deployment: dict[str, Any]) -> WorkerSettings:
+    """The settings a worker pod runs with: its `--settings` file, from the ConfigMap mounted there."""
+    [container] = pod(deployment)["containers"]
+    args = worker_parser().parse_args(container["args"])  # the worker's own flags accept them
+    [mount] = [m for m in container["volumeMounts"] if args.settings.is_relative_to(m["mountPath"])]
+    [volume] = [v for v in pod(deployment)["volumes"] if v["name"] == mount["name"]]
+    config_map = by_name("ConfigMap", volume["configMap"]["name"])
+    key = str(args.settings.relative_to(mount["mountPath"]))
+    return WorkerSettings.from_json(config_map["data"][key], f"ConfigMap/{config_map['metadata']['name']}")
+
+
+def gateway_config(tmp_path: Path) -> config_mod.Config:
+    text = by_name("ConfigMap", "airlock-config")["data"]["airlock.toml"]
+    text = text.replace('policy_dir = "/etc/airlock/policy"', f'policy_dir = "{ROOT / "policy"}"')
+    for model_dir in re.findall(r'path = "(/models/[^"]+)"', text):  # model directories exist on the cluster
+        text = text.replace(model_dir, str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "airlock.toml").write_text(text)
+    return config_mod.load(tmp_path / "airlock.toml")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
@@ -103,8 +126,10 @@ def test_the_gateway_runs_several_replicas_routed_to_existing_workers() -> None:
         host, port = route.address.rsplit(":", 1)
         service = services[host.split(".")[0]]
         assert int(port) in [p["port"] for p in service["spec"]["ports"]]
-        deployment = by_name("Deployment", host.split(".")[0])
-        assert f"--tenant={route.tenant}" in pod(deployment)["containers"][0]["args"]  # tenant's own worker
+        settings = worker_settings(by_name("Deployment", host.split(".")[0]))
+        assert settings.tenant_names == (route.tenant,)  # the tenant's own worker
+        assert (settings.model, settings.engine) == (route.model, route.engine)
+        assert settings.listen.rsplit(":", 1)[1] == port
     for probe in ("readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
         assert command[:2] == ["airlock", "health"]
@@ -128,8 +153,8 @@ def test_one_worker_per_mig_slice() -> None:
         slices = {r: n for r, n in limits.items() if r.startswith("nvidia.com/")}
         assert len(slices) == 1 and next(iter(slices.values())) == 1  # exactly one slice, no whole GPU
         assert worker["spec"]["replicas"] == 1 and worker["spec"]["strategy"]["type"] == "Recreate"
-        settings = worker_args(container["args"])  # the worker's own parser accepts the arguments
-        assert settings.bundles.trusted_keys is not None and settings.bundles.require_signed
+        settings = worker_settings(worker)
+        assert settings.domain.device == "cuda" and settings.isolation == "dedicated"
 
 
 def test_maverick_gets_an_eight_gpu_domain() -> None:
@@ -138,8 +163,8 @@ def test_maverick_gets_an_eight_gpu_domain() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert not any(MIG.fullmatch(r) for r in container["resources"]["limits"])
     assert pod(maverick)["nodeSelector"]["nvidia.com/gpu.count"] == "8"
-    assert "--engine=vllm" in container["args"]
-    assert any(a.startswith("--trusted-keys=") for a in container["args"])
+    settings = worker_settings(maverick)
+    assert settings.engine == "vllm" and settings.domain.tensor_parallel_size == 8  # vLLM across all 8
 
 
 def test_egress_is_denied_except_inside_the_namespace_and_dns() -> None:
@@ -160,12 +185,29 @@ def test_egress_is_denied_except_inside_the_namespace_and_dns() -> None:
 
 
 def test_the_config_map_is_a_valid_airlock_configuration(tmp_path: Path) -> None:
-    text = by_name("ConfigMap", "airlock-config")["data"]["airlock.toml"]
-    text = text.replace('policy_dir = "/etc/airlock/policy"', f'policy_dir = "{ROOT / "policy"}"')
-    for model_dir in re.findall(r'path = "(/models/[^"]+)"', text):  # model directories exist on the cluster
-        text = text.replace(model_dir, str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "airlock.toml").write_text(text)
-    cfg = config_mod.load(tmp_path / "airlock.toml")
+    cfg = gateway_config(tmp_path)
     assert cfg.audit.fsync == "always" and cfg.audit.signing_key is not None
     assert cfg.bundles.require_signed and cfg.bundles.trusted_keys is not None
+
+
+@pytest.mark.parametrize("deployment", workers(), ids=lambda d: d["metadata"]["name"])
+def test_each_workers_settings_agree_with_the_gateways_configuration(
+    deployment: dict[str, Any], tmp_path: Path
+) -> None:
+    """What `airlock up` derives from the configuration, these files must say by hand."""
+    settings, cfg = worker_settings(deployment), gateway_config(tmp_path)
+    assert settings.tenant_names == (deployment["metadata"]["labels"]["airlock.dev/tenant"],)
+    limits = cfg.gateway.limits
+    assert (settings.limits.max_tokens, settings.limits.default_max_tokens) == (
+        limits.max_tokens, limits.default_max_tokens
+    )  # fmt: skip
+    assert settings.limits.max_message_bytes == cfg.gateway.max_message_bytes
+    assert settings.hpke_suite == cfg.sealing.hpke_suite
+    assert settings.bundles.require_signed and settings.bundles.trusted_keys == cfg.bundles.trusted_keys
+    assert settings.bundles.signing_key is None  # no development key on a cluster
+    mounts = pod(deployment)["containers"][0]["volumeMounts"]
+    secrets = {v["name"] for v in pod(deployment)["volumes"] if "secret" in v}
+    for path in (settings.tls.cert, settings.tls.key, settings.tls.client_ca, settings.bundles.trusted_keys,
+                 *(p for t in settings.tenants for p in (t.attest_cert, t.attest_key))):  # fmt: skip
+        [mount] = [m for m in mounts if path.is_relative_to(m["mountPath"])]
+        assert mount["name"] in secrets and mount["readOnly"], path  # from a Secret, read-only

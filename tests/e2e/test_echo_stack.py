@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +24,7 @@ from airlock import (
 )
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
+from serving.settings import WorkerSettings
 from tests.conftest import ECHO_TOML
 from tests.support import LiveStack
 
@@ -209,6 +212,20 @@ async def test_worker_refuses_other_tenants_and_other_peers(echo_stack: LiveStac
         with pytest.raises(grpc.aio.AioRpcError) as no_cert:
             await worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.WorkerInfoRequest(), timeout=5)
     assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_each_worker_runs_from_its_own_settings_file(echo_stack: LiveStack) -> None:
+    """One contract: the worker's command line names its settings file and nothing the file says."""
+    for key, child in echo_stack.stack.workers.items():
+        path = echo_stack.stack.settings_file(key)
+        argv = Path(f"/proc/{child.process.pid}/cmdline").read_bytes().split(b"\0")[1:-1]
+        assert argv[:4] == [b"-m", b"worker", b"--settings", str(path).encode()]
+        assert [a for a in argv[4:] if a.startswith(b"--")] == [b"--ready-file", b"--log-level"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        settings = WorkerSettings.load(path)
+        assert settings == echo_stack.stack.settings[key]
+        assert list(settings.tenant_names) == child.info["tenants"] and settings.model == key[1]
+        assert settings.listen == f"127.0.0.1:{child.port}"  # where a restart binds again
 
 
 async def test_gateway_has_no_plaintext_port(echo_stack: LiveStack) -> None:

@@ -25,6 +25,7 @@ from airlock.sealing import response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.keys import open_keystore
+from serving.settings import WorkerSettings
 from tests.conftest import _start, make_policy_dir
 from tests.support import LiveStack
 
@@ -358,7 +359,8 @@ async def test_the_bundled_model_on_one_shared_worker(make_stack, tmp_path) -> N
     shared = live.stack.workers[("shared", "smollm2")]
     assert set(live.stack.workers) == {("shared", "smollm2"), ("initech", "smollm2")}
     argv = Path(f"/proc/{shared.process.pid}/cmdline").read_bytes().split(b"\0")
-    assert argv[argv.index(b"--scrub") + 1] == b"tenant-switch"
+    settings = WorkerSettings.load(Path(argv[argv.index(b"--settings") + 1].decode()))
+    assert settings.domain.scrub == "tenant-switch" and settings.tenant_names == ("acme", "globex")
     answers = {}
     for tenant in ("acme", "globex"):
         async with live.client(tenant) as client:

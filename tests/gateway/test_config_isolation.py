@@ -112,14 +112,13 @@ def test_the_launcher_starts_one_shared_worker_per_model_for_every_shared_tenant
     stack = Stack(cfg, run_dir=tmp_path / "run")
     plan = stack._worker_plan(ensure_dev_pki(cfg.state_dir))
     assert set(plan) == {("shared", "echo"), ("initech", "echo")}
-    args, domain = plan[("shared", "echo")]
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--tenant"] == ["acme", "globex"]
-    certs = [args[i + 1] for i, a in enumerate(args) if a == "--attest-cert"]
-    assert [Path(c).name for c in certs] == ["acme.crt", "globex.crt"]
-    assert args[args.index("--isolation") + 1] == "shared"
+    settings, domain = plan[("shared", "echo")]
+    assert settings.tenant_names == ("acme", "globex")
+    assert [t.attest_cert.name for t in settings.tenants] == ["acme.crt", "globex.crt"]
+    assert settings.isolation == "shared"
     # Dedicated workers may leave state to the exit scrub; a shared one zeroes between tenants.
-    assert args[args.index("--scrub") + 1] == "tenant-switch"
+    assert settings.domain.scrub == "tenant-switch"
     assert domain.devices == ("GPU-7",) and domain.env == {"CUDA_VISIBLE_DEVICES": "GPU-7"}
     dedicated, _ = plan[("initech", "echo")]
-    assert "--isolation" not in dedicated and dedicated[dedicated.index("--scrub") + 1] == "off"
-    assert [dedicated[i + 1] for i, a in enumerate(dedicated) if a == "--tenant"] == ["initech"]
+    assert dedicated.isolation == "dedicated" and dedicated.domain.scrub == "off"
+    assert dedicated.tenant_names == ("initech",)

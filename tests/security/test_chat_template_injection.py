@@ -6,6 +6,7 @@ the library's escaping alone would fail (those are refused)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from airlock.errors import InvalidRequestError
 from airlock.types import GenerationSpec, Message, Sampling
+from serving.settings import WorkerSettings
 from worker.engines.chat_prompt import ChatPrompter, control_tokens
 from worker.engines.transformers import TransformersEngine
 from worker.engines.vllm import VllmEngine, VllmSettings
@@ -240,7 +242,7 @@ def test_the_opt_out_travels_from_the_config_to_the_worker(tmp_path: Path) -> No
     from control.launcher import Stack
     from control.pki import ensure_dev_pki
     from gateway.config import ConfigError, load
-    from worker.main import build_attestors, parse_args
+    from worker.main import build_attestors
 
     toml = tmp_path / "airlock.toml"
     toml.write_text(
@@ -250,14 +252,13 @@ def test_the_opt_out_travels_from_the_config_to_the_worker(tmp_path: Path) -> No
     cfg = load(toml, state_dir=tmp_path)
     assert cfg.models["open"].allow_special_tokens and not cfg.models["closed"].allow_special_tokens
     stack, pki = Stack(cfg, run_dir=tmp_path / "run"), ensure_dev_pki(tmp_path)
-    argv = {}
+    written = {}
     for name in ("open", "closed"):
-        args, _ = stack.worker_command(pki, cfg.tenants["acme"], cfg.models[name])
-        argv[name] = args[2:]  # without "-m worker"
-    assert "--allow-special-tokens" in argv["open"] and "--allow-special-tokens" not in argv["closed"]
-    closed = parse_args(argv["closed"])
-    opened = parse_args([*argv["closed"], "--allow-special-tokens"])
-    assert opened.allow_special_tokens and not closed.allow_special_tokens
+        settings, _ = stack.worker_settings(pki, cfg.tenants["acme"], cfg.models[name])
+        written[name] = WorkerSettings.from_json(settings.to_json())  # what the worker reads
+    assert written["open"].allow_special_tokens and not written["closed"].allow_special_tokens
+    closed = written["closed"]
+    opened = replace(closed, allow_special_tokens=True)
     # Measured: a verifier sees a worker whose callers may write control tokens for what it is.
     measured = [build_attestors(s, b"echo")["acme"].measurements["config"] for s in (opened, closed)]
     assert measured[0] != measured[1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.settings import TenantIdentity, TlsFiles, WorkerSettings
 from worker import main as worker_main
 
 
@@ -16,12 +17,24 @@ def test_the_worker_sets_offline_env_before_serving(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(name, "0")  # an operator's environment that says otherwise
     seen: dict[str, str] = {}
 
-    async def serve(settings: worker_main.WorkerSettings) -> None:
+    async def serve(settings: WorkerSettings, ready_file: Path | None) -> None:
         seen.update({name: os.environ[name] for name in worker_main.OFFLINE_ENV})
 
     monkeypatch.setattr(worker_main, "serve", serve)
-    argv = ["--tenant", "acme", "--model", "m", "--cache-dir", str(tmp_path), "--tls-cert", "c",
-            "--tls-key", "k", "--client-ca", "ca", "--attest-cert", "ac", "--attest-key", "ak"]  # fmt: skip
-    assert worker_main.main(argv) == 0
+    path = tmp_path / "w.settings.json"
+    tls = TlsFiles(Path("c"), Path("k"), Path("ca"))
+    WorkerSettings((TenantIdentity("acme", Path("ac"), Path("ak")),), "m", tls, tmp_path).write(path)
+    assert worker_main.main(["--settings", str(path)]) == 0
     assert seen["HF_HUB_OFFLINE"] == seen["TRANSFORMERS_OFFLINE"] == "1"
     assert seen["HF_HUB_DISABLE_TELEMETRY"] == seen["VLLM_NO_USAGE_STATS"] == seen["DO_NOT_TRACK"] == "1"
+
+
+def test_a_settings_file_the_worker_refuses_stops_it_naming_the_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in worker_main.OFFLINE_ENV:  # restored afterwards: main() sets them
+        monkeypatch.setenv(name, "0")
+    path = tmp_path / "w.settings.json"
+    path.write_text('{"model": "m"}')
+    assert worker_main.main(["--settings", str(path)]) == 2
+    assert f"python -m worker: settings file {path}: field tenants: required" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from control.pki import ensure_dev_pki, worker_attestation_cert
+from serving.settings import DomainSettings, TenantIdentity, TlsFiles, WorkerSettings
 from worker.isolation.arena import CANARY_BYTES, Arena, CanaryRecord, RequestState
 from worker.isolation.scrub import scrub_arena, scrub_cuda
 
@@ -97,12 +98,14 @@ def test_a_killed_worker_leaves_canaries_that_the_scrubber_removes(state_dir: Pa
     pki = ensure_dev_pki(state_dir)
     attest = worker_attestation_cert(pki, "acme")
     arena, record, ready = tmp_path / "w.arena", tmp_path / "w.canaries.json", tmp_path / "w.ready"
+    settings = tmp_path / "w.settings.json"
+    WorkerSettings(
+        (TenantIdentity("acme", attest.cert, attest.key),), "echo",
+        TlsFiles(pki.worker_cert, pki.worker_key, pki.ca_cert), tmp_path, engine="echo",
+        domain=DomainSettings(arena=arena, arena_bytes=2 << 20, canary_file=record),
+    ).write(settings)  # fmt: skip
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--tenant", "acme", "--model", "echo", "--engine", "echo",
-         "--cache-dir", str(tmp_path), "--tls-cert", str(pki.worker_cert), "--tls-key", str(pki.worker_key),
-         "--client-ca", str(pki.ca_cert), "--ready-file", str(ready), "--arena", str(arena),
-         "--attest-cert", str(attest.cert), "--attest-key", str(attest.key),
-         "--arena-bytes", str(2 << 20), "--canary-file", str(record)],
+        [sys.executable, "-m", "worker", "--settings", str(settings), "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

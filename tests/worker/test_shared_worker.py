@@ -1,4 +1,4 @@
-"""A shared worker's command line, its per-tenant attestation identities and measured configuration,
+"""A shared worker's settings, its per-tenant attestation identities and measured configuration,
 its service refusing tenants it doesn't serve, and the gateway's key release to it (in process: the
 e2e tests run it for real)."""
 
@@ -15,8 +15,9 @@ from airlock.errors import AttestationError, InvalidRequestError, PermissionDeni
 from airlock.types import Limits
 from airlock.v1 import worker_pb2
 from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
+from serving.settings import DomainSettings, SettingsError, TenantIdentity, TlsFiles, WorkerSettings
 from worker.engines.echo import EchoEngine
-from worker.main import build_attestors, parse_args, zeroes_kv_per_request
+from worker.main import build_attestors, zeroes_kv_per_request
 from worker.server import WorkerService
 
 
@@ -25,53 +26,47 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return ensure_dev_pki(tmp_path_factory.mktemp("pki"))
 
 
-def argv(pki: DevPki, tenants: list[str], *extra: str) -> list[str]:
-    out = ["--model", "echo", "--engine", "echo", "--cache-dir", "/tmp", "--tls-cert", "c", "--tls-key", "k",
-           "--client-ca", "ca", *extra]  # fmt: skip
+def settings(pki: DevPki, tenants: list[str], scrub: str = "request", isolation: str = "") -> WorkerSettings:
+    identities = []
     for tenant in tenants:
         attest = worker_attestation_cert(pki, tenant)
-        out += ["--tenant", tenant, "--attest-cert", str(attest.cert), "--attest-key", str(attest.key)]
-    return out
+        identities.append(TenantIdentity(tenant, attest.cert, attest.key))
+    isolation = isolation or ("shared" if len(tenants) > 1 else "dedicated")
+    return WorkerSettings(
+        tuple(identities), "echo", TlsFiles(Path("c"), Path("k"), Path("ca")), Path("/tmp"), engine="echo",
+        isolation=isolation, domain=DomainSettings(scrub=scrub),
+    )  # fmt: skip
 
 
 def test_a_shared_worker_names_every_tenant_with_its_own_identity(pki: DevPki) -> None:
-    settings = parse_args(argv(pki, ["acme", "globex"], "--isolation", "shared", "--scrub", "tenant-switch"))
-    assert settings.tenants == ("acme", "globex") and settings.isolation == "shared"
-    assert [o[0] for o in settings.others] == ["globex"] and settings.others[0][1].name == "globex.crt"
-    assert zeroes_kv_per_request(settings)  # whatever the scrub mode says for dedicated workers
-    dedicated = parse_args(argv(pki, ["acme"], "--scrub", "tenant-switch"))
-    assert dedicated.tenants == ("acme",) and not zeroes_kv_per_request(dedicated)
+    shared = settings(pki, ["acme", "globex"], "tenant-switch")
+    assert shared.tenant_names == ("acme", "globex") and shared.isolation == "shared"
+    assert shared.tenants[1].attest_cert.name == "globex.crt"
+    assert zeroes_kv_per_request(shared)  # whatever the scrub mode says for dedicated workers
+    dedicated = settings(pki, ["acme"], "tenant-switch")
+    assert dedicated.tenant_names == ("acme",) and not zeroes_kv_per_request(dedicated)
 
 
 @pytest.mark.parametrize(
-    ("tenants", "extra", "message"),
+    ("tenants", "scrub", "isolation", "message"),
     [
-        (["acme", "globex"], [], "needs --isolation shared"),
-        (["acme", "acme"], ["--isolation", "shared"], "named twice"),
-        (["acme", "globex"], ["--isolation", "shared", "--scrub", "off"], "zeroes state between tenants"),
+        (["acme", "globex"], "request", "dedicated", 'needs isolation "shared"'),
+        (["acme", "acme"], "request", "shared", "named twice"),
+        (["acme", "globex"], "off", "shared", "zeroes state between tenants"),
     ],
 )
-def test_nonsense_command_lines_are_refused(
-    pki: DevPki, capsys: pytest.CaptureFixture[str], tenants: list[str], extra: list[str], message: str
+def test_nonsense_settings_are_refused(
+    pki: DevPki, tenants: list[str], scrub: str, isolation: str, message: str
 ) -> None:
-    with pytest.raises(SystemExit):
-        parse_args(argv(pki, tenants, *extra))
-    assert message in capsys.readouterr().err
-
-
-def test_every_tenant_needs_its_own_attestation_key(pki: DevPki, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argv(pki, ["acme", "globex"], "--isolation", "shared")
-    cut = len(args) - 2  # drop globex's --attest-key
-    with pytest.raises(SystemExit):
-        parse_args(args[:cut])
-    assert "own --attest-cert and --attest-key" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match=message):
+        settings(pki, tenants, scrub, isolation)
 
 
 def test_each_tenants_evidence_is_signed_by_its_own_key_and_shows_the_shared_configuration(
     pki: DevPki,
 ) -> None:
-    shared = build_attestors(parse_args(argv(pki, ["globex", "acme"], "--isolation", "shared")), b"echo")
-    dedicated = build_attestors(parse_args(argv(pki, ["acme"])), b"echo")["acme"]
+    shared = build_attestors(settings(pki, ["globex", "acme"]), b"echo")
+    dedicated = build_attestors(settings(pki, ["acme"]), b"echo")["acme"]
     ca = pki.attest_ca_cert.read_bytes()
     nonce = os.urandom(32)
     for tenant, attestor in shared.items():
@@ -88,15 +83,13 @@ def test_each_tenants_evidence_is_signed_by_its_own_key_and_shows_the_shared_con
     # The configuration measurement covers isolation and the tenant set: a policy can pin it.
     assert shared["acme"].measurements["config"] == shared["globex"].measurements["config"]
     assert shared["acme"].measurements["config"] != dedicated.measurements["config"]
-    three = build_attestors(
-        parse_args(argv(pki, ["acme", "globex", "initech"], "--isolation", "shared")), b"echo"
-    )
+    three = build_attestors(settings(pki, ["acme", "globex", "initech"]), b"echo")
     assert three["acme"].measurements["config"] != shared["acme"].measurements["config"]
     assert json.loads(dedicated.evidence(nonce).statement)["isolation"] == "dedicated"
 
 
 async def test_the_service_keeps_tenants_apart(pki: DevPki) -> None:
-    attestors = build_attestors(parse_args(argv(pki, ["acme", "globex"], "--isolation", "shared")), b"echo")
+    attestors = build_attestors(settings(pki, ["acme", "globex"]), b"echo")
     acme = attestors.pop("acme")
     service = WorkerService(
         "acme", "echo", EchoEngine(), Limits(), acme, others=attestors, isolation="shared"
@@ -120,7 +113,7 @@ async def test_the_service_keeps_tenants_apart(pki: DevPki) -> None:
 
 
 def test_dedicated_evidence_needs_no_tenant_name(pki: DevPki, tmp_path: Path) -> None:
-    attestor = build_attestors(parse_args(argv(pki, ["acme"])), b"echo")["acme"]
+    attestor = build_attestors(settings(pki, ["acme"]), b"echo")["acme"]
     service = WorkerService("acme", "echo", EchoEngine(), Limits(), attestor)
     import asyncio
 
@@ -154,7 +147,7 @@ async def test_the_gateway_releases_no_key_to_a_shared_worker_for_a_tenant_not_o
 
     keystore = open_keystore(KeysConfig(), tmp_path)
     ensure_tenant_keys(keystore, ["acme", "globex"])
-    attestors = build_attestors(parse_args(argv(pki, ["acme", "globex"], "--isolation", "shared")), b"echo")
+    attestors = build_attestors(settings(pki, ["acme", "globex"]), b"echo")
     acme = attestors.pop("acme")
     stub = _FakeWorkerStub(WorkerService("acme", "echo", EchoEngine(), Limits(), acme, others=attestors,
                                          isolation="shared"))  # fmt: skip
