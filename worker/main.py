@@ -243,10 +243,6 @@ def build_attestors(settings: WorkerSettings, manifest: bytes) -> dict[str, Work
     return out
 
 
-def build_attestor(settings: WorkerSettings, manifest: bytes) -> WorkerAttestor:
-    return build_attestors(settings, manifest)[settings.tenant]
-
-
 async def serve(settings: WorkerSettings) -> None:
     # Until the engine is loaded there is nothing to drain: SIGTERM keeps its default (exit now).
     engine, manifest = await asyncio.to_thread(build_engine, settings)
