@@ -76,8 +76,8 @@ class Router:
         routes: list[Route],
         tls: ClientTls,
         *,
+        audit: AuditLog,
         may_share: Callable[[str], bool] | None = None,
-        audit: AuditLog | None = None,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
@@ -86,7 +86,7 @@ class Router:
         )
         self.routes = routes
         self.may_share = may_share or (lambda _tenant: False)
-        self._audit = audit or AuditLog(None)
+        self._audit = audit
         self._routes: dict[tuple[str, str], Route] = {}
         self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address

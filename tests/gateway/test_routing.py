@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from control.pki import ensure_dev_pki
+from gateway.audit import AuditLog
 from gateway.routing import ClientTls, Route, Router
 from serving.rpc import bind, new_server
 
@@ -33,6 +34,7 @@ async def test_a_readiness_watch_survives_a_publisher_that_raises(
     router = Router(
         [Route("acme", "echo", "echo", f"127.0.0.1:{port}")],
         ClientTls(pki.ca_cert, pki.gateway_cert, pki.gateway_key),
+        audit=AuditLog(None),
     )
     published: asyncio.Queue[bool] = asyncio.Queue()
     broken = 2  # the first two publications fail (e.g. update_health raising)
