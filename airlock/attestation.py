@@ -47,7 +47,6 @@ __all__ = [
     "HpkeKey",
     "Verified",
     "gpu_nonce",
-    "hpke_open",
     "hpke_seal",
     "key_release_info",
     "sign_statement",
@@ -118,10 +117,6 @@ def key_release_info(tenant: str, worker_id: str, nonce: bytes) -> bytes:
 def hpke_seal(suite: str, public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
     """Seal `plaintext` so that only the holder of `public_key`'s private half can open it."""
     return _suite(suite).encrypt(plaintext, _public_key(suite, public_key), info=info)
-
-
-def hpke_open(key: HpkeKey, ciphertext: bytes, info: bytes) -> bytes:
-    return key.open(ciphertext, info)
 
 
 def sign_statement(

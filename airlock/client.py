@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import inspect
 import json
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -29,6 +30,7 @@ from airlock.attestation import AttestationPolicy, Verified
 from airlock.e2e import EndToEnd
 from airlock.envelope import Opener
 from airlock.errors import AirlockError, AuthenticationError, CancelledError, UnavailableError
+from airlock.retry import first_message, once_more, rest_of
 from airlock.rpcstatus import from_rpc_error
 from airlock.types import FINISH_REASONS, REQUEST_ID_HEADER, Chunk, Completion, Message, new_request_id
 from airlock.v1 import inference_pb2 as pb
@@ -42,6 +44,7 @@ TENANT_HEADER = "x-airlock-tenant"  # act in this tenant instead of the identity
 TokenSource = str | Callable[[], str | Awaitable[str]] | None
 Prompt = str | Sequence[Message] | Sequence[tuple[str, str]]
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
@@ -52,14 +55,35 @@ def _read(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).expanduser().read_bytes()
 
 
-def _messages(prompt: Prompt) -> list[pb.ChatMessage]:
+def _request(
+    prompt: Prompt,
+    model: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: Sequence[str] | None,
+    request_id: str | None,
+) -> pb.GenerateRequest:
     if isinstance(prompt, str):
-        return [pb.ChatMessage(role="user", content=prompt)]
-    out = []
-    for m in prompt:
-        role, content = (m.role, m.content) if isinstance(m, Message) else m
-        out.append(pb.ChatMessage(role=role, content=content))
-    return out
+        messages = [pb.ChatMessage(role="user", content=prompt)]
+    else:
+        messages = []
+        for m in prompt:
+            role, content = (m.role, m.content) if isinstance(m, Message) else m
+            messages.append(pb.ChatMessage(role=role, content=content))
+    params = pb.SamplingParams(stop=list(stop or ()))
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if temperature is not None:
+        params.temperature = temperature
+    if top_p is not None:
+        params.top_p = top_p
+    if seed is not None:
+        params.seed = seed
+    return pb.GenerateRequest(
+        request_id=request_id or new_request_id(), model=model or "", messages=messages, params=params
+    )
 
 
 def _claims(token: str) -> dict[str, Any]:
@@ -211,51 +235,39 @@ class AsyncClient:
             metadata += ((TENANT_HEADER, self._tenant),)
         return metadata
 
-    @staticmethod
-    def _request(
+    async def generate(
+        self,
         prompt: Prompt,
         *,
-        model: str = "",
+        model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        stop: Sequence[str] = (),
-        request_id: str = "",
-    ) -> pb.GenerateRequest:
-        params = pb.SamplingParams(stop=list(stop))
-        if max_tokens is not None:
-            params.max_tokens = max_tokens
-        if temperature is not None:
-            params.temperature = temperature
-        if top_p is not None:
-            params.top_p = top_p
-        if seed is not None:
-            params.seed = seed
-        return pb.GenerateRequest(
-            request_id=request_id, model=model, messages=_messages(prompt), params=params
-        )
-
-    async def generate(self, prompt: Prompt, *, timeout: float | None = None, **params: Any) -> Completion:
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
         """Generate a whole answer.
 
-        `params`: model, max_tokens, temperature, top_p, seed, stop, request_id (generated if absent;
-        it comes back on the answer and on any error as `.request_id`).
+        `model`: the tenant's default when None. `max_tokens`, `temperature`, `top_p`, `seed`,
+        `stop`: sampling, the gateway's defaults when None. `request_id`: generated when None; it
+        comes back on the answer and on any error as `.request_id`. `timeout`: seconds, this
+        client's default when None.
         """
-        plain = self._request(prompt, **params)
-        plain.request_id = plain.request_id or new_request_id()
-        for attempt in (1, 2):
+        plain = _request(prompt, model, max_tokens, temperature, top_p, seed, stop, request_id)
+
+        async def attempt() -> tuple[pb.GenerateResponse, Opener | None]:
             request, opener = await self._sealed(plain)
-            try:
-                reply = await self._stub.Generate(
-                    request,
-                    timeout=timeout or self._timeout,
-                    metadata=await self._metadata(request.request_id),
-                )
-                break
-            except grpc.aio.AioRpcError as exc:
-                if attempt == 2 or not self._stale(exc, plain.model):
-                    raise _error(exc, request.request_id) from None
+            reply = await self._stub.Generate(
+                request, timeout=timeout or self._timeout, metadata=await self._metadata(request.request_id)
+            )
+            return reply, opener
+
+        try:
+            reply, opener = await once_more(attempt, self._stale(plain.model))
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, plain.request_id) from None
         text = reply.text
         if opener is not None:
             text = opener.open(reply.sealed_text).decode()
@@ -270,30 +282,34 @@ class AsyncClient:
         )
 
     async def stream(
-        self, prompt: Prompt, *, timeout: float | None = None, **params: Any
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """Stream the answer chunk by chunk; leaving the loop early (or `aclose()`) cancels the call,
-        which stops generation on the server. Retried only until the first chunk arrives."""
-        plain = self._request(prompt, **params)
-        plain.request_id = plain.request_id or new_request_id()
+        """Stream the answer chunk by chunk (the arguments are `generate`'s); leaving the loop early
+        (or `aclose()`) cancels the call, which stops generation on the server. Retried only until
+        the first chunk arrives."""
+        plain = _request(prompt, model, max_tokens, temperature, top_p, seed, stop, request_id)
 
-        async def start() -> tuple[Any, pb.GenerateRequest, Opener | None]:
+        async def start() -> tuple[Any, Any, Opener | None]:
             request, opener = await self._sealed(plain)
             call = self._stub.GenerateStream(
                 request, timeout=timeout or self._timeout, metadata=await self._metadata(request.request_id)
             )
-            return call, request, opener
+            return call, await first_message(call), opener
 
-        call, request, opener = await start()
+        call: Any = None
         try:
-            try:
-                first = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                if not self._stale(exc, plain.model):
-                    raise
-                call, request, opener = await start()  # the worker restarted: attest it again
-                first = await call.read()
-            async for c in _chain(first, call):
+            call, first, opener = await once_more(start, self._stale(plain.model))
+            async for c in rest_of(first, call):
                 finished = c.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                 yield Chunk(
                     request_id=c.request_id,
@@ -306,9 +322,10 @@ class AsyncClient:
             if opener is not None:
                 opener.finish()
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, request.request_id) from None
+            raise _error(exc, plain.request_id) from None
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
 
     async def _sealed(self, plain: pb.GenerateRequest) -> tuple[pb.GenerateRequest, Opener | None]:
         if self._e2e is None:
@@ -316,12 +333,17 @@ class AsyncClient:
         await self._token.get()  # the tenant it acts in may come from the token
         return await self._e2e.seal(plain, self._expected_tenant())
 
-    def _stale(self, exc: grpc.aio.AioRpcError, model: str) -> bool:
-        """The worker we sealed to is gone (restarted): forget its attestation and try once more."""
-        if self._e2e is None or from_rpc_error(exc).reason != "ATTESTATION_STALE":
-            return False
-        self._e2e.forget(model)
-        return True
+    def _stale(self, model: str) -> Callable[[AirlockError], Awaitable[bool]]:
+        """Whether a failed call goes once more: end to end, when the worker we sealed to is gone
+        (restarted, with a new key), after forgetting its attestation (the next seal attests again)."""
+
+        async def recover(err: AirlockError) -> bool:
+            if self._e2e is None or err.reason != "ATTESTATION_STALE":
+                return False
+            self._e2e.forget(model)
+            return True
+
+        return recover
 
     def _expected_tenant(self) -> str:
         """The tenant whose worker must attest: the one this client acts in."""
@@ -375,14 +397,6 @@ class AsyncClient:
         await self.close()
 
 
-async def _chain(first: Any, call: Any) -> AsyncGenerator[pb.GenerateChunk, None]:
-    """The first message already read, then the rest of the call (the end of a stream reads as EOF)."""
-    message = first
-    while message is not grpc.aio.EOF:  # read(), not iteration: gRPC refuses to mix the two
-        yield message
-        message = await call.read()
-
-
 def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
     err = from_rpc_error(exc)
     if isinstance(err, CancelledError):
@@ -395,6 +409,35 @@ def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
         replaced.request_id, err = err.request_id, replaced
     err.request_id = err.request_id or request_id
     return err
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Client, P], T]:
+    """`Client`'s version of an `AsyncClient` method: the same arguments (a wrong one is a TypeError
+    at the call), run on the client's loop and waited for."""
+
+    @functools.wraps(method)
+    def run(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        result: T = self._call(method(self._async, *args, **kwargs))
+        return result
+
+    run.__qualname__ = f"Client.{method.__name__}"
+    return run
+
+
+def _iterating(
+    method: Callable[Concatenate[AsyncClient, P], AsyncGenerator[T, None]],
+) -> Callable[Concatenate[Client, P], Iterator[T]]:
+    """`Client`'s version of an `AsyncClient` stream: the same arguments, checked at the call (not
+    at the first chunk), and an iterator whose items are awaited on the client's loop."""
+
+    @functools.wraps(method)
+    def run(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        return self._iterate(method(self._async, *args, **kwargs))
+
+    run.__qualname__ = f"Client.{method.__name__}"
+    return run
 
 
 class Client:
@@ -414,13 +457,7 @@ class Client:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result()
 
-    def generate(self, prompt: Prompt, **params: Any) -> Completion:
-        result: Completion = self._call(self._async.generate(prompt, **params))
-        return result
-
-    def stream(self, prompt: Prompt, **params: Any) -> Iterator[Chunk]:
-        """An iterator of chunks; `close()` it (or leave a `for` loop early) to cancel the call."""
-        agen = self._async.stream(prompt, **params)
+    def _iterate(self, agen: AsyncGenerator[T, None]) -> Iterator[T]:
         try:
             while True:
                 try:
@@ -430,13 +467,10 @@ class Client:
         finally:
             self._call(agen.aclose())
 
-    def attestation(self, model: str = "") -> Verified:
-        result: Verified = self._call(self._async.attestation(model))
-        return result
-
-    def list_models(self, **options: Any) -> list[str]:
-        result: list[str] = self._call(self._async.list_models(**options))
-        return result
+    generate = _blocking(AsyncClient.generate)
+    stream = _iterating(AsyncClient.stream)  # close() the iterator, or leave its loop, to cancel
+    attestation = _blocking(AsyncClient.attestation)
+    list_models = _blocking(AsyncClient.list_models)
 
     def close(self) -> None:
         if self._loop.is_running():

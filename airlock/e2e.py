@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from airlock.attestation import AttestationPolicy, Verified, hpke_seal, verify
 from airlock.envelope import Opener
 from airlock.errors import AttestationError
-from airlock.sealing import E2E_KEY_ID, e2e_info, response_key, seal_prompt
+from airlock.sealing import E2E_KEY_ID, e2e_info, request_key, response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 
 __all__ = ["EndToEnd"]
@@ -49,14 +49,16 @@ class EndToEnd:
         self._verified.pop(model, None)
 
     async def seal(self, plain: pb.GenerateRequest, tenant: str) -> tuple[pb.GenerateRequest, Opener]:
-        """A sealed copy of `plain` (request id set) and the opener of its answer."""
+        """The request to send for `plain` (its request id set): its prompt sealed to the attested
+        worker, for the model that worker serves; and the opener of the answer."""
         verified = self._verified.get(plain.model) or await self.attest(plain.model, tenant)
-        request = pb.GenerateRequest()
-        request.CopyFrom(plain)
-        request.model = verified.model
+        request_id, model = plain.request_id, verified.model
         key = os.urandom(32)
-        seal_prompt(request, tenant, E2E_KEY_ID, key)
-        info = e2e_info(tenant, request.request_id, verified.model)
+        request = pb.GenerateRequest(request_id=request_id, model=model, params=plain.params)
+        request.sealed_messages.CopyFrom(
+            seal_prompt(plain.messages, request_key(tenant, E2E_KEY_ID, request_id, model), key)
+        )
+        info = e2e_info(tenant, request_id, model)
         request.end_to_end.sealed_key = hpke_seal(verified.hpke_suite, verified.hpke_public_key, key, info)
         request.end_to_end.worker_id = verified.worker_id
-        return request, Opener(key, response_key(tenant, E2E_KEY_ID, request))
+        return request, Opener(key, response_key(tenant, E2E_KEY_ID, request_id, model))

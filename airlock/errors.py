@@ -4,7 +4,6 @@
     ├── AuthenticationError           UNAUTHENTICATED      no or invalid identity
     ├── PermissionDeniedError         PERMISSION_DENIED    identity valid, not allowed
     ├── QuotaExceededError            RESOURCE_EXHAUSTED   over a limit (retry_after seconds, if known)
-    │   └── MessageTooLargeError      RESOURCE_EXHAUSTED   a message over the configured size
     ├── InvalidRequestError           INVALID_ARGUMENT     bad request (field names what was wrong)
     ├── UnavailableError              UNAVAILABLE          no healthy worker; safe to retry
     ├── DeadlineExceededError         DEADLINE_EXCEEDED
@@ -28,7 +27,6 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "InvalidRequestError",
-    "MessageTooLargeError",
     "PermissionDeniedError",
     "QuotaExceededError",
     "UnavailableError",
@@ -74,10 +72,6 @@ class QuotaExceededError(AirlockError):
         super().__init__(message, reason=reason)
         self.retry_after = retry_after
         self.subject = subject  # whose quota, e.g. "tenant:acme" (google.rpc.QuotaFailure)
-
-
-class MessageTooLargeError(QuotaExceededError):
-    default_reason = "MESSAGE_TOO_LARGE"
 
 
 class InvalidRequestError(AirlockError):
@@ -126,7 +120,4 @@ _BY_CODE: dict[grpc.StatusCode, type[AirlockError]] = {
 
 def error_for_code(code: grpc.StatusCode, message: str, *, reason: str | None = None) -> AirlockError:
     """Build the error class that corresponds to a gRPC status code (INTERNAL for anything else)."""
-    cls = _BY_CODE.get(code, AirlockError)
-    if cls is QuotaExceededError and reason == MessageTooLargeError.default_reason:
-        cls = MessageTooLargeError
-    return cls(message, reason=reason)
+    return _BY_CODE.get(code, AirlockError)(message, reason=reason)

@@ -19,7 +19,6 @@ from airlock.errors import (
     ERROR_DOMAIN,
     AirlockError,
     InvalidRequestError,
-    MessageTooLargeError,
     QuotaExceededError,
     error_for_code,
 )
@@ -40,7 +39,7 @@ def to_status(err: AirlockError, *, request_id: str = "") -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(err.retry_after * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    if isinstance(err, QuotaExceededError) and not isinstance(err, MessageTooLargeError):
+    if isinstance(err, QuotaExceededError):
         violation = error_details_pb2.QuotaFailure.Violation(subject=err.subject, description=err.message)
         details.append(error_details_pb2.QuotaFailure(violations=[violation]))
     if isinstance(err, InvalidRequestError) and err.field:

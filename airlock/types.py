@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from airlock.errors import InvalidRequestError
@@ -20,8 +21,10 @@ __all__ = [
     "Limits",
     "Message",
     "Sampling",
+    "check_messages",
     "check_model",
     "check_request_id",
+    "check_sampling",
     "new_request_id",
     "validate_request",
 ]
@@ -80,6 +83,15 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    def to_proto(self) -> pb.SamplingParams:
+        """Every parameter explicit: what was validated is what the worker is asked for."""
+        params = pb.SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop
+        )
+        if self.seed is not None:
+            params.seed = self.seed
+        return params
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -126,36 +138,44 @@ class Chunk:
     completion_tokens: int = 0
 
 
-def validate_request(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
-    """Check a request against the limits; raise InvalidRequestError naming the field at fault."""
-    request_id = check_request_id(req.request_id or new_request_id())
+def validate_request(req: pb.GenerateRequest, limits: Limits, request_id: str) -> GenerationSpec:
+    """Check a request against the limits; raise InvalidRequestError naming the field at fault.
+
+    `request_id` is the call's, resolved and checked once by the server's interceptor
+    (`serving.rpc.request_id_of`); the request itself is only read."""
     model = check_model(req.model)
     if req.HasField("sealed_messages"):  # end to end: only the worker can open and check them
         if req.messages:
             raise InvalidRequestError("send messages or sealed_messages, not both", field="messages")
-        return GenerationSpec(request_id, model, (), _sampling(req.params, limits))
-    if not req.messages:
+        return GenerationSpec(request_id, model, (), check_sampling(req.params, limits))
+    return GenerationSpec(
+        request_id=request_id,
+        model=model,
+        messages=check_messages(req.messages, limits),
+        sampling=check_sampling(req.params, limits),
+    )
+
+
+def check_messages(messages: Sequence[pb.ChatMessage], limits: Limits) -> tuple[Message, ...]:
+    """A conversation within the limits: 1..max_messages messages of known roles, not all empty."""
+    if not messages:
         raise InvalidRequestError("messages must not be empty", field="messages")
-    if len(req.messages) > limits.max_messages:
+    if len(messages) > limits.max_messages:
         raise InvalidRequestError(f"at most {limits.max_messages} messages are allowed", field="messages")
-    messages = []
-    for i, msg in enumerate(req.messages):
+    checked = []
+    for i, msg in enumerate(messages):
         if msg.role not in ROLES:
             raise InvalidRequestError(
                 "role must be one of system, user, assistant", field=f"messages[{i}].role"
             )
-        messages.append(Message(msg.role, msg.content))
-    if not any(m.content.strip() for m in messages):
+        checked.append(Message(msg.role, msg.content))
+    if not any(m.content.strip() for m in checked):
         raise InvalidRequestError("messages have no content", field="messages")
-    return GenerationSpec(
-        request_id=request_id,
-        model=model,
-        messages=tuple(messages),
-        sampling=_sampling(req.params, limits),
-    )
+    return tuple(checked)
 
 
-def _sampling(params: pb.SamplingParams, limits: Limits) -> Sampling:
+def check_sampling(params: pb.SamplingParams, limits: Limits) -> Sampling:
+    """Sampling parameters within the limits, with defaults applied (here, once)."""
     max_tokens = params.max_tokens if params.HasField("max_tokens") else limits.default_max_tokens
     if not 0 < max_tokens <= limits.max_tokens:
         raise InvalidRequestError(

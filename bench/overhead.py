@@ -31,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from bench_policy import bench_policy_dir  # noqa: E402
 from common import RESULTS, Row, print_rows, summary, write_report  # noqa: E402
 
 from airlock.attestation import AttestationPolicy  # noqa: E402
+from airlock.types import GenerationSpec, validate_request  # noqa: E402
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc  # noqa: E402
 from control.launcher import ALLOCATOR_ENV, Stack  # noqa: E402
@@ -242,11 +244,21 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
         await sealing.ensure_released("bench", "echo", worker)
         await sealing.ensure_released("bench", "echo-stream", stream_worker)
 
-        async def direct() -> object:
-            work = worker_pb2.WorkerRequest(tenant="bench", request=request)
-            work.request.model = "echo"
-            opener = sealing.seal("bench", work.request)
+        # What the gateway's guard resolves once per call, and the worker request it builds from it.
+        limits = stack.config.gateway.limits
+        spec = replace(validate_request(request, limits, request.request_id), model="echo")
+        long_spec = validate_request(long_request, limits, long_request.request_id)
+
+        def worker_request(spec: GenerationSpec, caller: pb.GenerateRequest) -> tuple[Any, Any]:
+            work = worker_pb2.WorkerRequest(tenant="bench")
+            work.request.request_id, work.request.model = spec.request_id, spec.model
+            work.request.params.CopyFrom(spec.sampling.to_proto())
+            opener = sealing.seal("bench", spec, caller, work.request)
             assert opener is not None
+            return work, opener
+
+        async def direct() -> object:
+            work, opener = worker_request(spec, request)
             reply = await worker.Generate(work, timeout=30)
             out = open_text(opener, reply.sealed_text, "bench", sealing.audit)
             finish(opener, "bench", sealing.audit)
@@ -259,9 +271,7 @@ async def measure(stack: Stack, bare: BareEcho, args: argparse.Namespace) -> dic
             return await gateway.Generate(request, metadata=metadata, timeout=30)
 
         async def stream_direct() -> tuple[int, int]:
-            work = worker_pb2.WorkerRequest(tenant="bench", request=long_request)
-            opener = sealing.seal("bench", work.request)
-            assert opener is not None
+            work, opener = worker_request(long_spec, long_request)
             tokens = chunks = 0
             async for chunk in stream_worker.GenerateStream(work, timeout=120):
                 chunk.text = open_text(opener, chunk.sealed_text, "bench", sealing.audit)

@@ -1,10 +1,12 @@
 """Admission and accounting of one generation call: quota reservation, metrics, audit, trace span.
 
-The servicer wraps each Generate/GenerateStream call in `Admission.call(method)`; inside it,
-`admit()` reserves the tenant's quota once the request is validated, and the end of the block
-(success, error, cancellation or a caller that went away) always releases the concurrency slot,
-refunds the tokens not generated, and records the outcome once: counters, latency, tokens and one
-audit line. Nothing here ever sees or records a prompt or a completion.
+The servicer wraps each Generate/GenerateStream call in `Admission.call(call)` (the call as the
+guard resolved it, gateway/call.py); inside it, `admit()` reserves the tenant's quota for the
+validated request, and the end of the block (success, error, cancellation or a caller that went
+away) always releases the concurrency slot, refunds the tokens not generated, and records the
+outcome once: counters, latency, tokens and one audit line. A generation the guard refused after
+authorizing it (a bad request, an unknown model) is recorded the same way (`refused`). Nothing here
+ever sees or records a prompt or a completion.
 
 Earlier still, `Admission.gate` charges every authenticated call (any method, refused or not) one
 request of its home tenant's request rate in this replica, before the guard authorizes or audits
@@ -24,13 +26,15 @@ from typing import Any
 
 import grpc
 
-from airlock.errors import AirlockError, PermissionDeniedError, QuotaExceededError
+from airlock.errors import PermissionDeniedError, QuotaExceededError
+from airlock.types import GenerationSpec
 from airlock.v1 import inference_pb2 as pb
 from gateway.audit import AuditLog
-from gateway.auth.guard import current_caller
 from gateway.auth.identity import Principal
+from gateway.call import Call, Generation
 from gateway.metrics import Metrics
-from gateway.quota import RATE_LIMITED, Bucket, MemoryQuotaStore, QuotaLimits, QuotaStore, quota_error
+from gateway.quota import RATE_LIMITED, Bucket, QuotaLimits, QuotaStore, quota_error
+from serving.rpc import caller_error
 
 __all__ = ["Admission", "Ticket"]
 
@@ -61,13 +65,14 @@ class Admission:
         self._gates: dict[str, Bucket] = {}  # home tenant -> its request bucket in this replica
         self._gated: dict[str, tuple[int, str]] = {}  # tenant -> (calls refused, last subject), unaudited
 
-    @classmethod
-    def unlimited(cls) -> Admission:
-        """No quotas, metrics and audit of its own: for a servicer built without the gateway's wiring."""
-        return cls(MemoryQuotaStore(), lambda _tenant: QuotaLimits(), metrics=Metrics(), audit=AuditLog(None))
+    def call(self, call: Generation) -> Ticket:
+        """The accounting of one generation, an async context manager around the servicer's work."""
+        return Ticket(self, call, call.quota)
 
-    def call(self, method: str) -> Ticket:
-        return Ticket(self, method)
+    def refused(self, call: Call, exc: BaseException) -> None:
+        """Count and audit a generation the guard refused after authorizing it (it could not be
+        validated or routed) exactly as one refused inside `call()`: nothing was reserved."""
+        Ticket(self, call, self.limits_for(call.tenant)).end(exc)
 
     def gate(self, principal: Principal) -> None:
         """Charge a verified caller's call one request of its home tenant's request rate, or refuse
@@ -97,10 +102,6 @@ class Admission:
             self.audit.record("rate_limited", tenant=tenant, refused=gated[0], last_subject=gated[1])
             del self._gated[tenant]
 
-    def label(self, tenant: str) -> str:
-        """The tenant as a metric label: only tenants of the policy, so callers can't add series."""
-        return tenant if self.limits_for(tenant) is not None else "other"
-
     def _release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> asyncio.Task[None]:
         # A task of its own: a second cancellation of the call can't interrupt the release.
         task = asyncio.ensure_future(self._release_logged(tenant, limits, lease, refund))
@@ -116,51 +117,47 @@ class Admission:
 
 
 class Ticket:
-    """One call's accounting; an async context manager around the whole servicer method."""
+    """One generation's accounting, from the moment the guard handed it over to its end."""
 
-    def __init__(self, admission: Admission, method: str) -> None:
+    def __init__(self, admission: Admission, call: Call, quota: QuotaLimits | None) -> None:
         self.admission = admission
-        self.method = method
-        self.tenant = self.subject = self.label = ""
+        self.method = call.action
+        self.tenant = call.tenant
+        self.subject = call.principal.policy_subject
+        self.quota = quota  # the tenant's, as the call was resolved; None: not in the policy
+        self.label = call.tenant if quota is not None else "other"  # only the policy's tenants: no new series
         self.request_id = ""
         self.model = ""
         self.max_tokens = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finished = False  # usage was reported: the completion token count is exact
-        self._limits: QuotaLimits | None = None
+        self._reserved: QuotaLimits | None = None  # what admit() reserved against
         self._lease = ""
-        self._start = 0.0
-        self._span: Any = None
         self.request_bytes = 0  # the caller's request, as received
         self.response_bytes = 0  # what went back to the caller
+        self._start = time.perf_counter()
+        tracer = admission.tracer
+        self._span: Any = tracer.start_span(f"airlock.gateway/{self.method}") if tracer is not None else None
 
     async def __aenter__(self) -> Ticket:
-        caller = current_caller()
-        self.tenant = caller.tenant
-        self.subject = caller.principal.policy_subject
-        self.label = self.admission.label(self.tenant)
-        self._start = time.perf_counter()
-        if self.admission.tracer is not None:
-            self._span = self.admission.tracer.start_span(f"airlock.gateway/{self.method}")
         return self
 
-    async def admit(self, request: pb.GenerateRequest) -> None:
-        """Reserve quota for a validated request (its id, model and max_tokens are final)."""
-        self.request_id = request.request_id
-        self.model = request.model
-        self.max_tokens = request.params.max_tokens
-        self.request_bytes = request.ByteSize()
-        limits = self.admission.limits_for(self.tenant)
-        if limits is None:  # fail closed: a tenant without settings has no quota to spend
+    async def admit(self, spec: GenerationSpec, request_bytes: int) -> None:
+        """Reserve quota for the validated request (its id, model and max_tokens are final)."""
+        self.request_id = spec.request_id
+        self.model = spec.model
+        self.max_tokens = spec.sampling.max_tokens
+        self.request_bytes = request_bytes
+        if self.quota is None:  # fail closed: a tenant without settings has no quota to spend
             raise PermissionDeniedError("tenant is not in the policy", reason="TENANT_UNKNOWN")
         lease = uuid.uuid4().hex
         try:
-            await self.admission.store.acquire(self.tenant, limits, self.max_tokens, lease)
+            await self.admission.store.acquire(self.tenant, self.quota, self.max_tokens, lease)
         except QuotaExceededError as exc:
             self.admission.metrics.quota_rejections.labels(self.label, exc.reason).inc()
             raise
-        self._limits, self._lease = limits, lease
+        self._reserved, self._lease = self.quota, lease
         self.admission.metrics.concurrent_streams.labels(self.label).inc()
 
     def usage(self, usage: pb.Usage) -> None:
@@ -179,19 +176,24 @@ class Ticket:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        code, reason = _outcome(exc)
+        release = self.end(exc)
+        if release is not None:
+            # Shielded: cancelled again while waiting, the release still finishes in its own task.
+            await asyncio.shield(release)
+
+    def end(self, exc: BaseException | None) -> asyncio.Task[None] | None:
+        """Record the outcome (`exc` None: OK) and start releasing what was reserved, if anything."""
         release = None
-        if self._limits is not None:
+        if self._reserved is not None:
             # Tokens not generated go back. Without a final usage (error, cancel) only what was seen
             # streaming is known; a failed unary call keeps its whole reservation (fail closed).
             seen = self.completion_tokens if (self.finished or self.method == "stream") else self.max_tokens
             refund = max(0, self.max_tokens - seen)
-            release = self.admission._release(self.tenant, self._limits, self._lease, refund)
+            release = self.admission._release(self.tenant, self._reserved, self._lease, refund)
             self.admission.metrics.concurrent_streams.labels(self.label).dec()
-        self._record(code, reason)
-        if release is not None:
-            # Shielded: cancelled again while waiting, the release still finishes in its own task.
-            await asyncio.shield(release)
+        err = None if exc is None else caller_error(exc)  # what the caller is told, as the interceptor does
+        self._record(grpc.StatusCode.OK if err is None else err.code, "" if err is None else err.reason)
+        return release
 
     def _record(self, code: grpc.StatusCode, reason: str) -> None:
         seconds = time.perf_counter() - self._start
@@ -226,14 +228,3 @@ class Ticket:
                 "airlock.completion_tokens": self.completion_tokens,
             })  # fmt: skip
             self._span.end()
-
-
-def _outcome(exc: BaseException | None) -> tuple[grpc.StatusCode, str]:
-    """The status the caller gets (as the error interceptor maps it) and its stable reason."""
-    if exc is None:
-        return grpc.StatusCode.OK, ""
-    if isinstance(exc, AirlockError):
-        return exc.code, exc.reason
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED, "CANCELLED"
-    return grpc.StatusCode.INTERNAL, "INTERNAL"

@@ -30,6 +30,7 @@ from gateway.audit import AuditLog, load_signing_key
 from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
 from gateway.auth.lockout import Lockout
+from gateway.call import Calls
 from gateway.keys import KeystoreError, open_keystore
 from gateway.metrics import Metrics
 from gateway.policy.authz import Authorizer
@@ -77,10 +78,10 @@ class Gateway:
     health: Any
     port: int
     mtls_port: int | None
-    admission: Admission | None = None
+    admission: Admission
+    sealing: GatewaySealing
+    lockout: Lockout
     tracer_provider: Any = None
-    sealing: GatewaySealing | None = None
-    lockout: Lockout | None = None
 
 
 class MissingFileError(Exception):
@@ -125,19 +126,18 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
-    service = InferenceService(
-        router, cfg.gateway.limits, authorizer, admission=admission, sealing=sealing, audit=audit
-    )
+    service = InferenceService(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    calls = Calls(router, cfg.gateway.limits, quota_for=admission.limits_for, refused=admission.refused)
     lockout = Lockout(cfg.lockout)
     guard = CallGuard(
         verifier,
         ServiceIdentity(cfg.auth.mtls.trust_domain),
         authorizer,
         lockout,
-        service.resources,
+        calls,
+        gate=admission.gate,
         metrics=metrics,
         audit=audit,
-        gate=admission.gate,
     )
     server_tls = ServerTls(tls_files.cert, tls_files.key, tls_files.service_ca)
     server, port, mtls_port, health = create_server(
@@ -150,7 +150,7 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     )
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-        admission=admission, tracer_provider=tracer_provider, sealing=sealing, lockout=lockout,
+        admission, sealing, lockout, tracer_provider,
     )  # fmt: skip
 
 
@@ -262,7 +262,7 @@ async def serve(
         loop.add_signal_handler(sig, stopping.set)
     gw = build(cfg, routes, listen, mtls_listen)
     admin = None
-    if admin_socket is not None and gw.lockout is not None:
+    if admin_socket is not None:
         admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit))
     metrics_port = None
     if cfg.gateway.metrics_listen:
@@ -274,14 +274,13 @@ async def serve(
         if not stopping.is_set():  # draining: stay NOT_SERVING
             await update_health(gw.health, gw.router)
 
+    keystore_errors = gw.metrics.watch_errors.labels("keystore").inc
     watchers = [
         asyncio.create_task(gw.authorizer.watch(stopping)),
         asyncio.create_task(watch_jwks(gw.verifier, gw.metrics, stopping, gw.audit)),
         asyncio.create_task(gw.router.watch(stopping, readiness_changed)),
+        asyncio.create_task(gw.sealing.watch(stopping, on_error=keystore_errors)),
     ]
-    if gw.sealing is not None:
-        on_error = gw.metrics.watch_errors.labels("keystore").inc
-        watchers.append(asyncio.create_task(gw.sealing.watch(stopping, on_error=on_error)))
 
     def audit_failed(_why: str) -> None:  # may run on a policy-reload thread
         asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)
@@ -306,8 +305,7 @@ async def serve(
         remove_socket(admin_socket)
     await asyncio.gather(*watchers, return_exceptions=True)
     await gw.router.close()
-    if gw.admission is not None:
-        await gw.admission.store.close()
+    await gw.admission.store.close()
     if gw.tracer_provider is not None:
         gw.tracer_provider.shutdown()
     gw.audit.close()

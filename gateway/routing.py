@@ -76,8 +76,8 @@ class Router:
         routes: list[Route],
         tls: ClientTls,
         *,
+        audit: AuditLog,
         may_share: Callable[[str], bool] | None = None,
-        audit: AuditLog | None = None,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
@@ -86,7 +86,7 @@ class Router:
         )
         self.routes = routes
         self.may_share = may_share or (lambda _tenant: False)
-        self._audit = audit or AuditLog(None)
+        self._audit = audit
         self._routes: dict[tuple[str, str], Route] = {}
         self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address
@@ -148,18 +148,26 @@ class Router:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _watch_one(self, key: str, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
+        """Follow one worker's health until `stop`. Nothing ends it early: a lost worker, or anything
+        a reply or `changed()` raises, marks the worker not ready and it is watched again (a failure
+        is logged once until it changes)."""
         stub = health_pb2_grpc.HealthStub(self._channels[key])
-        tenants = ",".join(r.tenant for r in self.routes if r.address == key)
-        pause = _WATCH_RETRY[0]
+        where = {"tenant": ",".join(r.tenant for r in self.routes if r.address == key)}
+        pause, failing = _WATCH_RETRY[0], ""
         while not stop.is_set():
             try:
                 async for reply in stub.Watch(health_pb2.HealthCheckRequest(service="")):
                     await self._set(key, reply.status == health_pb2.HealthCheckResponse.SERVING, changed)
-                    pause = _WATCH_RETRY[0]
+                    pause, failing = _WATCH_RETRY[0], ""
             except grpc.aio.AioRpcError as exc:
                 # the worker is down or restarting: not ready until it answers again
-                _log.debug("worker health watch ended: %s", exc.code().name, extra={"tenant": tenants})
-            await self._set(key, False, changed)
+                _log.debug("worker health watch ended: %s", exc.code().name, extra=where)
+            except Exception as exc:
+                failing = _logged("worker health watch failed; watching again", exc, failing, where)
+            try:
+                await self._set(key, False, changed)
+            except Exception as exc:
+                failing = _logged("worker readiness not published", exc, failing, where)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
             pause = min(pause * 2, _WATCH_RETRY[1])
@@ -176,3 +184,11 @@ class Router:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+
+
+def _logged(message: str, exc: Exception, failing: str, where: dict[str, str]) -> str:
+    """Log a watch failure unless it is the one logged last; returns it, to compare the next with."""
+    what = f"{type(exc).__name__}: {exc}"
+    if what != failing:
+        _log.error(message, exc_info=exc, extra=where)
+    return what

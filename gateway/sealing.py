@@ -24,7 +24,8 @@ import grpc
 from airlock.attestation import AttestationPolicy, Verified, hpke_seal, key_release_info, verify
 from airlock.envelope import Opener, SealError
 from airlock.errors import AirlockError, AttestationError, UnavailableError
-from airlock.sealing import E2E_KEY_ID, response_key, seal_prompt
+from airlock.sealing import E2E_KEY_ID, request_key, response_key, seal_prompt
+from airlock.types import GenerationSpec
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from gateway.audit import AuditLog
@@ -189,22 +190,29 @@ class GatewaySealing:
     def is_end_to_end(request: pb.GenerateRequest) -> bool:
         return bool(request.HasField("end_to_end") or request.HasField("sealed_messages"))
 
-    def seal(self, tenant: str, request: pb.GenerateRequest) -> Opener | None:
-        """Seal the prompt for the worker; returns the opener of its answer. None for an end-to-end
-        request, which is checked for shape and passed through."""
+    def seal(
+        self, tenant: str, spec: GenerationSpec, request: pb.GenerateRequest, out: pb.GenerateRequest
+    ) -> Opener | None:
+        """Put the prompt of the caller's `request` (only read) into `out`, the worker's request
+        for `spec`: its messages sealed under the tenant's active key, returning the opener of the
+        answer; or, end to end, its sealed fields as they came, checked for shape, returning None
+        (the gateway can open neither way)."""
         if self.is_end_to_end(request):
             key_id = Opener.header_of(request.sealed_messages).key_id
             if (
                 not (request.HasField("end_to_end") and request.HasField("sealed_messages"))
                 or key_id != E2E_KEY_ID
             ):
-                audit_integrity(self.audit, tenant, "SEAL_MALFORMED", "request", request.request_id)
+                audit_integrity(self.audit, tenant, "SEAL_MALFORMED", "request", spec.request_id)
                 raise SealError("an end-to-end request needs both sealed_messages and end_to_end",
                                 reason="SEAL_MALFORMED")  # fmt: skip
+            out.sealed_messages.CopyFrom(request.sealed_messages)
+            out.end_to_end.CopyFrom(request.end_to_end)
             return None
         key_id, key = self.active_key(tenant)
-        seal_prompt(request, tenant, key_id, key)
-        return Opener(key, response_key(tenant, key_id, request))
+        sealed = seal_prompt(request.messages, request_key(tenant, key_id, spec.request_id, spec.model), key)
+        out.sealed_messages.CopyFrom(sealed)
+        return Opener(key, response_key(tenant, key_id, spec.request_id, spec.model))
 
 
 def audit_integrity(audit: AuditLog, tenant: str, reason: str, direction: str, request_id: str) -> None:

@@ -1,33 +1,31 @@
 """The gateway's gRPC server: authenticated `Inference` relayed to the caller's tenant workers.
 
-The servicer is thin: validate, pick the route from the verified principal's tenant (never from
-the request), call the worker with the caller's remaining deadline, relay the answer.
-A caller that goes away cancels the worker call, which aborts generation in the engine.
+The servicer is thin: the guard resolved the call already (gateway/call.py: the caller, its tenant,
+the worker, the validated request); the servicer admits it, builds the worker's request from it,
+calls the worker with the caller's remaining deadline and relays the answer. A caller that goes
+away cancels the worker call, which aborts generation in the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from airlock.envelope import Opener
-from airlock.errors import (
-    AirlockError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    UnavailableError,
-)
+from airlock.errors import AirlockError, DeadlineExceededError, UnavailableError
+from airlock.retry import first_message, once_more, rest_of
 from airlock.rpcstatus import from_rpc_error
-from airlock.types import Limits, check_model, validate_request
 from airlock.v1 import inference_pb2 as pb
-from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from airlock.v1 import inference_pb2_grpc, worker_pb2
 from gateway.admission import Admission
 from gateway.audit import AuditLog
-from gateway.auth.guard import CallGuard, current_caller
+from gateway.auth.guard import CallGuard
+from gateway.call import SERVICE, Call, Generation, Routed, current_call
 from gateway.health import GatewayHealth
 from gateway.policy.authz import Authorizer
 from gateway.routing import ClientTls, Route, Router, tenant_health_name
@@ -45,107 +43,78 @@ __all__ = [
     "update_health",
 ]
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-
-
-_ACTIONS = {
-    f"/{SERVICE}/Generate": "generate",
-    f"/{SERVICE}/GenerateStream": "stream",
-    f"/{SERVICE}/GetAttestation": "attest",
-}
-
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(
         self,
         router: Router,
-        limits: Limits,
-        authorizer: Authorizer | None = None,
+        authorizer: Authorizer,
         *,
-        admission: Admission | None = None,
-        sealing: GatewaySealing | None = None,
-        audit: AuditLog | None = None,
+        admission: Admission,
+        sealing: GatewaySealing,
+        audit: AuditLog,
     ) -> None:
-        """`sealing` None relays prompts as they come: only for tests around fake workers (real
-        workers refuse a prompt that is not sealed)."""
         self.router = router
-        self.limits = limits
         self.authorizer = authorizer
-        self.admission = admission or Admission.unlimited()
+        self.admission = admission
         self.sealing = sealing
-        self._audit = audit or AuditLog(None)
-
-    def resources(self, method: str, request: object, tenant: str) -> tuple[str, str] | None:
-        """What a call asks to do, for the policy: `model:NAME` with generate/stream, or list models.
-
-        Other methods (server reflection) need an authenticated caller and nothing more. A model
-        name that can't be one is refused here (MODEL_INVALID), before the guard audits the call."""
-        if method == f"/{SERVICE}/ListModels":
-            return "models", "list"
-        action = _ACTIONS.get(method)
-        if action is None:
-            return None
-        model = check_model(getattr(request, "model", "")) or self.router.default_model(tenant)
-        return f"model:{model}", action
-
-    def _dispatch(
-        self, request: pb.GenerateRequest
-    ) -> tuple[worker_pb2.WorkerRequest, worker_pb2_grpc.WorkerStub]:
-        tenant = current_caller().tenant
-        spec = validate_request(request, self.limits)
-        model, stub = self.router.resolve(tenant, spec.model)
-        request.request_id = spec.request_id
-        request.model = model
-        request.params.max_tokens = spec.sampling.max_tokens  # what the quota reserves, made explicit
-        return worker_pb2.WorkerRequest(tenant=tenant, request=request), stub
+        self._audit = audit
 
     async def _prepare(
-        self, work: worker_pb2.WorkerRequest, stub: worker_pb2_grpc.WorkerStub
-    ) -> Opener | None:
-        """Seal the prompt for the worker (after it attested and holds the tenant's keys); returns the
-        opener of its answer, or None for an end-to-end request, relayed untouched both ways."""
-        if self.sealing is None:
-            return None
-        if not self.sealing.is_end_to_end(work.request):
-            await self.sealing.ensure_released(work.tenant, work.request.model, stub)
-        return self.sealing.seal(work.tenant, work.request)
+        self, call: Generation, request: pb.GenerateRequest
+    ) -> tuple[worker_pb2.WorkerRequest, Opener | None]:
+        """The worker's request, built from the resolved call: the prompt sealed for the worker
+        (once it attested and holds the tenant's keys) with the opener of its answer, or an
+        end-to-end prompt as it came (None: relayed untouched both ways)."""
+        spec = call.spec
+        work = worker_pb2.WorkerRequest(tenant=call.tenant)
+        work.request.request_id, work.request.model = spec.request_id, spec.model
+        work.request.params.CopyFrom(spec.sampling.to_proto())
+        if not self.sealing.is_end_to_end(request):
+            await self.sealing.ensure_released(call.tenant, call.model, call.worker)
+        return work, self.sealing.seal(call.tenant, spec, request, work.request)
 
-    async def _rekey(self, work: worker_pb2.WorkerRequest, stub: worker_pb2_grpc.WorkerStub,
-                     exc: grpc.aio.AioRpcError) -> bool:  # fmt: skip
-        """A worker that lost its keys (restarted, or missed a rotation) is attested and keyed again;
-        True when the call should be made once more (nothing was generated yet)."""
-        if self.sealing is None or from_rpc_error(exc).reason != "KEYS_MISSING":
-            return False
-        self.sealing.forget(work.tenant, work.request.model)
-        await self.sealing.ensure_released(work.tenant, work.request.model, stub)
-        return True
+    def _rekeyed(self, call: Generation) -> Callable[[AirlockError], Awaitable[bool]]:
+        """Whether a failed worker call goes once more: when the worker lost its keys (restarted, or
+        missed a rotation), after attesting it and releasing them again (nothing was generated)."""
 
-    def _failed(self, work: worker_pb2.WorkerRequest, exc: grpc.aio.AioRpcError) -> AirlockError:
+        async def recover(err: AirlockError) -> bool:
+            if err.reason != "KEYS_MISSING":
+                return False
+            self.sealing.forget(call.tenant, call.model)
+            await self.sealing.ensure_released(call.tenant, call.model, call.worker)
+            return True
+
+        return recover
+
+    def _failed(self, call: Generation, exc: grpc.aio.AioRpcError) -> AirlockError:
         err = _worker_error(exc)
         if err.reason.startswith("SEAL_"):  # the worker refused a sealed prompt: tampered or misplaced
-            audit_integrity(self._audit, work.tenant, err.reason, "request", work.request.request_id)
+            audit_integrity(self._audit, call.tenant, err.reason, "request", call.request_id)
         return err
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        async with self.admission.call("generate") as ticket:
-            work, stub = self._dispatch(request)
-            await ticket.admit(work.request)
-            opener = await self._prepare(work, stub)
-            for attempt in (1, 2):
-                try:
-                    response: pb.GenerateResponse = await stub.Generate(
-                        work, timeout=context.time_remaining()
-                    )
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if attempt == 2 or not await self._rekey(work, stub, exc):
-                        raise self._failed(work, exc) from None
+        call = current_call(Generation)
+        async with self.admission.call(call) as ticket:
+            await ticket.admit(call.spec, request.ByteSize())
+            work, opener = await self._prepare(call, request)
+
+            async def attempt() -> pb.GenerateResponse:
+                response: pb.GenerateResponse = await call.worker.Generate(
+                    work, timeout=context.time_remaining()
+                )
+                return response
+
+            try:
+                response = await once_more(attempt, self._rekeyed(call))
+            except grpc.aio.AioRpcError as exc:
+                raise self._failed(call, exc) from None
             if opener is not None:
-                response.text = open_text(opener, response.sealed_text, work.tenant, self._audit)
+                response.text = open_text(opener, response.sealed_text, call.tenant, self._audit)
                 response.ClearField("sealed_text")
-                finish(opener, work.tenant, self._audit)
+                finish(opener, call.tenant, self._audit)
             ticket.usage(response.usage)
             ticket.response_bytes = response.ByteSize()
             return response
@@ -153,30 +122,32 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        async with self.admission.call("stream") as ticket:
-            work, stub = self._dispatch(request)
-            await ticket.admit(work.request)
-            opener = await self._prepare(work, stub)
-            started = False
-            for attempt in (1, 2):
-                call = stub.GenerateStream(work, timeout=context.time_remaining())
-                try:
-                    async for batch in batches(call, size=_sealed_size):
-                        started = True
-                        # Sealed to the caller (end to end): each chunk as it is. Else what arrived
-                        # while the caller took the previous message goes as one (serving/streams.py).
-                        chunks = batch if opener is None else [self._opened(opener, batch, work.tenant)]
-                        for chunk in chunks:
-                            ticket.chunk(chunk)
-                            yield chunk
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    if started or attempt == 2 or not await self._rekey(work, stub, exc):
-                        raise self._failed(work, exc) from None
-                finally:
-                    call.cancel()  # no-op when finished; aborts the engine when the caller went away
+        call = current_call(Generation)
+        async with self.admission.call(call) as ticket:
+            await ticket.admit(call.spec, request.ByteSize())
+            work, opener = await self._prepare(call, request)
+
+            async def start() -> tuple[Any, Any]:
+                stream = call.worker.GenerateStream(work, timeout=context.time_remaining())
+                return stream, await first_message(stream)
+
+            stream: Any = None
+            try:
+                stream, first = await once_more(start, self._rekeyed(call))  # until the first chunk only
+                async for batch in batches(rest_of(first, stream), size=_sealed_size):
+                    # Sealed to the caller (end to end): each chunk as it is. Else what arrived
+                    # while the caller took the previous message goes as one (serving/streams.py).
+                    chunks = batch if opener is None else [self._opened(opener, batch, call.tenant)]
+                    for chunk in chunks:
+                        ticket.chunk(chunk)
+                        yield chunk
+            except grpc.aio.AioRpcError as exc:
+                raise self._failed(call, exc) from None
+            finally:
+                if stream is not None:
+                    stream.cancel()  # no-op when finished; aborts the engine when the caller went away
             if opener is not None:
-                finish(opener, work.tenant, self._audit)
+                finish(opener, call.tenant, self._audit)
 
     def _opened(self, opener: Opener, batch: list[pb.GenerateChunk], tenant: str) -> pb.GenerateChunk:
         """One plain chunk for the caller from consecutive sealed ones: their texts joined, their
@@ -192,30 +163,26 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: pb.AttestationRequest, context: grpc.aio.ServicerContext
     ) -> pb.Attestation:
         """Relay the worker's own evidence for the caller's nonce; the caller verifies it."""
-        if not 16 <= len(request.nonce) <= 64:
-            raise InvalidRequestError("nonce must be 16..64 bytes", field="nonce")
-        tenant = current_caller().tenant
-        model, stub = self.router.resolve(tenant, request.model)
+        call = current_call(Routed)
         try:
-            ask = worker_pb2.EvidenceRequest(nonce=request.nonce, tenant=tenant)  # shared: per tenant
-            evidence = await stub.GetEvidence(ask, timeout=context.time_remaining())
+            ask = worker_pb2.EvidenceRequest(nonce=request.nonce, tenant=call.tenant)  # shared: per tenant
+            evidence = await call.worker.GetEvidence(ask, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
             raise _worker_error(exc) from None
-        return pb.Attestation(model=model, evidence=evidence)
+        return pb.Attestation(model=call.model, evidence=evidence)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        caller = current_caller()
-        routes = self.router.models(caller.tenant)
-        default = self.router.default_model(caller.tenant)
-        if self.authorizer is not None:  # list only what the caller may use
-            subject = caller.principal.policy_subject
-            routes = [
-                r for r in routes
-                if any(self.authorizer.decide(subject, caller.tenant, f"model:{r.model}", act).allowed
-                       for act in ("generate", "stream"))
-            ]  # fmt: skip
+        """The tenant's models the caller may generate or stream with, its default marked."""
+        call = current_call(Call)
+        subject, tenant = call.principal.policy_subject, call.tenant
+        default = self.router.default_model(tenant)
+        routes = [
+            r for r in self.router.models(tenant)
+            if any(self.authorizer.decide(subject, tenant, f"model:{r.model}", act).allowed
+                   for act in ("generate", "stream"))
+        ]  # fmt: skip
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(name=r.model, engine=r.engine, is_default=r.model == default) for r in routes

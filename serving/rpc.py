@@ -15,6 +15,7 @@ because every layer and every per-call handler object is paid on every request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -22,11 +23,11 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from airlock.errors import AirlockError, InvalidRequestError
+from airlock.errors import AirlockError, CancelledError, InvalidRequestError
 from airlock.rpcstatus import to_status
 from airlock.types import REQUEST_ID_HEADER, check_request_id, new_request_id
 from serving.logs import bind_request_id
@@ -36,6 +37,7 @@ __all__ = [
     "Guard",
     "Health",
     "abort_with",
+    "caller_error",
     "header_value",
     "new_server",
     "reflection_pool",
@@ -191,8 +193,8 @@ def header_value(metadata: Any, name: str) -> str | None:
 
 def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
     """The call's request id: the `x-request-id` header, else the body's `request_id` (a worker
-    request's inner one), else a new one. The body is set to the result, so everything downstream
-    sees one id. A malformed id, or a header and body that disagree, is refused."""
+    request's inner one), else a new one. Checked here, once per call; the body is only read. A
+    malformed id, or a header and body that disagree, is refused."""
     header = header_value(context.invocation_metadata(), REQUEST_ID_HEADER) or ""
     inner = getattr(request, "request", request)
     body = getattr(inner, "request_id", None)
@@ -203,10 +205,7 @@ def request_id_of(request: Any, context: grpc.aio.ServicerContext) -> str:
             reason="REQUEST_ID_MISMATCH",
             field="request_id",
         )
-    request_id = check_request_id(header or body or new_request_id())
-    if not body and isinstance(inner, Message) and "request_id" in inner.DESCRIPTOR.fields_by_name:
-        inner.request_id = request_id
-    return request_id
+    return check_request_id(header or body or new_request_id())
 
 
 async def _begin(request: Any, context: grpc.aio.ServicerContext) -> str:
@@ -228,17 +227,25 @@ async def abort_with(context: grpc.aio.ServicerContext, err: AirlockError, reque
     await context.abort(status.code, status.details, trailing_metadata=metadata)
 
 
-async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> None:
+def caller_error(exc: BaseException, request_id: str = "") -> AirlockError:
+    """What the caller of a call that ended with `exc` is told: an Airlock error as it is; a call
+    the caller gave up (cancelled, or a stream it stopped reading) as CANCELLED; anything else as
+    INTERNAL with a generic message and the request id. The one mapping from outcomes to statuses:
+    the interceptor answers with it, admission counts and audits by it."""
     if isinstance(exc, AirlockError):
-        await abort_with(context, exc, request_id)
-        return
-    # The details go to the log, never to the caller; the request id ties the two together.
-    _log.error(
-        "internal error", exc_info=exc, extra={"request_id": request_id, "error_type": type(exc).__name__}
-    )
-    await abort_with(
-        context, AirlockError(f"internal error (request id {request_id or 'unknown'})"), request_id
-    )
+        return exc
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return CancelledError("the call was cancelled")
+    return AirlockError(f"internal error (request id {request_id or 'unknown'})")
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> None:
+    err = caller_error(exc, request_id)
+    if err is not exc:  # the details go to the log, never to the caller; the request id ties the two
+        _log.error(
+            "internal error", exc_info=exc, extra={"request_id": request_id, "error_type": type(exc).__name__}
+        )
+    await abort_with(context, err, request_id)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

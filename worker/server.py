@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from airlock.envelope import Opener, Sealer
+from airlock.envelope import Opener, Sealer, SealError
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
-from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, response_key
-from airlock.types import FINISH_CODES, GenerationSpec, Limits, validate_request
+from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, request_key, response_key
+from airlock.types import FINISH_CODES, GenerationSpec, Limits, check_messages, check_sampling
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
+from serving.logs import current_request_id
 from serving.rpc import ErrorInterceptor, bind, new_server
 from serving.streams import batches
 from worker.attestation import WorkerAttestor
@@ -77,15 +78,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
         return attestor
 
-    def _hold(self, request: worker_pb2.WorkerRequest) -> contextlib.AbstractContextManager[None]:
+    def _hold(self, tenant: str, prompt: pb.SealedPrompt) -> contextlib.AbstractContextManager[None]:
         if self.state is None:
             return contextlib.nullcontext()
-        return self.state.hold(request.tenant, request.request.SerializeToString())
+        return self.state.hold(tenant, prompt.SerializeToString())
 
-    def _admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer]:
-        """Check and open a request: the prompt only ever arrives sealed, under a tenant key this
-        worker was released or an end-to-end request key sealed to its attested HPKE key. Returns
-        the spec and the sealer for the answer (same key, the other direction)."""
+    def _admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer, pb.SealedPrompt]:
+        """Check and open a request (the gateway's message is only read): the prompt only ever
+        arrives sealed, under a tenant key this worker was released or an end-to-end request key
+        sealed to its attested HPKE key. Returns the spec, the sealer for the answer (same key, the
+        other direction) and the opened prompt (the request state the domain arena holds)."""
         tenant = request.tenant
         attestor = self._attestor(tenant)
         inner = request.request
@@ -95,29 +97,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise InvalidRequestError(
                 "prompts must arrive sealed", reason="PLAINTEXT_REFUSED", field="messages"
             )
-        inner.model = self.model
+        if inner.messages:
+            raise SealError("a request is either sealed or plain, not both", reason="SEAL_MIXED")
+        request_id = current_request_id()  # the interceptor's: the inner id, checked once
         key_id = Opener.header_of(inner.sealed_messages).key_id
         if inner.HasField("end_to_end"):
             if inner.end_to_end.worker_id != attestor.hpke.worker_id or key_id != E2E_KEY_ID:
                 raise AttestationError(
                     "sealed to another worker key; attest again", reason="ATTESTATION_STALE"
                 )
-            info = e2e_info(tenant, inner.request_id, self.model)
+            info = e2e_info(tenant, request_id, self.model)
             secret = attestor.hpke.open(inner.end_to_end.sealed_key, info)
         else:
             secret = attestor.key(key_id)  # only this tenant's released keys are looked at
-        open_prompt(inner, tenant, key_id, secret)
-        spec = validate_request(inner, self.limits)
+        key = request_key(tenant, key_id, request_id, self.model)
+        prompt = open_prompt(inner.sealed_messages, key, secret)
+        messages = check_messages(prompt.messages, self.limits)
+        spec = GenerationSpec(request_id, self.model, messages, check_sampling(inner.params, self.limits))
         self.requests_started += 1
-        return spec, Sealer(secret, response_key(tenant, key_id, inner))
+        return spec, Sealer(secret, response_key(tenant, key_id, request_id, self.model)), prompt
 
     async def Generate(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        spec, sealer = self._admit(request)
+        spec, sealer, prompt = self._admit(request)
         parts: list[str] = []
         response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
-        with self._hold(request):
+        with self._hold(request.tenant, prompt):
             async for out in self.engine.generate(spec, tenant=request.tenant):
                 parts.append(out.text)
                 if out.finish_reason is not None:
@@ -130,9 +136,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def GenerateStream(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        spec, sealer = self._admit(request)
+        spec, sealer, prompt = self._admit(request)
         outputs = self.engine.generate(spec, tenant=request.tenant)
-        with self._hold(request):
+        with self._hold(request.tenant, prompt):
             try:
                 # What the engine produced while the previous chunk was being sent goes as one
                 # chunk (serving/streams.py); only the last output of a stream has a finish reason.

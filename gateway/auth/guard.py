@@ -1,9 +1,12 @@
-"""The gateway's call guard: authenticate, check lockouts, authorize — before any servicer runs.
+"""The gateway's call guard: authenticate, check lockouts, authorize, resolve — before any servicer runs.
 
-One interceptor does all three, in that order, and either refuses the call with a typed error or
-leaves the verified caller in `current_caller()`. The tenant a call acts in is the identity's own
-unless the `x-airlock-tenant` header names another, and then only if the policy grants the
-subject a role in that tenant explicitly. Every decision is counted and audited.
+One interceptor does it all, in an order that matters: authenticate; charge the home tenant's
+request rate; lockout; the tenant's name; what the call asks of the policy (a model name within
+bounds, no more); authorize; only then validate and route the call (gateway/call.py), so only an
+authorized caller learns whether a model exists. It either refuses the call with a typed error or
+leaves one resolved `Call` for the servicer (`gateway.call.current_call`). The tenant a call acts in
+is the identity's own unless the `x-airlock-tenant` header names another, and then only if the
+policy grants the subject a role in that tenant explicitly. Every decision is counted and audited.
 
 Lockouts (gateway/auth/lockout.py): a verified identity for its own policy denials; a client address for
 failed authentications, which never refuses a credential that verifies.
@@ -11,11 +14,9 @@ failed authentications, which never refuses a credential that verifies.
 
 from __future__ import annotations
 
-import contextvars
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -25,33 +26,18 @@ from airlock.errors import AuthenticationError, PermissionDeniedError
 from gateway.audit import AuditLog
 from gateway.auth.identity import JwtVerifier, Principal, ServiceIdentity, bearer_token
 from gateway.auth.lockout import Lockout, peer_key, subject_key
+from gateway.call import Call, Calls, enter
 from gateway.metrics import Metrics
 from gateway.policy.authz import Authorizer
 from serving.logs import current_request_id
 from serving.rpc import header_value
 
-__all__ = ["TENANT_HEADER", "CallGuard", "Caller", "current_caller"]
+__all__ = ["TENANT_HEADER", "CallGuard"]
 
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
-# (method, request, tenant) -> (resource, action); None: authentication alone suffices (reflection)
-Resources = Callable[[str, Any, str], tuple[str, str] | None]
 # Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
 Gate = Callable[[Principal], None]
-
-
-@dataclass(frozen=True)
-class Caller:
-    principal: Principal
-    tenant: str  # the tenant this call acts in (authorized)
-
-
-_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("airlock_caller")
-
-
-def current_caller() -> Caller:
-    """The verified, authorized caller of the current RPC (set before the servicer runs)."""
-    return _caller.get()
 
 
 class CallGuard:
@@ -63,26 +49,25 @@ class CallGuard:
         services: ServiceIdentity,
         authorizer: Authorizer,
         lockout: Lockout,
-        resources: Resources,
+        calls: Calls,
         *,
+        gate: Gate,
         metrics: Metrics,
         audit: AuditLog,
-        gate: Gate | None = None,
     ) -> None:
         self.verifier = verifier
         self.services = services
         self.authorizer = authorizer
         self.lockout = lockout
-        self.resources = resources
+        self.calls = calls
+        self.gate = gate
         self.metrics = metrics
         self.audit = audit
-        self.gate = gate
 
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         principal = self.authenticate(method, context)
+        self.gate(principal)  # every verified call pays its rate before anything is audited
         metadata = context.invocation_metadata() or ()
-        if self.gate is not None:  # every verified call pays its rate before anything is audited
-            self.gate(principal)
         tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
         key = subject_key(principal.policy_subject)
         if (left := self.lockout.retry_after(key)) is not None:
@@ -91,11 +76,10 @@ class CallGuard:
             )
         if not _TENANT.fullmatch(tenant):
             raise PermissionDeniedError("not a tenant name", reason="TENANT_INVALID")
-        wanted = self.resources(method, request, tenant)
-        if wanted is not None:
-            peer = _peer_host(context.peer())
-            self._authorize(principal, tenant, *wanted, method=method, peer=peer, key=key)
-        _caller.set(Caller(principal, tenant))
+        call = self.calls.ask(method, request, principal, tenant)
+        if call.action:
+            self._authorize(call, method=method, peer=_peer_host(context.peer()), key=key)
+        enter(self.calls.resolve(call, request))
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         """The verified identity of the call, or an audited, counted `AuthenticationError`.
@@ -151,17 +135,8 @@ class CallGuard:
             raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
         return self.verifier.verify(token)
 
-    def _authorize(
-        self,
-        principal: Principal,
-        tenant: str,
-        resource: str,
-        action: str,
-        *,
-        method: str,
-        peer: str,
-        key: str,
-    ) -> None:
+    def _authorize(self, call: Call, *, method: str, peer: str, key: str) -> None:
+        principal, tenant, resource, action = call.principal, call.tenant, call.resource, call.action
         start = time.perf_counter()
         decision = self.authorizer.decide(principal.policy_subject, tenant, resource, action)
         label = tenant if tenant in self.authorizer.policy.tenants else "other"  # bounded labels
@@ -180,7 +155,7 @@ class CallGuard:
             peer=peer,
             rpc=method,
             decision_us=round((time.perf_counter() - start) * 1e6, 1),
-            request_id=current_request_id(),
+            request_id=call.request_id,
         )
         if decision.allowed:
             return

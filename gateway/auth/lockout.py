@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 from gateway.config import LockoutConfig
 
-__all__ = ["KINDS", "Lockout", "LockoutEntry", "peer_key", "subject_key"]
-
-KINDS = ("peer", "subject")
+__all__ = ["Lockout", "LockoutEntry", "peer_key", "subject_key"]
 
 
 def peer_key(address: str) -> str:

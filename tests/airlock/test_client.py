@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 
@@ -9,7 +10,7 @@ import grpc
 import jwt
 import pytest
 
-from airlock import AsyncClient, AuthenticationError, UnavailableError
+from airlock import AsyncClient, AuthenticationError, Client, UnavailableError
 from airlock.client import _error, _service_config, _Token
 
 
@@ -101,3 +102,38 @@ def test_a_call_the_server_cancelled_is_unavailable_to_the_caller() -> None:
     assert (err.reason, err.request_id) == ("SERVER_CANCELLED", "req-7")
     other = _error(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing), "x")
     assert isinstance(other, UnavailableError) and other.reason != "SERVER_CANCELLED"
+
+
+# --- generate/stream: one typed, keyword-only signature, on both clients -------------------------
+
+PARAMETERS = ["model", "max_tokens", "temperature", "top_p", "seed", "stop", "request_id", "timeout"]
+
+
+@pytest.mark.parametrize("method", ["generate", "stream"])
+def test_generate_and_stream_take_the_prompt_then_named_keywords_only(method: str) -> None:
+    for cls in (AsyncClient, Client):
+        signature = inspect.signature(getattr(cls, method))
+        prompt, *rest = list(signature.parameters.values())[1:]  # after self
+        assert prompt.name == "prompt" and prompt.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        assert [p.name for p in rest] == PARAMETERS
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in rest)
+
+
+async def test_a_misspelled_parameter_is_a_type_error_not_ignored() -> None:
+    async with AsyncClient("127.0.0.1:9") as client:  # never dialled: the call is refused first
+        with pytest.raises(TypeError, match="max_token"):
+            await client.generate("hi", max_token=5)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="max_token"):
+            client.stream("hi", max_token=5)  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            await client.generate("hi", "echo")  # type: ignore[misc]
+
+
+def test_the_blocking_client_refuses_a_misspelled_parameter_at_the_call() -> None:
+    with Client("127.0.0.1:9") as client:
+        with pytest.raises(TypeError, match="max_token"):
+            client.generate("hi", max_token=5)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="max_token"):
+            client.stream("hi", max_token=5)  # type: ignore[call-arg]  # not at the first chunk
+        with pytest.raises(TypeError, match="timeout_s"):
+            client.list_models(timeout_s=3)  # type: ignore[call-arg]

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+import airlock
 from airlock.errors import (
     ERROR_DOMAIN,
     AirlockError,
@@ -17,7 +18,6 @@ from airlock.errors import (
     CancelledError,
     DeadlineExceededError,
     InvalidRequestError,
-    MessageTooLargeError,
     PermissionDeniedError,
     QuotaExceededError,
     UnavailableError,
@@ -115,11 +115,14 @@ def test_field_round_trips() -> None:
     assert back.message == "top_p must be in (0, 1]"
 
 
-def test_message_too_large_keeps_its_class_and_retry_delay() -> None:
-    back = over_the_wire(MessageTooLargeError("request too large", retry_after=2.0))
-    assert type(back) is MessageTooLargeError
-    assert back.reason == "MESSAGE_TOO_LARGE"
-    assert back.retry_after == 2.0
+def test_an_oversize_message_refused_by_grpc_itself_is_a_quota_error_with_the_default_reason() -> None:
+    # gRPC refuses a message over the size limit itself, with no google.rpc.Status: there is no
+    # MessageTooLargeError (it was never raised), just the class's default reason.
+    back = from_rpc_error(FakeCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max", None))  # type: ignore[arg-type]
+    assert type(back) is QuotaExceededError
+    assert (back.reason, back.retry_after) == ("QUOTA_EXCEEDED", None)
+    with pytest.raises(AttributeError):
+        airlock.MessageTooLargeError  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -187,10 +190,3 @@ def test_quota_failure_names_whose_quota_and_round_trips() -> None:
     back = over_the_wire(err)
     assert isinstance(back, QuotaExceededError)
     assert (back.subject, back.retry_after, back.reason) == ("tenant:acme", 3.0, "TOKEN_QUOTA_EXCEEDED")
-
-
-def test_message_too_large_is_not_a_quota_failure() -> None:
-    status = status_pb2.Status.FromString(
-        dict(to_status(MessageTooLargeError("too big")).trailing_metadata)["grpc-status-details-bin"]
-    )
-    assert not any(d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR) for d in status.details)

@@ -14,7 +14,7 @@ from airlock import AsyncClient, AttestationError
 from airlock.attestation import AttestationPolicy
 from airlock.e2e import EndToEnd
 from airlock.envelope import SealError
-from airlock.sealing import open_prompt
+from airlock.sealing import open_prompt, request_key
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.keys import open_keystore
@@ -104,10 +104,10 @@ async def test_end_to_end_mode_answers_and_the_gateway_cannot_open_it(echo_stack
     keystore = open_keystore(echo_stack.config.keys, echo_stack.config.state_dir)
     for key_id, key in keystore.usable("acme").items():
         for claimed in (key_id, "e2e"):
-            attempt = pb.GenerateRequest()
-            attempt.CopyFrom(sealed)
             with pytest.raises(SealError):
-                open_prompt(attempt, "acme", claimed, key)
+                open_prompt(
+                    sealed.sealed_messages, request_key("acme", claimed, sealed.request_id, "echo"), key
+                )
     assert b"captured" not in sealed.SerializeToString()
 
 

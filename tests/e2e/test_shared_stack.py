@@ -20,8 +20,8 @@ import pytest
 
 from airlock import AsyncClient, AttestationError, UnavailableError
 from airlock.attestation import AttestationPolicy
-from airlock.envelope import Opener, SealError
-from airlock.sealing import response_key, seal_prompt
+from airlock.envelope import Opener, SealError, StreamKey
+from airlock.sealing import request_key, response_key, seal_prompt
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.keys import open_keystore
@@ -150,11 +150,13 @@ async def test_each_shared_tenant_answer_opens_only_with_its_own_key(shared_stac
     keys = {t: keystore.active(t) for t in ("acme", "globex")}
 
     def sealed(tenant: str, text: str) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(request_id=f"direct-{tenant}-{time.monotonic_ns()}", model="echo",
-                                     messages=[pb.ChatMessage(role="user", content=text)])  # fmt: skip
-        key_id, key = keys[tenant]
-        seal_prompt(request, tenant, key_id, key)
-        return request
+        request_id, (key_id, key) = f"direct-{tenant}-{time.monotonic_ns()}", keys[tenant]
+        prompt = seal_prompt([pb.ChatMessage(role="user", content=text)],
+                             request_key(tenant, key_id, request_id, "echo"), key)  # fmt: skip
+        return pb.GenerateRequest(request_id=request_id, model="echo", sealed_messages=prompt)
+
+    def answer(tenant: str, key_id: str, request: pb.GenerateRequest) -> StreamKey:
+        return response_key(tenant, key_id, request.request_id, request.model)
 
     async with shared_channel(live) as channel:  # as the gateway (its certificate)
         stub = worker_pb2_grpc.WorkerStub(channel)
@@ -162,13 +164,13 @@ async def test_each_shared_tenant_answer_opens_only_with_its_own_key(shared_stac
             request = sealed(tenant, f"for {tenant} only")
             reply = await stub.Generate(worker_pb2.WorkerRequest(tenant=tenant, request=request), timeout=10)
             key_id, key = keys[tenant]
-            assert Opener(key, response_key(tenant, key_id, request)).open(reply.sealed_text) == (
+            assert Opener(key, answer(tenant, key_id, request)).open(reply.sealed_text) == (
                 f"for {tenant} only".encode()
             )
             other_id, other_key = keys[other]
             for wrong in (
-                Opener(other_key, response_key(other, other_id, request)),  # the other tenant's key
-                Opener(key, response_key(other, key_id, request)),  # right key, other tenant's label
+                Opener(other_key, answer(other, other_id, request)),  # the other tenant's key
+                Opener(key, answer(other, key_id, request)),  # right key, other tenant's label
             ):
                 with pytest.raises(SealError):
                     wrong.open(reply.sealed_text)

@@ -5,31 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from airlock.errors import InvalidRequestError, QuotaExceededError, UnavailableError
+from airlock.types import GenerationSpec, Message, Sampling
 from airlock.v1 import inference_pb2 as pb
 from gateway.admission import Admission
 from gateway.audit import AuditLog
-from gateway.auth.guard import Caller, _caller
 from gateway.auth.identity import Principal
+from gateway.call import Call, Generation
 from gateway.config import TelemetryConfig
 from gateway.metrics import Metrics
 from gateway.quota import MemoryQuotaStore, QuotaLimits
 from gateway.telemetry import make_tracer
 
 LIMITS = {"acme": QuotaLimits(tokens_per_minute=100, concurrent_streams=1), "globex": QuotaLimits()}
-
-
-@pytest.fixture
-def as_acme() -> Iterator[None]:
-    token = _caller.set(Caller(Principal("bob", "acme", (), "jwt"), "acme"))
-    yield
-    _caller.reset(token)
 
 
 def make(tmp_path: Path, tracer: Any = None) -> tuple[Admission, MemoryQuotaStore, Path]:
@@ -39,11 +32,17 @@ def make(tmp_path: Path, tracer: Any = None) -> tuple[Admission, MemoryQuotaStor
     return admission, store, path
 
 
-def request(max_tokens: int = 60, text: str = "hello") -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        request_id="req-1", model="echo", messages=[pb.ChatMessage(role="user", content=text)],
-        params=pb.SamplingParams(max_tokens=max_tokens),
-    )  # fmt: skip
+BOB = Principal("bob", "acme", (), "jwt")
+
+
+def generation(
+    method: str = "generate", max_tokens: int = 60, text: str = "hello", principal: Principal = BOB
+) -> Generation:
+    """A call as the guard resolves it (its worker is never dialled here)."""
+    spec = GenerationSpec("req-1", "echo", (Message("user", text),), Sampling(max_tokens=max_tokens))
+    tenant = principal.tenant
+    return Generation(principal, tenant, method, "model:echo", "req-1", model="echo", worker=None,  # type: ignore[arg-type]
+                      spec=spec, quota=LIMITS.get(tenant))  # fmt: skip
 
 
 def sample(admission: Admission, name: str, labels: dict[str, str]) -> float:
@@ -55,12 +54,11 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def test_a_finished_call_refunds_unused_tokens_and_is_recorded_once(
-    tmp_path: Path, as_acme: None
-) -> None:
+async def test_a_finished_call_refunds_unused_tokens_and_is_recorded_once(tmp_path: Path) -> None:
     admission, store, audit = make(tmp_path)
-    async with admission.call("generate") as ticket:
-        await ticket.admit(request(60, text="secret canary words"))
+    call = generation("generate", 60, text="secret canary words")
+    async with admission.call(call) as ticket:
+        await ticket.admit(call.spec, 100)
         assert store.in_flight("acme") == 1
         assert sample(admission, "airlock_concurrent_streams", {"tenant": "acme"}) == 1
         ticket.usage(pb.Usage(prompt_tokens=7, completion_tokens=5))
@@ -85,13 +83,12 @@ async def test_a_finished_call_refunds_unused_tokens_and_is_recorded_once(
     )
 
 
-async def test_a_failed_unary_call_keeps_its_reservation_but_frees_its_slot(
-    tmp_path: Path, as_acme: None
-) -> None:
+async def test_a_failed_unary_call_keeps_its_reservation_but_frees_its_slot(tmp_path: Path) -> None:
     admission, store, audit = make(tmp_path)
     with pytest.raises(UnavailableError):
-        async with admission.call("generate") as ticket:
-            await ticket.admit(request(60))
+        call = generation("generate", 60)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
             raise UnavailableError("no worker", reason="WORKER_UNAVAILABLE")
     assert store.in_flight("acme") == 0
     with pytest.raises(QuotaExceededError):  # the worker may have generated all 60: no refund
@@ -102,15 +99,14 @@ async def test_a_failed_unary_call_keeps_its_reservation_but_frees_its_slot(
     )
 
 
-async def test_a_cancelled_stream_frees_its_slot_and_refunds_what_was_not_streamed(
-    tmp_path: Path, as_acme: None
-) -> None:
+async def test_a_cancelled_stream_frees_its_slot_and_refunds_what_was_not_streamed(tmp_path: Path) -> None:
     admission, store, audit = make(tmp_path)
     entered = asyncio.Event()
 
     async def stream() -> None:
-        async with admission.call("stream") as ticket:
-            await ticket.admit(request(60))
+        call = generation("stream", 60)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
             ticket.chunk(pb.GenerateChunk(text="a b", tokens=2))
             entered.set()
             await asyncio.Event().wait()  # the caller goes away here
@@ -133,12 +129,13 @@ async def test_a_cancelled_stream_frees_its_slot_and_refunds_what_was_not_stream
     )
 
 
-async def test_over_quota_is_counted_and_holds_nothing(tmp_path: Path, as_acme: None) -> None:
+async def test_over_quota_is_counted_and_holds_nothing(tmp_path: Path) -> None:
     admission, store, audit = make(tmp_path)
     await store.acquire("acme", LIMITS["acme"], 1, "held")  # the one slot is taken
     with pytest.raises(QuotaExceededError) as err:
-        async with admission.call("stream") as ticket:
-            await ticket.admit(request(10))
+        call = generation("stream", 10)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
     assert err.value.reason == "CONCURRENCY_LIMITED"
     assert store.in_flight("acme") == 1  # still only the held one
     assert (
@@ -151,38 +148,55 @@ async def test_over_quota_is_counted_and_holds_nothing(tmp_path: Path, as_acme: 
     assert records(audit)[0]["code"] == "RESOURCE_EXHAUSTED"
 
 
-async def test_an_invalid_request_is_recorded_without_its_fields(tmp_path: Path, as_acme: None) -> None:
+async def test_a_call_refused_before_admission_is_recorded_without_its_fields(tmp_path: Path) -> None:
     admission, _store, audit = make(tmp_path)
     with pytest.raises(InvalidRequestError):
-        async with admission.call("generate"):
+        async with admission.call(generation()):
             raise InvalidRequestError("bad", field="request_id")
     [record] = records(audit)
     assert (record["code"], record["request_id"], record["model"]) == ("INVALID_ARGUMENT", "", "")
 
 
+async def test_a_generation_the_guard_refused_is_recorded_like_one_refused_inside(tmp_path: Path) -> None:
+    admission, store, audit = make(tmp_path)
+    head = Call(BOB, "acme", "stream", "model:nope", "req-2")  # authorized, then not resolvable
+    admission.refused(head, InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model"))
+    [record] = records(audit)
+    assert record == record | {
+        "event": "request", "tenant": "acme", "subject": "acme/bob", "method": "stream", "outcome": "error",
+        "code": "INVALID_ARGUMENT", "reason": "UNKNOWN_MODEL", "request_id": "", "model": "", "max_tokens": 0,
+    }  # fmt: skip
+    assert store.in_flight("acme") == 0
+    labels = {"tenant": "acme", "method": "stream", "code": "INVALID_ARGUMENT"}
+    assert sample(admission, "airlock_requests_total", labels) == 1
+    admission.refused(Call(Principal("eve", "initech", (), "jwt"), "initech", "generate", "model:", "r"),
+                      RuntimeError("a bug"))  # fmt: skip
+    labels = {"tenant": "other", "method": "generate", "code": "INTERNAL"}  # no series per unknown tenant
+    assert sample(admission, "airlock_requests_total", labels) == 1
+    assert records(audit)[-1]["reason"] == "INTERNAL"
+
+
 async def test_a_tenant_missing_from_the_policy_fails_closed_under_the_other_label(tmp_path: Path) -> None:
     admission, _store, _audit = make(tmp_path)
-    token = _caller.set(Caller(Principal("eve", "initech", (), "jwt"), "initech"))
-    try:
-        with pytest.raises(Exception) as err:
-            async with admission.call("generate") as ticket:
-                await ticket.admit(request(10))
-    finally:
-        _caller.reset(token)
+    with pytest.raises(Exception) as err:
+        call = generation("generate", 10, principal=Principal("eve", "initech", (), "jwt"))
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
     assert getattr(err.value, "reason", "") == "TENANT_UNKNOWN"
     assert sample(admission, "airlock_requests_total",
                   {"tenant": "other", "method": "generate", "code": "PERMISSION_DENIED"}) == 1  # fmt: skip
 
 
-async def test_spans_carry_ids_and_counts_but_no_payload(tmp_path: Path, as_acme: None) -> None:
+async def test_spans_carry_ids_and_counts_but_no_payload(tmp_path: Path) -> None:
     pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
     tracer, provider = make_tracer(TelemetryConfig(traces=True), exporter=exporter)
     admission, _store, _audit = make(tmp_path, tracer)
-    async with admission.call("generate") as ticket:
-        await ticket.admit(request(60, text="secret canary words"))
+    call = generation("generate", 60, text="secret canary words")
+    async with admission.call(call) as ticket:
+        await ticket.admit(call.spec, 100)
         ticket.usage(pb.Usage(prompt_tokens=3, completion_tokens=3))
     provider.shutdown()
     [span] = exporter.get_finished_spans()

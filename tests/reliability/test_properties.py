@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from airlock.envelope import VERSION, Opener, Sealer, SealError, StreamKey
 from airlock.errors import InvalidRequestError
-from airlock.types import ROLES, Limits, validate_request
+from airlock.types import ROLES, GenerationSpec, Limits, check_request_id, new_request_id, validate_request
 from airlock.v1 import inference_pb2 as pb
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,6 +157,11 @@ def requests(draw: st.DrawFn) -> pb.GenerateRequest:
     return req
 
 
+def checked(req: pb.GenerateRequest, limits: Limits) -> GenerationSpec:
+    """What a server checks of a request: its id (the interceptor, serving/rpc.py), then the rest."""
+    return validate_request(req, limits, check_request_id(req.request_id or new_request_id()))
+
+
 def allowed(req: pb.GenerateRequest, limits: Limits) -> bool:
     """What the limits allow, written out independently of the validator."""
     rid = req.request_id
@@ -190,7 +195,7 @@ def allowed(req: pb.GenerateRequest, limits: Limits) -> bool:
 @given(requests(), LIMITS)
 def test_validation_accepts_exactly_what_the_limits_allow(req: pb.GenerateRequest, limits: Limits) -> None:
     try:
-        spec = validate_request(req, limits)
+        spec = checked(req, limits)
     except InvalidRequestError as exc:
         assert not allowed(req, limits), f"refused an allowed request: {exc}"
         assert exc.field  # always names the field at fault
@@ -208,4 +213,4 @@ def test_validation_never_crashes_on_wire_bytes(data: bytes, limits: Limits) -> 
     except DecodeError:
         return
     with contextlib.suppress(InvalidRequestError):
-        validate_request(req, limits)
+        checked(req, limits)
