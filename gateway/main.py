@@ -40,6 +40,7 @@ from gateway.sealing import GatewaySealing
 from gateway.server import (
     ClientTls,
     InferenceService,
+    Pipeline,
     Route,
     Router,
     ServerTls,
@@ -126,7 +127,8 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
-    service = InferenceService(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    pipeline = Pipeline(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    service = InferenceService(pipeline)
     calls = Calls(router, cfg.gateway.limits, quota_for=admission.limits_for, refused=admission.refused)
     lockout = Lockout(cfg.lockout)
     guard = CallGuard(
