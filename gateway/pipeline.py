@@ -13,7 +13,7 @@ away cancels the task running this, which cancels the worker call and aborts the
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -86,7 +86,7 @@ class Pipeline:
 
     async def stream(
         self, call: Generation, request: pb.GenerateRequest, deadline: float | None
-    ) -> AsyncIterator[pb.GenerateChunk]:
+    ) -> AsyncGenerator[pb.GenerateChunk, None]:
         """The answer of the resolved call chunk by chunk; the last one has the finish reason and
         usage. Closing the iterator early (the caller went away) aborts the engine."""
         async with self.admission.call(call) as ticket:
