@@ -172,7 +172,8 @@ def build_http(
     if not listen:
         return None
     http = dataclasses.replace(cfg.http, listen=listen)
-    limits = HttpLimits(max_body_bytes=cfg.gateway.max_message_bytes, body_timeout=http.body_timeout_seconds,
+    limits = HttpLimits(max_body_bytes=cfg.gateway.max_message_bytes, max_header_bytes=http.max_header_bytes,
+                        body_timeout=http.body_timeout_seconds,
                         timeout=http.timeout_seconds, max_streams=http.max_streams)  # fmt: skip
     return HttpServer.bind(HttpDoor(guard, pipeline, limits), http, cert=tls.cert, key=tls.key,
                            grace_seconds=cfg.gateway.grace_seconds)  # fmt: skip

@@ -64,8 +64,17 @@ DEADLINE_SLACK_S = 1.0
 class HttpLimits:
     """The door's bounds (gateway/config/http.py documents them)."""
 
-    def __init__(self, *, max_body_bytes: int, body_timeout: float, timeout: float, max_streams: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        body_timeout: float,
+        timeout: float,
+        max_streams: int,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
         self.body_timeout = body_timeout
         self.timeout = timeout
         self.max_streams = max_streams
@@ -88,6 +97,12 @@ class HttpDoor:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        # The server bounds what it buffers of a head still arriving; a head that came whole in one
+        # read is held to the same bound here.
+        if sum(len(k) + len(v) for k, v in headers) > self.limits.max_header_bytes:
+            too_large = QuotaExceededError("the request headers are too large", reason="HEADERS_TOO_LARGE")
+            await _error(send, too_large, new_request_id())
+            return
         try:
             request_id = check_request_id(header_value(headers, REQUEST_ID_HEADER) or new_request_id())
         except InvalidRequestError as exc:

@@ -58,6 +58,7 @@ REFUSED = frozenset({
     "web_search_options", "verbosity", "prompt_cache_key", "safety_identifier",
 })  # fmt: skip
 MESSAGE_FIELDS = frozenset({"role", "content"})
+MESSAGE_REFUSED = frozenset({"name", "tool_calls", "tool_call_id", "function_call", "refusal", "audio"})
 ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 # gRPC status -> HTTP status (Google's canonical mapping); a few reasons have a more precise one.
 HTTP_STATUS = {
@@ -72,12 +73,12 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-REASON_STATUS = {"UNKNOWN_MODEL": 404, "BODY_TOO_LARGE": 413, "BODY_TIMEOUT": 408}
+REASON_STATUS = {"UNKNOWN_MODEL": 404, "BODY_TOO_LARGE": 413, "BODY_TIMEOUT": 408, "HEADERS_TOO_LARGE": 431}
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-    413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
-    504: "timeout_error",
+    413: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error",
+    503: "service_unavailable_error", 504: "timeout_error",
 }  # fmt: skip
 
 
@@ -98,11 +99,13 @@ def _unsupported(param: str) -> InvalidRequestError:
     return _invalid(f"{param!r} is not supported by this gateway", param, "UNSUPPORTED_FIELD")
 
 
-def _refuse_extra(body: Mapping[str, Any], served: frozenset[str], where: str = "") -> None:
+def _refuse_extra(
+    body: Mapping[str, Any], served: frozenset[str], where: str = "", known: frozenset[str] = REFUSED
+) -> None:
     for key, value in body.items():
         if key in served or value is None or (key in AT_DEFAULT and value in AT_DEFAULT[key]):
             continue
-        if key in REFUSED or key in AT_DEFAULT:
+        if key in known or key in AT_DEFAULT:
             raise _unsupported(where + key)
         raise InvalidRequestError(
             "the request has a field the chat completions API does not define", reason="UNSUPPORTED_FIELD"
@@ -156,7 +159,7 @@ def _messages(value: Any) -> list[pb.ChatMessage]:
         param = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _invalid("each message must be an object", param)
-        _refuse_extra(message, MESSAGE_FIELDS, f"{param}.")
+        _refuse_extra(message, MESSAGE_FIELDS, f"{param}.", MESSAGE_REFUSED)
         role = message.get("role")
         if not isinstance(role, str):
             raise _invalid("a message's role must be a string", f"{param}.role")
