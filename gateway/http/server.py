@@ -59,6 +59,9 @@ class HttpServer:
         config.certfile, config.keyfile = str(cert), str(key)
         config.alpn_protocols = ["http/1.1"]
         config.keep_alive_timeout = http.keep_alive_seconds
+        config.keep_alive_max_requests = (
+            1000  # then the connection closes after its answer (clients reconnect)
+        )
         config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT_S
         config.h11_max_incomplete_size = http.max_header_bytes
         # HTTP/2 is not offered (ALPN), but a client may still speak it with prior knowledge:
