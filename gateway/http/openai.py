@@ -173,6 +173,15 @@ def chat_request(body: Any) -> ChatRequest:
 
     Only the shape is checked here; values are checked by the one validation every call gets,
     after the caller is authorized (`airlock.types.validate_request`, through the guard)."""
+    try:
+        return _chat_request(body)
+    except UnicodeEncodeError:  # JSON may spell lone surrogates, which no UTF-8 message can hold
+        raise InvalidRequestError(
+            "the body holds text that is not valid Unicode", reason="MALFORMED_REQUEST"
+        ) from None
+
+
+def _chat_request(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object", reason="MALFORMED_REQUEST")
     _refuse_extra(body, SERVED)

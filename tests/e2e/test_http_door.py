@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import textwrap
@@ -239,7 +240,14 @@ def test_a_field_at_its_default_asks_for_nothing_and_is_accepted(echo_stack: Liv
 
 @pytest.mark.parametrize(
     ("content", "headers"),
-    [(b"{not json", {}), (b"[1, 2]", {}), (b'"a string"', {}), (b"\xff\xfe", {})],
+    [
+        (b"{not json", {}),
+        (b"[1, 2]", {}),
+        (b'"a string"', {}),
+        (b"\xff\xfe", {}),
+        (b'{"model": "echo", "messages": [{"role": "user", "content": "\\ud800"}]}', {}),  # a lone surrogate
+        (b"[" * 60_000, {}),  # nested deeper than the decoder recurses
+    ],
 )
 def test_a_body_that_is_not_a_json_object_is_malformed(
     echo_stack: LiveStack, content: bytes, headers: dict[str, str]
@@ -472,3 +480,32 @@ def test_the_http_door_can_be_disabled(make_stack: Callable[[str], LiveStack]) -
     live = make_stack(ECHO_TOML + '\n[http]\nlisten = ""\n')
     assert live.stack.http_address is None
     assert json.loads(live.stack.gateway.ready_file.read_text())["http_port"] is None  # type: ignore[union-attr]
+
+
+async def test_sigterm_lets_http_streams_finish_and_takes_no_new_connection(
+    make_stack: Callable[[str], LiveStack],
+) -> None:
+    live = make_stack(ECHO_TOML)
+    gateway = live.stack.gateway
+    assert gateway is not None
+    host, port = live.stack.http_address.rsplit(":", 1)  # type: ignore[union-attr]
+    words = " ".join(["word"] * 60)  # 3 s at the slow model's 20 tokens/s
+    async with live.openai() as client:
+        stream = await client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": words}], max_tokens=60, stream=True
+        )
+        first = await stream.__anext__()
+        gateway.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while True:  # the door stops listening at once...
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break
+            assert time.monotonic() < end, "the HTTP door kept accepting connections after SIGTERM"
+            await asyncio.sleep(0.05)
+        rest = [chunk async for chunk in stream]  # ...and the stream in flight finishes
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert text == words
+    assert [c.choices[0].finish_reason for c in rest if c.choices][-1] in ("stop", "length")
+    assert gateway.process.wait(timeout=15) == 0
