@@ -72,7 +72,7 @@ def test_absent_values_stay_absent_for_the_shared_defaults() -> None:
         ({"seed": 2**70}, "seed", "INVALID_ARGUMENT"),
         ({"stop": [1]}, "stop", "INVALID_ARGUMENT"),
         ({"stream": "yes"}, "stream", "INVALID_ARGUMENT"),
-        ({"stream": True, "stream_options": {"include_usage": True, "chunk_size": 3}}, "", "UNSUPPORTED_FIELD"),
+        ({"stream": True, "stream_options": {"chunk_size": 3}}, "", "UNSUPPORTED_FIELD"),
         ({"model": 7}, "model", "INVALID_ARGUMENT"),
         ({"messages": "hi"}, "messages", "INVALID_ARGUMENT"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name",
