@@ -35,12 +35,13 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## Benchmarks: every row of docs/benchmarks.md against its same-run baseline (gateway overhead vs
-## direct and a bare gRPC hop, bundled-model tokens/s, authorization at 10k tenants / 100k lines,
+## direct and a bare gRPC hop, the HTTP door against the gRPC door, bundled-model tokens/s, authorization at 10k tenants / 100k lines,
 ## policy reload under load, sealing, scrub), plus quota admission and audit costs.
 ## JSON in bench/results/, then the table on stdout and in docs/benchmarks.md.
 ## BENCH_FLAGS=--quick for a smoke run of each (seconds; not measurements).
 bench: venv
 	$(PY) bench/overhead.py $(BENCH_FLAGS)
+	$(PY) bench/http_door.py $(BENCH_FLAGS)
 	$(PY) bench/model_tokens.py $(BENCH_FLAGS)
 	$(PY) bench/authz.py $(BENCH_FLAGS)
 	$(PY) bench/reload.py $(BENCH_FLAGS)

@@ -36,6 +36,11 @@ EXPECTED = {
     "8a": ("sealing", "sealing at 1 MiB"),
     "8b": ("sealing", "opening at 1 MiB"),
     "9": ("scrub", "scrub vs a plain memset of the same memory"),
+    "10a": ("http_door", "HTTP door unary p50, 1 KiB, EchoEngine, 1 in flight"),
+    "10b": ("http_door", "HTTP door unary p50, 64 in flight"),
+    "10c": ("http_door", "gateway CPU per request, HTTP door, 1 in flight"),
+    "10d": ("http_door", "gateway CPU per request, HTTP door, 64 in flight"),
+    "10e": ("http_door", "gateway CPU per request, HTTP door, vs LiteLLM proxy"),
 }
 
 

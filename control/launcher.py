@@ -112,6 +112,14 @@ class Stack:
         return f"{self.listen.rsplit(':', 1)[0]}:{port}" if port else None
 
     @property
+    def http_address(self) -> str | None:
+        """The OpenAI-compatible HTTPS door's address; None when it is disabled."""
+        if self.gateway is None:
+            raise StackError("the stack is not running")
+        port = self.gateway.info.get("http_port")
+        return f"{self.listen.rsplit(':', 1)[0]}:{port}" if port else None
+
+    @property
     def admin_socket(self) -> str | None:
         """The gateway's Admin socket (`airlock lockout`); None when it is disabled."""
         if self.gateway is None:
@@ -188,6 +196,8 @@ class Stack:
         if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
             # A listen override (tests, a second stack) moves the service port too: same host, any port.
             gateway_args += ["--mtls-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]
+        if self.listen != self.config.gateway.listen and self.config.http.listen:
+            gateway_args += ["--http-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]  # the HTTP door too
         gateway_args += self._admin_socket_args()
         if self.config.source != "<defaults>":
             gateway_args += ["--config", self.config.source]

@@ -122,6 +122,7 @@ class Ticket:
     def __init__(self, admission: Admission, call: Call, quota: QuotaLimits | None) -> None:
         self.admission = admission
         self.method = call.action
+        self.door = call.door
         self.tenant = call.tenant
         self.subject = call.principal.policy_subject
         self.quota = quota  # the tenant's, as the call was resolved; None: not in the policy
@@ -209,6 +210,7 @@ class Ticket:
             request_id=self.request_id,
             model=self.model,
             method=self.method,
+            door=self.door,
             outcome="ok" if code == grpc.StatusCode.OK else "error",
             code=code.name,
             reason=reason,

@@ -49,7 +49,8 @@ class Call:
     tenant: str  # the tenant the call acts in: the identity's own, or one the policy granted
     action: str  # the policy action; "" for a method that needs an identity only (reflection)
     resource: str  # the policy resource: "model:NAME" or "models"; "" with no action
-    request_id: str  # the call's, as the interceptor resolved it
+    request_id: str  # the call's, as the door resolved it
+    door: str  # the front door it came through: "grpc" or "http"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ class Calls:
         self.quota_for = quota_for
         self.refused = refused
 
-    def ask(self, method: str, request: Any, principal: Principal, tenant: str) -> Call:
+    def ask(self, method: str, request: Any, principal: Principal, tenant: str, door: str) -> Call:
         """What the call asks of the policy. A model name that can't be one is refused here
         (MODEL_INVALID, never repeating it), before authorization puts it in an audit record."""
         action = ACTIONS.get(method, "")
@@ -115,7 +116,7 @@ class Calls:
         elif action:
             model = check_model(request.model) or self.router.default_model(tenant)
             resource = f"model:{model}"
-        return Call(principal, tenant, action, resource, current_request_id())
+        return Call(principal, tenant, action, resource, current_request_id(), door)
 
     def resolve(self, call: Call, request: Any) -> Call:
         """An authorized call made whole: the request validated, then routed to the tenant's worker
@@ -130,7 +131,7 @@ class Calls:
             if model != spec.model:  # the tenant's default
                 spec = GenerationSpec(spec.request_id, model, spec.messages, spec.sampling)
             return Generation(
-                call.principal, call.tenant, call.action, call.resource, call.request_id,
+                call.principal, call.tenant, call.action, call.resource, call.request_id, call.door,
                 model=model, worker=worker, spec=spec, quota=self.quota_for(call.tenant),
             )  # fmt: skip
         if call.action == "attest":
@@ -138,7 +139,7 @@ class Calls:
                 raise InvalidRequestError("nonce must be 16..64 bytes", field="nonce")
             model, worker = self.router.resolve(call.tenant, request.model)
             return Routed(
-                call.principal, call.tenant, call.action, call.resource, call.request_id,
+                call.principal, call.tenant, call.action, call.resource, call.request_id, call.door,
                 model=model, worker=worker,
             )  # fmt: skip
         return call

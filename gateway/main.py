@@ -31,6 +31,8 @@ from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
 from gateway.auth.lockout import Lockout
 from gateway.call import Calls
+from gateway.http.app import HttpDoor, HttpLimits
+from gateway.http.server import HttpServer
 from gateway.keys import KeystoreError, open_keystore
 from gateway.metrics import Metrics
 from gateway.policy.authz import Authorizer
@@ -40,6 +42,7 @@ from gateway.sealing import GatewaySealing
 from gateway.server import (
     ClientTls,
     InferenceService,
+    Pipeline,
     Route,
     Router,
     ServerTls,
@@ -82,6 +85,7 @@ class Gateway:
     sealing: GatewaySealing
     lockout: Lockout
     tracer_provider: Any = None
+    http: HttpServer | None = None  # the OpenAI-compatible door; None when [http] listen is ""
 
 
 class MissingFileError(Exception):
@@ -106,7 +110,9 @@ def check_files(cfg: config_mod.Config) -> config_mod.TlsFiles:
     return tls
 
 
-def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str) -> Gateway:
+def build(
+    cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str, http_listen: str | None = None
+) -> Gateway:
     """Wire the gateway from its configuration: certificates, policy, identities, guard, server."""
     tls_files = check_files(cfg)
     metrics = Metrics()
@@ -126,7 +132,8 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
-    service = InferenceService(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    pipeline = Pipeline(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    service = InferenceService(pipeline)
     calls = Calls(router, cfg.gateway.limits, quota_for=admission.limits_for, refused=admission.refused)
     lockout = Lockout(cfg.lockout)
     guard = CallGuard(
@@ -148,10 +155,28 @@ def build(cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen:
         max_message_bytes=cfg.gateway.max_message_bytes,
         mtls_listen=mtls_listen,
     )
+    http = build_http(
+        cfg, guard, pipeline, cfg.http.listen if http_listen is None else http_listen, tls_files
+    )
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-        admission, sealing, lockout, tracer_provider,
+        admission, sealing, lockout, tracer_provider, http,
     )  # fmt: skip
+
+
+def build_http(
+    cfg: config_mod.Config, guard: CallGuard, pipeline: Pipeline, listen: str, tls: config_mod.TlsFiles
+) -> HttpServer | None:
+    """The OpenAI-compatible door (gateway/http/) on the same guard and pipeline, bound; None when
+    disabled. Its certificate is the gRPC door's."""
+    if not listen:
+        return None
+    http = dataclasses.replace(cfg.http, listen=listen)
+    limits = HttpLimits(max_body_bytes=cfg.gateway.max_message_bytes, max_header_bytes=http.max_header_bytes,
+                        body_timeout=http.body_timeout_seconds,
+                        timeout=http.timeout_seconds, max_streams=http.max_streams)  # fmt: skip
+    return HttpServer.bind(HttpDoor(guard, pipeline, limits), http, cert=tls.cert, key=tls.key,
+                           grace_seconds=cfg.gateway.grace_seconds)  # fmt: skip
 
 
 def shared_opt_in(authorizer: Authorizer) -> Callable[[str], bool]:
@@ -255,12 +280,13 @@ async def serve(
     mtls_listen: str,
     ready_file: Path | None,
     admin_socket: Path | None = None,
+    http_listen: str | None = None,
 ) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    gw = build(cfg, routes, listen, mtls_listen)
+    gw = build(cfg, routes, listen, mtls_listen, http_listen)
     admin = None
     if admin_socket is not None:
         admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit))
@@ -287,19 +313,24 @@ async def serve(
 
     gw.audit.on_failure = audit_failed
     await gw.server.start()
+    if gw.http is not None:
+        gw.http.start()
     if admin is not None:
         await admin.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid(),
-                "admin_socket": str(admin_socket) if admin is not None else None}  # fmt: skip
+                "admin_socket": str(admin_socket) if admin is not None else None,
+                "http_port": gw.http.port if gw.http is not None else None}  # fmt: skip
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
     _log.info("gateway ready", extra={"port": gw.port, "mtls_port": gw.mtls_port})
     await stopping.wait()
     _log.info("gateway draining", extra={"elapsed_s": cfg.gateway.grace_seconds})
     await gw.health.enter_graceful_shutdown()
-    await gw.server.stop(cfg.gateway.grace_seconds)
+    await asyncio.gather(
+        gw.server.stop(cfg.gateway.grace_seconds), *([gw.http.stop()] if gw.http is not None else [])
+    )
     if admin is not None and admin_socket is not None:
         await admin.stop(None)
         remove_socket(admin_socket)
@@ -324,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", help="override gateway.listen (e.g. 127.0.0.1:0 in tests)")
     p.add_argument("--mtls-listen", help='override gateway.mtls_listen ("" disables it)')
     p.add_argument("--admin-socket", help='override gateway.admin_socket ("" disables it)')
+    p.add_argument("--http-listen", help='override http.listen ("" disables the HTTP door)')
     p.add_argument("--ready-file", type=Path)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -338,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = cfg.admin_socket if args.admin_socket is None else args.admin_socket
         admin_path = Path(admin).absolute() if admin else None
         listen = args.listen or cfg.gateway.listen
-        asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path))
+        asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path, args.http_listen))
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
         return 2

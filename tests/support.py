@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,36 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock import AsyncClient
+from airlock.errors import (
+    AirlockError,
+    AuthenticationError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    UnavailableError,
+)
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from control.launcher import Stack
 from control.pki import DevPki
 from control.tokens import mint_dev_token
+
+# The gateway's two front doors: gRPC (the SDK) and the OpenAI-compatible HTTPS door (the openai client).
+DOORS = ("grpc", "http")
+_HTTP_CLASSES: dict[int, type[AirlockError]] = {
+    400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: InvalidRequestError,
+    413: QuotaExceededError, 429: QuotaExceededError, 503: UnavailableError, 504: DeadlineExceededError,
+}  # fmt: skip
+
+
+def http_error(status: int, body: Any) -> AirlockError:
+    """The Airlock error an HTTP door's answer stands for (its OpenAI error object, as received)."""
+    error = body["error"] if isinstance(body, dict) and "error" in body else body
+    err = _HTTP_CLASSES.get(status, AirlockError)(error["message"], reason=error["code"])
+    if isinstance(err, InvalidRequestError):
+        err.field = error.get("param") or ""
+    err.request_id = error.get("request_id", "")
+    return err
 
 
 class LiveStack:
@@ -39,6 +66,51 @@ class LiveStack:
     def client(self, tenant: str = "acme", **options: object) -> AsyncClient:
         options.setdefault("token", self.token(tenant))
         return AsyncClient(self.address, ca_cert=self.pki.ca_cert, **options)  # type: ignore[arg-type]
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible door's base URL (`…/v1` is the OpenAI client's `base_url`)."""
+        assert self.stack.http_address is not None, "the HTTP door is disabled"
+        return f"https://{self.stack.http_address}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.pki.ca_cert))
+
+    def openai(self, tenant: str = "acme", *, token: str | None = None, **headers: str) -> Any:
+        """The official `openai.AsyncOpenAI` client on the HTTP door (no retries: tests see each answer)."""
+        import openai
+
+        return openai.AsyncOpenAI(
+            base_url=f"{self.http_url}/v1", api_key=token if token is not None else self.token(tenant),
+            max_retries=0, default_headers=headers or None,
+            http_client=openai.DefaultAsyncHttpxClient(verify=self.ssl_context()),
+        )  # fmt: skip
+
+    async def generate(
+        self,
+        door: str,
+        token: str | None,
+        *,
+        tenant: str | None = None,
+        model: str = "echo",
+        prompt: str = "hi",
+    ) -> str:
+        """One call through `door`: the answer's text, or the refusal as the SDK's error class."""
+        if door == "grpc":
+            async with AsyncClient(self.address, ca_cert=self.pki.ca_cert, token=token, tenant=tenant,
+                                   timeout=10) as client:  # fmt: skip
+                return (await client.generate(prompt, model=model)).text
+        import openai
+
+        headers = {"x-airlock-tenant": tenant} if tenant else {}
+        async with self.openai(token=token or "", **headers) as client:
+            try:
+                answer = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}], timeout=10
+                )
+            except openai.APIStatusError as exc:
+                raise http_error(exc.status_code, exc.body) from None
+        return str(answer.choices[0].message.content)
 
     def worker_channel(self, tenant: str, model: str, *, as_worker: bool = False) -> grpc.aio.Channel:
         """A direct mTLS channel to a worker, presenting the gateway's (or a worker's) certificate."""

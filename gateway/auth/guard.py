@@ -10,13 +10,19 @@ policy grants the subject a role in that tenant explicitly. Every decision is co
 
 Lockouts (gateway/auth/lockout.py): a verified identity for its own policy denials; a client address for
 failed authentications, which never refuses a credential that verifies.
+
+Both front doors call the same `resolve`: the gRPC door through the interceptor (`check`), the
+HTTP door (gateway/http/) directly. A door only says what it knows of the call before anything is
+checked (a `Knock`: its name, the request's headers, the client's address, the TLS auth context);
+every decision after that is this module's, the same for both, and audited with the door's name.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -32,12 +38,28 @@ from gateway.policy.authz import Authorizer
 from serving.logs import current_request_id
 from serving.rpc import header_value
 
-__all__ = ["TENANT_HEADER", "CallGuard"]
+__all__ = ["TENANT_HEADER", "CallGuard", "Knock", "grpc_knock"]
 
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
 Gate = Callable[[Principal], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Knock:
+    """What a door knows of a call before anything is checked."""
+
+    door: str  # "grpc" or "http": recorded with every decision about the call
+    headers: Sequence[tuple[str, str]]  # names in lowercase; a name sent twice is refused where read
+    peer: str  # the client's address, without the port (bounded: it reaches the audit trail)
+    auth_context: Mapping[str, Any] = field(default_factory=dict)  # TLS: a verified client certificate
+
+
+def grpc_knock(context: grpc.aio.ServicerContext) -> Knock:
+    """The gRPC door's knock: the call's metadata, its peer and its TLS auth context."""
+    metadata = context.invocation_metadata() or ()
+    return Knock("grpc", metadata, _peer_host(context.peer()), context.auth_context())
 
 
 class CallGuard:
@@ -65,10 +87,17 @@ class CallGuard:
         self.audit = audit
 
     def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        principal = self.authenticate(method, context)
+        """The gRPC door's guard (`serving.rpc.Guard`): the resolved call becomes the RPC's."""
+        enter(self.resolve(grpc_knock(context), method, request))
+
+    def resolve(self, knock: Knock, method: str, request: Any) -> Call:
+        """The call, authenticated, authorized and resolved, or a typed refusal (both doors).
+
+        `method` is the `Inference` method the call is (the HTTP door names the one it maps to),
+        `request` its message: only read."""
+        principal = self.identify(knock, method)
         self.gate(principal)  # every verified call pays its rate before anything is audited
-        metadata = context.invocation_metadata() or ()
-        tenant = header_value(metadata, TENANT_HEADER) or principal.tenant
+        tenant = header_value(knock.headers, TENANT_HEADER) or principal.tenant
         key = subject_key(principal.policy_subject)
         if (left := self.lockout.retry_after(key)) is not None:
             raise PermissionDeniedError(
@@ -76,12 +105,16 @@ class CallGuard:
             )
         if not _TENANT.fullmatch(tenant):
             raise PermissionDeniedError("not a tenant name", reason="TENANT_INVALID")
-        call = self.calls.ask(method, request, principal, tenant)
+        call = self.calls.ask(method, request, principal, tenant, knock.door)
         if call.action:
-            self._authorize(call, method=method, peer=_peer_host(context.peer()), key=key)
-        enter(self.calls.resolve(call, request))
+            self._authorize(call, method=method, peer=knock.peer, key=key)
+        return self.calls.resolve(call, request)
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        """`identify` for a gRPC call (the health service's tenant statuses)."""
+        return self.identify(grpc_knock(context), method)
+
+    def identify(self, knock: Knock, method: str) -> Principal:
         """The verified identity of the call, or an audited, counted `AuthenticationError`.
 
         A credential is always verified first, and one that verifies is accepted whatever its peer's
@@ -91,9 +124,9 @@ class CallGuard:
         learns nothing more from it; behind NAT that peer is shared, and nobody's valid credential
         is refused for it."""
         try:
-            return self._identify(context)
+            return self._identify(knock)
         except AuthenticationError as exc:
-            peer = _peer_host(context.peer())
+            peer = knock.peer
             key = peer_key(peer)
             left = self.lockout.retry_after(key)
             err, cause = exc, {}
@@ -111,19 +144,19 @@ class CallGuard:
                 **cause,
                 peer=peer,
                 method=method,
+                door=knock.door,
                 request_id=current_request_id(),
             )
             if left is None and self.lockout.failure(key):
                 self.metrics.lockouts.labels("authentication").inc()
-                self.audit.record("lockout", kind="authentication", key=key, peer=peer,
+                self.audit.record("lockout", kind="authentication", key=key, peer=peer, door=knock.door,
                                   seconds=self.lockout.config.lockout_seconds,
                                   request_id=current_request_id())  # fmt: skip
             raise err from None
 
-    def _identify(self, context: grpc.aio.ServicerContext) -> Principal:
-        metadata = context.invocation_metadata() or ()
-        token = bearer_token(metadata)
-        service = self.services.principal(context.auth_context())
+    def _identify(self, knock: Knock) -> Principal:
+        token = bearer_token(knock.headers)
+        service = self.services.principal(knock.auth_context)
         if service is not None:
             if token is not None:
                 raise AuthenticationError(
@@ -154,6 +187,7 @@ class CallGuard:
             generation=self.authorizer.generation,
             peer=peer,
             rpc=method,
+            door=call.door,
             decision_us=round((time.perf_counter() - start) * 1e6, 1),
             request_id=call.request_id,
         )
@@ -162,7 +196,7 @@ class CallGuard:
         if self.lockout.failure(key):
             self.metrics.lockouts.labels("authorization").inc()
             self.audit.record("lockout", kind="authorization", key=key, subject=principal.policy_subject,
-                              seconds=self.lockout.config.lockout_seconds,
+                              door=call.door, seconds=self.lockout.config.lockout_seconds,
                               request_id=current_request_id())  # fmt: skip
         raise PermissionDeniedError("not allowed by policy", reason="POLICY_DENIED")
 

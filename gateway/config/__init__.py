@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from airlock.types import Limits
+from gateway.config.http import HttpConfig, parse_http
 from gateway.config.isolation import parse_domains, parse_shared_domains, parse_tenant_isolation
 from gateway.config.ops import (
     AuditConfig,
@@ -66,6 +67,7 @@ __all__ = [
     "ConfigError",
     "FileKeysConfig",
     "GatewayConfig",
+    "HttpConfig",
     "IssuerConfig",
     "KeysConfig",
     "LockoutConfig",
@@ -117,7 +119,7 @@ class _Parser(Parser):
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
-        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing", "shared", "tls"}
+        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing", "shared", "tls", "http"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -146,6 +148,7 @@ class _Parser(Parser):
             sealing=parse_sealing(self, raw),
             tls=self.tls(raw),
             shared_domains=parse_shared_domains(self, raw, tenants),
+            http=parse_http(self, raw),
         )
 
     def tls(self, raw: dict[str, Any]) -> TlsConfig:

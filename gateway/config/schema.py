@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airlock.types import Limits
+from gateway.config.http import HttpConfig
 from gateway.config.ops import (
     AuditConfig,
     BundleConfig,
@@ -167,6 +168,7 @@ class Config:
     sealing: SealingConfig = field(default_factory=SealingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     shared_domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [shared] domains
+    http: HttpConfig = field(default_factory=HttpConfig)  # the OpenAI-compatible door
 
     @property
     def model_cache_dir(self) -> Path:

@@ -22,6 +22,7 @@ BENCH = ROOT / "bench"
 # Each benchmark and the table rows it must measure (scrub adds 9-cuda where there is a GPU).
 ROWS = {
     "overhead": {"1a", "1b", "2", "3", "4"},
+    "http_door": {"10a", "10b", "10c", "10d", "10e"},
     "model_tokens": {"5"},
     "authz": {"6a", "6b"},
     "reload": {"7a", "7b"},

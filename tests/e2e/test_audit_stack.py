@@ -15,28 +15,26 @@ from control.audit_verify import load_public_key, verify_log
 from control.cli import main
 from control.tokens import mint_dev_token
 from tests.conftest import ECHO_TOML
-from tests.support import LiveStack
+from tests.support import DOORS, LiveStack
 
 
 def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
 
 
+@pytest.mark.parametrize("door", DOORS)
 async def test_no_payload_reaches_any_file_and_the_trail_verifies(
-    make_stack: Callable[[str], LiveStack], tmp_path: Path
+    make_stack: Callable[[str], LiveStack], tmp_path: Path, door: str
 ) -> None:
     audit = tmp_path / "trail" / "gateway.jsonl"
     stack = make_stack(ECHO_TOML + f'\n[audit]\npath = "{audit}"\nfsync = "always"\n')
     canary = f"canary-{uuid.uuid4().hex}"
-    async with stack.client("acme") as client:
-        answer = await client.generate(f"please repeat {canary} twice", model="echo")
-        assert canary in answer.text  # the payload really went through the stack
-        chunks = [c.text async for c in client.stream(f"{canary} streamed", model="echo")]
-        assert canary in "".join(chunks)
+    answer = await stack.generate(door, stack.token("acme"), prompt=f"please repeat {canary} twice")
+    assert canary in answer  # the payload really went through the stack
+    assert canary in await _streamed(stack, door, f"{canary} streamed")
     stranger = mint_dev_token(stack.pki, stack.config.auth, tenant="acme", subject="stranger")  # no role
-    async with stack.client("acme", token=stranger) as client:
-        with pytest.raises(PermissionDeniedError):
-            await client.generate(f"denied {canary}", model="echo")
+    with pytest.raises(PermissionDeniedError):
+        await stack.generate(door, stranger, prompt=f"denied {canary}")
     stack.stack.stop(timeout=10)  # flush and sign at close
     records = audit.read_text().splitlines()
     assert any('"decision":"allow"' in r for r in records) and any('"decision":"deny"' in r for r in records)
@@ -55,6 +53,17 @@ async def test_no_payload_reaches_any_file_and_the_trail_verifies(
     needle = canary.encode()
     leaks = [p for p in scanned if needle in p.read_bytes()]
     assert leaks == []
+
+
+async def _streamed(stack: LiveStack, door: str, prompt: str) -> str:
+    if door == "grpc":
+        async with stack.client("acme") as client:
+            return "".join([c.text async for c in client.stream(prompt, model="echo")])
+    async with stack.openai("acme") as client:
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
 
 async def test_a_gateway_that_cannot_audit_refuses_calls(

@@ -19,7 +19,7 @@ from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from gateway.keys import open_keystore
 from tests.conftest import ECHO_TOML, make_policy_dir
-from tests.support import LiveStack
+from tests.support import DOORS, LiveStack
 
 E2E = AttestationPolicy(min_level="software")
 
@@ -40,9 +40,11 @@ async def test_a_worker_refuses_a_plaintext_prompt_even_from_the_gateway(echo_st
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sealed" in (err.value.details() or "")
 
 
-async def test_keys_are_released_after_attestation_and_audited(echo_stack: LiveStack) -> None:
-    async with echo_stack.client("globex") as client:
-        assert (await client.generate("sealed on the way", model="echo")).text == "sealed on the way"
+@pytest.mark.parametrize("door", DOORS)
+async def test_keys_are_released_after_attestation_and_audited(echo_stack: LiveStack, door: str) -> None:
+    # Through either door the prompt reaches the worker sealed (it refuses any other, above).
+    token = echo_stack.token("globex")
+    assert await echo_stack.generate(door, token, prompt="sealed on the way") == "sealed on the way"
     releases = echo_stack.audit_records(event="key_release", tenant="globex")
     assert releases and releases[-1]["level"] == "software"
     assert set(releases[-1]["measurements"]) == {"code", "config", "model"}

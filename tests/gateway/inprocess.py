@@ -24,6 +24,7 @@ from gateway.call import Calls
 from gateway.config import AuthConfig, KeysConfig, LockoutConfig
 from gateway.keys import ensure_tenant_keys, open_keystore
 from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline
 from gateway.policy.authz import Authorizer
 from gateway.quota import MemoryQuotaStore, QuotaLimits
 from gateway.sealing import GatewaySealing
@@ -87,7 +88,8 @@ async def gateway_site(
     sealing = GatewaySealing(keystore, ca_pem=pki.attest_ca_cert.read_bytes(),
                              policy_for=lambda _tenant: AttestationPolicy(), audit=audit)  # fmt: skip
     admission = Admission(MemoryQuotaStore(), quota_for, metrics=metrics, audit=audit)
-    service = service_class(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    pipeline = Pipeline(router, authorizer, admission=admission, sealing=sealing, audit=audit)
+    service = service_class(pipeline)
     guard = CallGuard(
         JwtVerifier(auth, {"airlock-dev": pki.jwks}, lambda _iss, t: t in authorizer.policy.tenants),
         ServiceIdentity("airlock.local"), authorizer, Lockout(LockoutConfig(max_failures=0)),

@@ -41,7 +41,7 @@ def generation(
     """A call as the guard resolves it (its worker is never dialled here)."""
     spec = GenerationSpec("req-1", "echo", (Message("user", text),), Sampling(max_tokens=max_tokens))
     tenant = principal.tenant
-    return Generation(principal, tenant, method, "model:echo", "req-1", model="echo", worker=None,  # type: ignore[arg-type]
+    return Generation(principal, tenant, method, "model:echo", "req-1", "grpc", model="echo", worker=None,  # type: ignore[arg-type]
                       spec=spec, quota=LIMITS.get(tenant))  # fmt: skip
 
 
@@ -159,7 +159,7 @@ async def test_a_call_refused_before_admission_is_recorded_without_its_fields(tm
 
 async def test_a_generation_the_guard_refused_is_recorded_like_one_refused_inside(tmp_path: Path) -> None:
     admission, store, audit = make(tmp_path)
-    head = Call(BOB, "acme", "stream", "model:nope", "req-2")  # authorized, then not resolvable
+    head = Call(BOB, "acme", "stream", "model:nope", "req-2", "grpc")  # authorized, then not resolvable
     admission.refused(head, InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model"))
     [record] = records(audit)
     assert record == record | {
@@ -169,8 +169,8 @@ async def test_a_generation_the_guard_refused_is_recorded_like_one_refused_insid
     assert store.in_flight("acme") == 0
     labels = {"tenant": "acme", "method": "stream", "code": "INVALID_ARGUMENT"}
     assert sample(admission, "airlock_requests_total", labels) == 1
-    admission.refused(Call(Principal("eve", "initech", (), "jwt"), "initech", "generate", "model:", "r"),
-                      RuntimeError("a bug"))  # fmt: skip
+    eve = Principal("eve", "initech", (), "jwt")
+    admission.refused(Call(eve, "initech", "generate", "model:", "r", "grpc"), RuntimeError("a bug"))
     labels = {"tenant": "other", "method": "generate", "code": "INTERNAL"}  # no series per unknown tenant
     assert sample(admission, "airlock_requests_total", labels) == 1
     assert records(audit)[-1]["reason"] == "INTERNAL"

@@ -4,6 +4,9 @@ issuers speak only for their tenants, JWKS files rotate without a restart, and n
 
 The shared echo stack has lockouts off (every test's refusals come from one peer, and failed
 authentications count against the peer: tests/security/test_lockout_abuse.py).
+
+The attacks run against both front doors (`door`: the gRPC door through the SDK, the HTTP door
+through the official `openai` client): one guard behind both, so the same refusal with the same reason.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from control.pki import DevPki
 from control.tokens import mint_dev_token
 from gateway import config as config_mod
 from tests.conftest import ECHO_TOML, NO_LOCKOUT, TEST_GRANTS, make_policy_dir
-from tests.support import LiveStack
+from tests.support import DOORS, LiveStack, http_error
 
 DEV = "airlock-dev"
 PARTNER = "partner-idp"
@@ -145,22 +148,28 @@ def client(stack: LiveStack, token: str | None, tenant: str | None = None) -> As
 
 
 async def refused(
-    stack: LiveStack, token: str, *, tenant: str | None = None, model: str = "echo"
+    stack: LiveStack, token: str, *, tenant: str | None = None, model: str = "echo", door: str = "grpc"
 ) -> AirlockError:
-    async with client(stack, token, tenant) as c:
-        with pytest.raises(AirlockError) as info:
-            await c.generate("hi", model=model)
+    with pytest.raises(AirlockError) as info:
+        await stack.generate(door, token, tenant=tenant, model=model)
     return info.value
 
 
-async def outcome(stack: LiveStack, token: str, *, tenant: str | None = None, model: str = "echo") -> str:
+async def outcome(
+    stack: LiveStack, token: str, *, tenant: str | None = None, model: str = "echo", door: str = "grpc"
+) -> str:
     """The refusal's reason, or "OK" when the call is served."""
     try:
-        async with client(stack, token, tenant) as c:
-            await c.generate("hi", model=model)
+        await stack.generate(door, token, tenant=tenant, model=model)
     except AirlockError as exc:
         return exc.reason
     return "OK"
+
+
+@pytest.fixture(params=DOORS)
+def door(request: pytest.FixtureRequest) -> str:
+    """The front door a test attacks: each such test runs against both."""
+    return str(request.param)
 
 
 async def eventually(stack: LiveStack, token: str, expected: str, timeout: float = RELOAD_WAIT_S) -> str:
@@ -171,8 +180,19 @@ async def eventually(stack: LiveStack, token: str, expected: str, timeout: float
     return got
 
 
-async def raw_call(stack: LiveStack, metadata: tuple[tuple[str, str], ...]) -> AirlockError:
+async def raw_call(
+    stack: LiveStack, metadata: tuple[tuple[str, str], ...], door: str = "grpc"
+) -> AirlockError:
     """A call with hand-made metadata (the SDK only ever sends `Bearer`)."""
+    if door == "http":
+        import httpx2
+
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        headers = [(k, v.strip()) for k, v in metadata]  # HTTP trims a value's surrounding spaces
+        async with httpx2.AsyncClient(verify=stack.ssl_context(), timeout=10) as http:
+            answer = await http.post(f"{stack.http_url}/v1/chat/completions", json=body, headers=headers)
+        assert answer.status_code != 200
+        return http_error(answer.status_code, answer.json())
     credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
     async with grpc.aio.secure_channel(stack.address, credentials) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -359,25 +379,26 @@ ATTACKS: dict[str, tuple[Attack, str]] = {
 }
 
 
-async def test_the_hand_made_tokens_are_valid_when_not_tampered_with(echo_stack: LiveStack) -> None:
+async def test_the_hand_made_tokens_are_valid_when_not_tampered_with(
+    echo_stack: LiveStack, door: str
+) -> None:
     # The helpers the attacks start from make tokens the gateway accepts, so each refusal below is
     # down to the one thing its attack changed.
     token = dev_signed(echo_stack.pki, claims("tester"))
-    async with client(echo_stack, token) as c:
-        assert (await c.generate("genuine", model="echo")).text == "genuine"
+    assert await echo_stack.generate(door, token, prompt="genuine") == "genuine"
     # Clock skew within the leeway is tolerated.
     skewed = dev_signed(echo_stack.pki, claims("tester", nbf=int(time.time()) + _leeway(echo_stack) // 2))
-    assert await outcome(echo_stack, skewed) == "OK"
+    assert await outcome(echo_stack, skewed, door=door) == "OK"
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 async def test_a_forged_or_broken_token_is_refused_with_its_reason(
-    echo_stack: LiveStack, attack: str
+    echo_stack: LiveStack, attack: str, door: str
 ) -> None:
     make, reason = ATTACKS[attack]
     token = make(echo_stack)
     before = (await echo_stack.worker_info("acme", "echo")).requests_started
-    err = await refused(echo_stack, token)
+    err = await refused(echo_stack, token, door=door)
     assert_refusal(err, AuthenticationError, reason, token)
     assert (await echo_stack.worker_info("acme", "echo")).requests_started == before
 
@@ -385,32 +406,36 @@ async def test_a_forged_or_broken_token_is_refused_with_its_reason(
 # --- the tenant comes from the identity, never from the request --------------------------------
 
 
-async def test_a_tenant_header_does_not_let_a_user_into_another_tenant(echo_stack: LiveStack) -> None:
+async def test_a_tenant_header_does_not_let_a_user_into_another_tenant(
+    echo_stack: LiveStack, door: str
+) -> None:
     # acme/bob (a user in acme by the repository policy) is a valid caller at home...
     token = mint_dev_token(echo_stack.pki, echo_stack.config.auth, tenant="acme", subject="bob")
-    assert await outcome(echo_stack, token) == "OK"
+    assert await outcome(echo_stack, token, door=door) == "OK"
     # ...and naming globex in the header gets him no further than the policy allows: nowhere.
     before = (await echo_stack.worker_info("globex", "echo")).requests_started
-    err = await refused(echo_stack, token, tenant="globex")
+    err = await refused(echo_stack, token, tenant="globex", door=door)
     assert_refusal(err, PermissionDeniedError, "POLICY_DENIED", token)
     assert (await echo_stack.worker_info("globex", "echo")).requests_started == before
 
 
-async def test_naming_another_tenants_model_does_not_reach_its_worker(echo_stack: LiveStack) -> None:
+async def test_naming_another_tenants_model_does_not_reach_its_worker(
+    echo_stack: LiveStack, door: str
+) -> None:
     # "slow" is acme's model; globex only has "echo". The route follows globex's identity.
-    assert await outcome(echo_stack, echo_stack.token("acme"), model="slow") == "OK"
+    assert await outcome(echo_stack, echo_stack.token("acme"), model="slow", door=door) == "OK"
     before = (await echo_stack.worker_info("acme", "slow")).requests_started
     token = echo_stack.token("globex")
-    err = await refused(echo_stack, token, model="slow")
+    err = await refused(echo_stack, token, model="slow", door=door)
     assert_refusal(err, InvalidRequestError, "UNKNOWN_MODEL", token)
     assert isinstance(err, InvalidRequestError) and err.field == "model"
     assert (await echo_stack.worker_info("acme", "slow")).requests_started == before
 
 
 @pytest.mark.parametrize("header", ["ACME", "acme/../globex", "-acme", "globex acme", "a" * 64])
-async def test_a_malformed_tenant_header_is_refused(echo_stack: LiveStack, header: str) -> None:
+async def test_a_malformed_tenant_header_is_refused(echo_stack: LiveStack, header: str, door: str) -> None:
     token = echo_stack.token("acme")
-    err = await refused(echo_stack, token, tenant=header)
+    err = await refused(echo_stack, token, tenant=header, door=door)
     assert_refusal(err, PermissionDeniedError, "TENANT_INVALID", token)
 
 
@@ -502,37 +527,47 @@ def partner(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         stack.stop(timeout=5)
 
 
-async def test_an_issuer_speaks_only_for_the_tenants_the_policy_names(partner: Partner) -> None:
+async def test_an_issuer_speaks_only_for_the_tenants_the_policy_names(partner: Partner, door: str) -> None:
     stack = partner.stack
     token = partner.token("globex")
     async with client(stack, token) as c:
         assert (await c.generate("from the partner", model="echo")).text == "from the partner"
     foreign = partner.token("acme")
-    assert_refusal(await refused(stack, foreign), AuthenticationError, "TOKEN_ISSUER_NOT_ALLOWED", foreign)
+    assert_refusal(
+        await refused(stack, foreign, door=door), AuthenticationError, "TOKEN_ISSUER_NOT_ALLOWED", foreign
+    )
     # The dev issuer still speaks for both tenants on this stack.
-    assert await outcome(stack, stack.token("acme")) == "OK"
-    assert await outcome(stack, stack.token("globex")) == "OK"
+    assert await outcome(stack, stack.token("acme"), door=door) == "OK"
+    assert await outcome(stack, stack.token("globex"), door=door) == "OK"
 
 
-async def test_an_issuers_key_cannot_sign_for_another_issuer(partner: Partner) -> None:
+async def test_an_issuers_key_cannot_sign_for_another_issuer(partner: Partner, door: str) -> None:
     stack = partner.stack
     # kids are looked up among the claimed issuer's keys only: the partner's kid is unknown to the dev
     # issuer, and the dev kid with the partner's signature does not verify.
     as_dev = partner.token("acme", iss=DEV)
-    assert_refusal(await refused(stack, as_dev), AuthenticationError, "TOKEN_UNKNOWN_KEY", as_dev)
+    assert_refusal(await refused(stack, as_dev, door=door), AuthenticationError, "TOKEN_UNKNOWN_KEY", as_dev)
     dev_kid = partner.token("acme", iss=DEV, kid=stack.pki.jwt_kid)
-    assert_refusal(await refused(stack, dev_kid), AuthenticationError, "TOKEN_BAD_SIGNATURE", dev_kid)
+    assert_refusal(
+        await refused(stack, dev_kid, door=door), AuthenticationError, "TOKEN_BAD_SIGNATURE", dev_kid
+    )
     # And the other way round: the dev key cannot sign as the partner, under either kid.
     as_partner = partner.token("globex", key=dev_key(stack.pki), kid=stack.pki.jwt_kid)
-    assert_refusal(await refused(stack, as_partner), AuthenticationError, "TOKEN_UNKNOWN_KEY", as_partner)
+    assert_refusal(
+        await refused(stack, as_partner, door=door), AuthenticationError, "TOKEN_UNKNOWN_KEY", as_partner
+    )
     partner_kid = partner.token("globex", key=dev_key(stack.pki))
-    assert_refusal(await refused(stack, partner_kid), AuthenticationError, "TOKEN_BAD_SIGNATURE", partner_kid)
+    assert_refusal(
+        await refused(stack, partner_kid, door=door), AuthenticationError, "TOKEN_BAD_SIGNATURE", partner_kid
+    )
 
 
-async def test_garbage_and_other_schemes_are_malformed(partner: Partner) -> None:
+async def test_garbage_and_other_schemes_are_malformed(partner: Partner, door: str) -> None:
     stack = partner.stack
     for garbage in ("garbage", NOT_A_JWT, "a.b.c", "...."):
-        assert_refusal(await refused(stack, garbage), AuthenticationError, "TOKEN_MALFORMED", garbage)
+        assert_refusal(
+            await refused(stack, garbage, door=door), AuthenticationError, "TOKEN_MALFORMED", garbage
+        )
     valid = partner.token("globex")
     schemes = [
         (f"Basic {BASIC_SECRET}", BASIC_SECRET),
@@ -541,9 +576,9 @@ async def test_garbage_and_other_schemes_are_malformed(partner: Partner) -> None
         ("Bearer ", ""),
     ]
     for value, secret in schemes:
-        err = await raw_call(stack, (("authorization", value),))
+        err = await raw_call(stack, (("authorization", value),), door=door)
         assert_refusal(err, AuthenticationError, "TOKEN_MALFORMED", secret)
-    assert_refusal(await raw_call(stack, ()), AuthenticationError, "TOKEN_MISSING")
+    assert_refusal(await raw_call(stack, (), door=door), AuthenticationError, "TOKEN_MISSING")
 
 
 def padded(pki: DevPki, sub: str, size: int) -> str:
@@ -552,21 +587,23 @@ def padded(pki: DevPki, sub: str, size: int) -> str:
     return dev_signed(pki, claims(sub, pad="p" * max(0, (size - bare) * 3 // 4)))
 
 
-async def test_an_oversized_token_is_refused_before_it_is_parsed(partner: Partner) -> None:
+async def test_an_oversized_token_is_refused_before_it_is_parsed(partner: Partner, door: str) -> None:
     stack = partner.stack
     assert stack.config.auth.max_token_bytes == SMALL_TOKEN_LIMIT
     fits = padded(stack.pki, "tester", SMALL_TOKEN_LIMIT - 200)
-    assert len(fits) <= SMALL_TOKEN_LIMIT and await outcome(stack, fits) == "OK"
+    assert len(fits) <= SMALL_TOKEN_LIMIT and await outcome(stack, fits, door=door) == "OK"
     big = padded(stack.pki, "tester", SMALL_TOKEN_LIMIT + 200)
     assert len(big) > SMALL_TOKEN_LIMIT
-    assert_refusal(await refused(stack, big), AuthenticationError, "TOKEN_TOO_LARGE", big)
+    assert_refusal(await refused(stack, big, door=door), AuthenticationError, "TOKEN_TOO_LARGE", big)
 
 
-async def test_a_token_just_over_the_default_limit_is_refused_as_too_large(echo_stack: LiveStack) -> None:
+async def test_a_token_just_over_the_default_limit_is_refused_as_too_large(
+    echo_stack: LiveStack, door: str
+) -> None:
     limit = echo_stack.config.auth.max_token_bytes
     for i, extra in enumerate([512, 2048, 4096, 6144] * 3):
         token = padded(echo_stack.pki, f"atk-big-{i}", limit + extra)
-        err = await refused(echo_stack, token)
+        err = await refused(echo_stack, token, door=door)
         assert token not in str(err)  # what gRPC says lists header sizes only
         assert_refusal(err, AuthenticationError, "TOKEN_TOO_LARGE", token)
 
@@ -613,18 +650,20 @@ async def test_jwks_rotation_takes_effect_without_a_restart(partner: Partner) ->
 # --- canary: credentials never reach a log or the audit trail ----------------------------------
 
 
-async def test_no_token_reaches_a_log_or_the_audit_trail(echo_stack: LiveStack, partner: Partner) -> None:
+async def test_no_token_reaches_a_log_or_the_audit_trail(
+    echo_stack: LiveStack, partner: Partner, door: str
+) -> None:
     # Its own traffic first, so the check means something when this test runs alone: a valid call,
     # a refused one with a readable payload, a cross-tenant denial and an issuer refusal.
     valid = echo_stack.token("acme")
     forged = attacker_signed(claims("canary"), kid=echo_stack.pki.jwt_kid)
     bob = mint_dev_token(echo_stack.pki, echo_stack.config.auth, tenant="acme", subject="bob")
     partner_foreign = partner.token("acme", "canary")
-    assert await outcome(echo_stack, valid) == "OK"
-    assert await outcome(echo_stack, forged) == "TOKEN_BAD_SIGNATURE"
-    assert await outcome(echo_stack, bob, tenant="globex") == "POLICY_DENIED"
-    assert await outcome(partner.stack, partner_foreign) == "TOKEN_ISSUER_NOT_ALLOWED"
-    assert await outcome(partner.stack, NOT_A_JWT) == "TOKEN_MALFORMED"
+    assert await outcome(echo_stack, valid, door=door) == "OK"
+    assert await outcome(echo_stack, forged, door=door) == "TOKEN_BAD_SIGNATURE"
+    assert await outcome(echo_stack, bob, tenant="globex", door=door) == "POLICY_DENIED"
+    assert await outcome(partner.stack, partner_foreign, door=door) == "TOKEN_ISSUER_NOT_ALLOWED"
+    assert await outcome(partner.stack, NOT_A_JWT, door=door) == "TOKEN_MALFORMED"
 
     audit = audit_file(echo_stack)
     assert audit == audit_file(partner.stack)  # one state directory: one audit trail for both

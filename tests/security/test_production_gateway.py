@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -79,6 +81,8 @@ def site(tmp_path: Path) -> dict[str, Path]:
         [gateway]
         listen = "127.0.0.1:0"
         mtls_listen = "127.0.0.1:0"
+        [http]
+        listen = "127.0.0.1:0"
         [[auth.issuers]]
         issuer = "airlock-dev"
         jwks_file = "{etc / "idp-jwks.json"}"
@@ -134,6 +138,13 @@ def test_a_production_gateway_serves_the_sites_certificate_and_holds_no_ca_key(s
         with grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca), options) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING  # up, its worker is not
+        # The HTTP door serves the same certificate (a name the site's CA vouches for).
+        context = ssl.create_default_context(cafile=str(site["etc"] / "internal-ca.crt"))
+        http_port = json.loads(ready.read_text())["http_port"]
+        raw = socket.create_connection(("127.0.0.1", http_port), timeout=10)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            assert tls.recv(4096).startswith(b"HTTP/1.1 401")  # no token: refused, over the site's TLS
     finally:
         gateway.terminate()
         gateway.wait(30)
