@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import GENESIS, key_id, record_hash, segments, signed_message
+from gateway.audit import GENESIS, HEAD_FORMAT, key_id, record_hash, segments, signed_message
 from serving.bundle import BundleError, load_trusted_keys
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 Keys = ed25519.Ed25519PublicKey | dict[str, ed25519.Ed25519PublicKey]
-HEAD_FORMAT = "airlock-audit-head/1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

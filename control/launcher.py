@@ -275,6 +275,7 @@ class Stack:
             echo_tokens_per_second=model.tokens_per_second,
             threads=model.threads,
             allow_special_tokens=model.allow_special_tokens,
+            s3=self.config.s3 if model.path.startswith("s3://") else None,
         )
 
     def settings_file(self, key: tuple[str, str]) -> Path:

@@ -18,6 +18,7 @@ from gateway.config.ops import (
     SupervisorConfig,
     TelemetryConfig,
 )
+from serving.settings import S3Settings
 
 __all__ = [
     "AuthConfig",
@@ -44,7 +45,7 @@ MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminat
 class ModelConfig:
     name: str
     engine: str = "transformers"
-    path: str = "bundled"
+    path: str = "bundled"  # "bundled", a local directory, or s3://BUCKET/PREFIX (docs/storage.md)
     tokens_per_second: float = 0.0
     threads: int = 0
     # True: callers' text may spell the chat template's control tokens (`<|im_start|>system`).
@@ -167,6 +168,7 @@ class Config:
     sealing: SealingConfig = field(default_factory=SealingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     shared_domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [shared] domains
+    s3: S3Settings | None = None  # [s3]: the object store of s3:// models and the audit archive
 
     @property
     def model_cache_dir(self) -> Path:
