@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 def s3_toml(site: S3Site, url: S3Url) -> str:
-    return textwrap.dedent(f"""
+    return (
+        textwrap.dedent(f"""
         [gateway]
         max_tokens = 512
 
@@ -31,7 +32,9 @@ def s3_toml(site: S3Site, url: S3Url) -> str:
 
         [tenants.acme]
         models = ["smollm2"]
-    """) + site.toml()
+    """)
+        + site.toml()
+    )
 
 
 @pytest.fixture(scope="module")

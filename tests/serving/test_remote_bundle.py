@@ -195,5 +195,3 @@ def test_s3_urls_are_checked() -> None:
     for bad in ("http://x/y", "s3://A/x", "s3://ok-bucket/a/../b", "s3://x"):
         with pytest.raises(StorageError):
             S3Url.parse(bad)
-
-
