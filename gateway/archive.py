@@ -2,7 +2,7 @@
 under an S3 Object Lock COMPLIANCE retention that no one, root and the store's admin included, can
 shorten or lift before it ends.
 
-    PREFIX/LOG/heads/SEQ.json            one per signature in LOG's sidecar (airlock-audit-head/1)
+    PREFIX/LOG/heads/SEQ-HASH.json       one per signature in LOG's sidecar (airlock-audit-head/1)
     PREFIX/LOG/segments/N.jsonl[.sealed] the rotated file LOG.N, once closed
 
 Driven by the files on disk, not by a queue in memory: a ledger beside the log (`LOG.archive.json`)
@@ -94,8 +94,9 @@ class ArchiveLayout:
     def of(cls, url: str, log: str) -> ArchiveLayout:
         return cls(S3Url.parse(url.replace("{host}", socket.gethostname())), log)
 
-    def head_key(self, seq: int) -> str:
-        return self.url.key(f"{self.log}/heads/{seq:020d}.json")
+    def head_key(self, seq: int, head: str) -> str:
+        """Seq and hash in the name: a listing alone says which heads the archive holds."""
+        return self.url.key(f"{self.log}/heads/{seq:020d}-{head}.json")
 
     @property
     def heads_prefix(self) -> str:
@@ -258,7 +259,7 @@ class Archiver:
                 body = json.dumps(document, sort_keys=True).encode() + b"\n"
                 self.store.put(
                     self.layout.url.bucket,
-                    self.layout.head_key(int(document["seq"])),
+                    self.layout.head_key(document["seq"], document["hash"]),
                     body,
                     retain_until=self._retain_until(),
                 )
@@ -337,6 +338,8 @@ def head_document(log: str, line: bytes) -> dict[str, Any] | None:
     """A sidecar signature line as an `airlock-audit-head/1` document (None: not a signature)."""
     try:
         entry = json.loads(line)
+        if not re.fullmatch(r"[0-9a-f]{64}", str(entry["hash"])):
+            raise ValueError("not a head hash")
         return {
             "format": HEAD_FORMAT,
             "log": log,
