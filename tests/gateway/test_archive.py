@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import CollectorRegistry
 
-from gateway.archive import Archiver, ArchiveLayout, open_sealed
+from gateway.archive import ArchiveLayout, Archiver, open_sealed
 from gateway.audit import AuditLog, segments
 from gateway.config import AuditArchiveConfig, AuditConfig
 from serving.s3 import ObjectStore, S3Settings, StorageError
@@ -94,7 +94,7 @@ def test_segments_and_heads_land_under_compliance_retention_and_delete_is_refuse
             store.delete(bucket, key, version)
         assert caught.value.reason == "STORAGE_DENIED"
         with pytest.raises(Exception, match="AccessDenied"):
-            store._client.put_object_retention(  # noqa: SLF001  (a raw call: the store must refuse it)
+            store._client.put_object_retention(
                 Bucket=bucket, Key=key, VersionId=version,
                 Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until - datetime.timedelta(hours=1)},
             )  # fmt: skip

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from control.audit_verify import verify_log
 from control.cli import main as airlock
-from gateway.archive import Archiver, ArchiveLayout
+from gateway.archive import ArchiveLayout, Archiver
 from gateway.audit import AuditLog
 from gateway.config import AuditArchiveConfig, AuditConfig
 from serving.s3 import ObjectStore, S3Settings
