@@ -27,13 +27,8 @@ async def test_a_stack_archives_both_trails_and_verify_agrees(
 ) -> None:
     url = f"s3://audit-{secrets.token_hex(4)}/{{host}}"
     audit = tmp_path / "audit"
-    toml = (
-        ECHO_TOML
-        + s3_site.toml()
-        + (
-            f'\n[audit]\npath = "{audit / "gateway.jsonl"}"\n[audit.archive]\nurl = "{url}"\nretention_days = 1\n'
-        )
-    )
+    archive = f'[audit.archive]\nurl = "{url}"\nretention_days = 1\n'
+    toml = ECHO_TOML + s3_site.toml() + f'\n[audit]\npath = "{audit / "gateway.jsonl"}"\n' + archive
     stack = make_stack(toml)
     assert await stack.health("airlock.audit.archive") == "SERVING"
     async with stack.client("acme") as client:
@@ -46,8 +41,9 @@ async def test_a_stack_archives_both_trails_and_verify_agrees(
         heads = store.keys(layout.url.bucket, layout.heads_prefix)
         last = json.loads((audit / f"{log}.sig").read_bytes().splitlines()[-1])
         assert layout.head_key(last["seq"], last["hash"]) in heads, f"{log}: the closing signature"
-    code = airlock(["audit", "verify", "--config", str(config), "--state-dir", str(stack.stack.config.state_dir),
-                    "--dir", str(audit), "--archive"])  # fmt: skip
+    state = str(stack.stack.config.state_dir)
+    code = airlock(["audit", "verify", "--config", str(config), "--state-dir", state, "--dir", str(audit),
+                    "--archive"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.count("archived head(s) checked") == 2

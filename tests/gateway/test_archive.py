@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import CollectorRegistry
 
@@ -122,7 +123,7 @@ def test_sealed_segments_open_only_with_their_key_and_name(
     blob = store.get(archiver.layout.url.bucket, name)
     assert b"acme/u" not in blob
     assert open_sealed(key_file.read_bytes(), name, blob) == segment.read_bytes()
-    with pytest.raises(Exception):  # moved to another name: authentication fails
+    with pytest.raises(InvalidTag):  # moved to another name: authentication fails
         open_sealed(key_file.read_bytes(), archiver.layout.segment_key(2, sealed=True), blob)
 
 

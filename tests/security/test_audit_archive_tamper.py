@@ -44,8 +44,8 @@ def setup(tmp_path: Path, s3_site: S3Site) -> tuple[Path, Path, Path, str]:
     archive = AuditArchiveConfig(url=url, retention_days=1)
     assert Archiver(path, archive, s3, registry=CollectorRegistry()).run_once()
     pub = tmp_path / "audit.pub"
-    pub.write_bytes(KEY.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    pem = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    pub.write_bytes(KEY.public_key().public_bytes(*pem))
     config = tmp_path / "airlock.toml"
     config.write_text(
         textwrap.dedent(f"""
