@@ -36,6 +36,8 @@ EXPECTED = {
     "8a": ("sealing", "sealing at 1 MiB"),
     "8b": ("sealing", "opening at 1 MiB"),
     "9": ("scrub", "scrub vs a plain memset of the same memory"),
+    "10a": ("storage", "model bundle from the local RGW, verified while streaming, vs raw GET"),
+    "10b": ("storage", "cached bundle verified again vs a plain read of the same files"),
 }
 
 

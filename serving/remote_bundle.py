@@ -14,7 +14,6 @@ not list are never downloaded.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import fcntl
 import hashlib
@@ -22,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,6 +176,47 @@ def _same(target: Path, manifest: bytes, signature: bytes) -> bool:
         return False
 
 
+class _Lane:
+    """One file's hash, fed its parts in order whichever thread fetched them: the thread that
+    brings the next part hashes it and any later ones already waiting, while a thread whose part
+    is early just leaves it and goes back to fetching. hashlib drops the GIL, so the files of a
+    bundle hash in parallel, each in order, while other parts are in flight."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.size = int(entry["size"])
+        self.hasher = hashlib.sha256()
+        self.next = 0
+        self.pending: dict[int, bytes] = {}
+        self._mutex = threading.Lock()  # guards `pending` and `next`
+        self._hashing = threading.Lock()  # held by the one thread hashing this file
+
+    def offer(self, offset: int, data: bytes, consumed: Callable[[], None]) -> bool:
+        """True for the one call after which the whole file is hashed."""
+        with self._mutex:
+            self.pending[offset] = data
+        finished = False
+        while self._hashing.acquire(blocking=False):
+            try:
+                while True:
+                    with self._mutex:
+                        chunk = self.pending.pop(self.next, None)
+                    if chunk is None:
+                        break
+                    self.hasher.update(chunk)
+                    with self._mutex:
+                        self.next += len(chunk)
+                        finished = finished or self.next == self.size
+                    consumed()
+                    if not chunk:  # an empty file: its one part is all there is
+                        break
+            finally:
+                self._hashing.release()
+            with self._mutex:  # a part that arrived while we were letting go is ours to hash
+                if self.next not in self.pending or finished:
+                    break
+        return finished
+
+
 def _download(
     store: ObjectStore,
     url: S3Url,
@@ -183,77 +224,82 @@ def _download(
     into: Path,
     progress: Callable[[int], None],
 ) -> int:
-    """Every listed file into `into`, verified. Parts are fetched `parallel` at a time and written
-    where they belong by the fetching thread; this thread hashes them in order as they complete
-    (hashlib drops the GIL on large buffers, so hashing overlaps the transfers), holding at most
-    `parallel` + 2 parts in memory."""
+    """Every listed file into `into`, verified. `parallel` threads fetch parts in order and write
+    each where it belongs; each file is hashed in order as its parts arrive (`_Lane`). At most
+    `parallel` + 2 parts are fetched and not yet hashed, so memory stays bounded whatever the
+    bundle's size; the first failure stops the rest and is raised, naming its file."""
     part, parallel = store.settings.part_bytes, store.settings.parallel
     fds: dict[str, int] = {}
+    lanes: dict[str, _Lane] = {}
     plan: list[tuple[str, int, int]] = []  # (file, offset, length), in order
     for rel, entry in sorted(files.items()):
         path = into / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         fds[rel] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        lanes[rel] = _Lane(entry)
         size = int(entry["size"])
         if size == 0:
             plan.append((rel, 0, 0))
         plan += [(rel, offset, min(part, size - offset)) for offset in range(0, size, part)]
+    slots = threading.Semaphore(parallel + 2)
+    failed = threading.Event()
 
-    def fetch(rel: str, offset: int, length: int) -> bytes:
-        key = url.key(rel)
+    def fetch(rel: str, offset: int, length: int) -> int:
         try:
-            if length == 0:
-                total, data = store.size(url.bucket, key), b""
-            else:
-                data, total = store.get_range(url.bucket, key, offset, length)
-        except StorageError as exc:
-            if exc.reason == "STORAGE_NOT_FOUND":
+            key = url.key(rel)
+            try:
+                if length == 0:
+                    total, data = store.size(url.bucket, key), b""
+                else:
+                    data, total = store.get_range(url.bucket, key, offset, length)
+            except StorageError as exc:
+                if exc.reason == "STORAGE_NOT_FOUND":
+                    raise BundleError(
+                        f"{url}: {rel} is missing", reason="BUNDLE_FILE_MISSING", file=rel
+                    ) from None
+                raise
+            if total != lanes[rel].size or len(data) != length:
                 raise BundleError(
-                    f"{url}: {rel} is missing", reason="BUNDLE_FILE_MISSING", file=rel
-                ) from None
+                    f"{url}: {rel} differs from the signed manifest (size {total}, signed {lanes[rel].size})",
+                    reason="BUNDLE_FILE_ALTERED",
+                    file=rel,
+                )
+            os.pwrite(fds[rel], data, offset)
+        except BaseException:
+            failed.set()
+            slots.release()
             raise
-        if total != int(files[rel]["size"]) or len(data) != length:
-            raise BundleError(
-                f"{url}: {rel} differs from the signed manifest (size {total}, signed {files[rel]['size']})",
-                reason="BUNDLE_FILE_ALTERED",
-                file=rel,
-            )
-        os.pwrite(fds[rel], data, offset)
-        return data
+        if lanes[rel].offer(offset, data, slots.release):
+            try:
+                _check_digest(url, rel, lanes[rel].hasher.hexdigest(), files[rel])
+            except BundleError:
+                failed.set()
+                raise
+        progress(length)
+        return length
 
-    hashers = {rel: hashlib.sha256() for rel in files}
-    done_bytes: dict[str, int] = collections.Counter()
-    total = 0
+    futures: list[concurrent.futures.Future[int]] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="bundle-get") as pool:
-            queue: collections.deque[tuple[tuple[str, int, int], concurrent.futures.Future[bytes]]]
-            queue = collections.deque()
-            upcoming = iter(plan)
             try:
-                for item in upcoming:
-                    queue.append((item, pool.submit(fetch, *item)))
-                    if len(queue) >= parallel + 2:
+                for item in plan:
+                    while not slots.acquire(timeout=0.5):
+                        if failed.is_set():
+                            break
+                    if failed.is_set():
                         break
-                while queue:
-                    (rel, _offset, length), future = queue.popleft()
-                    data = future.result()
-                    hashers[rel].update(data)
-                    done_bytes[rel] += length
-                    total += length
-                    progress(length)
-                    if done_bytes[rel] == int(files[rel]["size"]):
-                        _check_digest(url, rel, hashers[rel].hexdigest(), files[rel])
-                    nxt = next(upcoming, None)
-                    if nxt is not None:
-                        queue.append((nxt, pool.submit(fetch, *nxt)))
-            except BaseException:
-                for _item, future in queue:
-                    future.cancel()
-                raise
+                    futures.append(pool.submit(fetch, *item))
+            finally:
+                if failed.is_set():
+                    for future in futures:
+                        future.cancel()
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        return sum(f.result() for f in futures)
     finally:
         for fd in fds.values():
             os.close(fd)
-    return total
 
 
 def _check_digest(url: S3Url, rel: str, digest: str, entry: dict[str, Any]) -> None:
