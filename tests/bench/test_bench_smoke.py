@@ -4,6 +4,7 @@ on a shared machine proves the benchmarks work, not how fast anything is (`make 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -79,10 +80,8 @@ def quick_runs(
     runs = {}
     # The storage benchmark uses the session's Ceph (tests/ceph.py) rather than starting its own.
     site: S3Site | None = None
-    try:
+    with contextlib.suppress(pytest.skip.Exception):  # no Ceph here: the storage rows stay "not measured"
         site = request.getfixturevalue("s3_site")
-    except pytest.skip.Exception:  # no Ceph on this machine: the storage rows stay "not measured"
-        pass
     for name in ROWS:
         start = time.monotonic()
         extra = ["--state-dir", str(bench_state)] if name == "model_tokens" else []
