@@ -3,7 +3,7 @@ under an S3 Object Lock COMPLIANCE retention that no one, root and the store's a
 shorten or lift before it ends.
 
     PREFIX/LOG/heads/SEQ-HASH.json       one per signature in LOG's sidecar (airlock-audit-head/1)
-    PREFIX/LOG/segments/N.jsonl[.sealed] the rotated file LOG.N, once closed
+    PREFIX/LOG/segments/N-SHA.jsonl[.sealed]  the rotated file LOG.N, once closed
 
 Driven by the files on disk, not by a queue in memory: a ledger beside the log (`LOG.archive.json`)
 records what the store acknowledged, so an outage of the store, or of the gateway, loses nothing:
@@ -102,8 +102,11 @@ class ArchiveLayout:
     def heads_prefix(self) -> str:
         return self.url.key(f"{self.log}/heads/")
 
-    def segment_key(self, number: int, sealed: bool) -> str:
-        return self.url.key(f"{self.log}/segments/{number:08d}.jsonl" + (".sealed" if sealed else ""))
+    def segment_key(self, number: int, digest: str, sealed: bool) -> str:
+        """Number and sha256 of the plaintext in the name: a later file that reuses a number (rotated
+        files deleted locally, numbering started over) is another object, never a replacement."""
+        name = f"{self.log}/segments/{number:08d}-{digest[:16]}.jsonl" + (".sealed" if sealed else "")
+        return self.url.key(name)
 
 
 class ArchiveMetrics:
@@ -212,8 +215,8 @@ class Archiver:
     def backlog(self) -> tuple[list[Path], int]:
         """Closed segments the archive lacks, and how many signed heads it lacks."""
         ledger = self._ledger()
-        shipped = set(ledger.get("segments", {}))
-        closed = [p for p in segments(self.path) if p != self.path and p.name not in shipped]
+        shipped = ledger.get("segments", {})
+        closed = [p for p in segments(self.path) if p != self.path and not _same_file(p, shipped.get(p.name))]
         sidecar = self.path.with_name(f"{self.path.name}.sig")
         offset = int(ledger.get("sig_offset", 0))
         try:
@@ -274,15 +277,18 @@ class Archiver:
 
     def _ship_segment(self, segment: Path, ledger: dict[str, Any]) -> None:
         number = int(segment.name.rsplit(".", 1)[-1])
+        st = segment.stat()
         data = segment.read_bytes()  # one closed segment at a time (at most audit.rotate_bytes)
-        key = self.layout.segment_key(number, self.seal_key is not None)
+        digest = hashlib.sha256(data).hexdigest()
+        key = self.layout.segment_key(number, digest, self.seal_key is not None)
         body = seal(self.seal_key, key, data) if self.seal_key is not None else data
         version = self.store.put(self.layout.url.bucket, key, body, retain_until=self._retain_until())
         ledger.setdefault("segments", {})[segment.name] = {
             "key": key,
             "version": version,
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest,
             "bytes": len(data),
+            "mtime_ns": st.st_mtime_ns,
         }
         self._save(ledger)
         self.metrics.archived.labels(self.path.name, "segment").inc()
@@ -332,6 +338,18 @@ class Archiver:
                 _log.info("audit archive keeping up", extra={"log": self.path.name})
             if self.on_health is not None:
                 self.on_health(healthy)
+
+
+def _same_file(path: Path, entry: Any) -> bool:
+    """Whether the ledger's entry is this very file (a closed segment never changes; a file that
+    took an archived one's name has another size or modification time)."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True  # gone meanwhile: nothing to ship
+    return bool(entry.get("bytes") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns)
 
 
 def head_document(log: str, line: bytes) -> dict[str, Any] | None:

@@ -101,10 +101,15 @@ def pull(
     signature = _get(store, url, SIGNATURE)
     # The signature before anything else: an unsigned manifest's contents are not looked at.
     verified = _verify_manifest(url, manifest_bytes, signature, trusted)
+    if target.exists() and not (target / MANIFEST).is_file():
+        # Only a bundle is ever replaced: `airlock bundle pull s3://… ~` must not delete a home.
+        raise BundleError(
+            f"{target} exists and is not a bundle; refusing to replace it", reason="BUNDLE_UNSIGNED"
+        )
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with (target.parent / f".{target.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # workers of one model start together; one downloads
-        for stale in target.parent.glob(f".{target.name}-*"):
+        for stale in target.parent.glob(f".{target.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a download that was killed midway
         if reuse and _same(target, manifest_bytes, signature):
             try:
@@ -121,13 +126,14 @@ def pull(
                 )
             except BundleError as exc:
                 _log.warning("cached bundle copy rejected, downloading again: %s", exc)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             total = _download(store, url, verified.files, tmp, progress)
             (tmp / MANIFEST).write_bytes(manifest_bytes)
             (tmp / SIGNATURE).write_bytes(signature)
             if target.exists():
-                old = target.with_name(f".{target.name}-old")
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+                os.rmdir(old)
                 target.rename(old)
                 shutil.rmtree(old, ignore_errors=True)
             tmp.rename(target)

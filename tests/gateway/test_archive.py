@@ -6,6 +6,7 @@ store blocks no record, shows in health and metrics, and loses no segment once i
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import secrets
 import time
@@ -59,6 +60,11 @@ def sidecar_heads(path: Path) -> set[tuple[int, str]]:
     return {(int(e["seq"]), str(e["hash"])) for e in entries}
 
 
+def segment_key(layout: ArchiveLayout, segment: Path, *, sealed: bool = False) -> str:
+    number = int(segment.name.rsplit(".", 1)[1])
+    return layout.segment_key(number, hashlib.sha256(segment.read_bytes()).hexdigest(), sealed)
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -81,13 +87,12 @@ def test_segments_and_heads_land_under_compliance_retention_and_delete_is_refuse
     assert len(closed) >= 3
     bucket, layout = archiver.layout.url.bucket, archiver.layout
     for segment in closed:
-        key = layout.segment_key(int(segment.name.rsplit(".", 1)[1]), sealed=False)
+        key = segment_key(layout, segment)
         assert store.get(bucket, key) == segment.read_bytes()
     heads = {layout.head_key(seq, head) for seq, head in sidecar_heads(path)}
     assert heads <= set(objects) and len(heads) >= 12
     # WORM: the store itself refuses to delete a version or to shorten its retention.
-    some_head, segment_key = sorted(heads)[0], layout.segment_key(1, sealed=False)
-    for key in (some_head, segment_key):
+    for key in (sorted(heads)[0], segment_key(layout, closed[0])):
         version = objects[key]
         mode, until = store.retention(bucket, key, version) or ("", None)
         assert mode == "COMPLIANCE" and until is not None
@@ -119,12 +124,12 @@ def test_sealed_segments_open_only_with_their_key_and_name(
     log.close()
     assert archiver.run_once()
     segment = path.with_name(f"{path.name}.1")
-    name = archiver.layout.segment_key(1, sealed=True)
+    name = segment_key(archiver.layout, segment, sealed=True)
     blob = store.get(archiver.layout.url.bucket, name)
     assert b"acme/u" not in blob
     assert open_sealed(key_file.read_bytes(), name, blob) == segment.read_bytes()
     with pytest.raises(InvalidTag):  # moved to another name: authentication fails
-        open_sealed(key_file.read_bytes(), archiver.layout.segment_key(2, sealed=True), blob)
+        open_sealed(key_file.read_bytes(), name.replace("00000001-", "00000002-"), blob)
 
 
 def test_an_outage_of_the_store_blocks_nothing_shows_and_loses_no_segment(
@@ -161,10 +166,29 @@ def test_an_outage_of_the_store_blocks_nothing_shows_and_loses_no_segment(
     objects = archived(store, archiver)
     closed = [p for p in segments(path) if p != path]
     for segment in closed:
-        assert archiver.layout.segment_key(int(segment.name.rsplit(".", 1)[1]), sealed=False) in objects
+        assert segment_key(archiver.layout, segment) in objects
     heads = {archiver.layout.head_key(seq, head) for seq, head in sidecar_heads(path)}
     assert heads <= set(objects), "every signed head, the closing one included"
     assert health[0] is True and False in health and health[-1] is True
+
+
+def test_a_segment_that_reuses_an_archived_name_is_archived_too(
+    tmp_path: Path, s3_site: S3Site, store: ObjectStore
+) -> None:
+    path = tmp_path / "gateway.jsonl"
+    archiver = Archiver(path, archive_config(), settings(s3_site), registry=CollectorRegistry())
+    log = AuditLog(path, config=AUDIT, signing_key=KEY)
+    write(log, 20)
+    assert archiver.run_once()
+    first = segment_key(archiver.layout, path.with_name(f"{path.name}.1"))
+    for old in [p for p in segments(path) if p != path]:  # an operator prunes the local copies
+        old.unlink()
+    write(log, 20)  # rotation numbers start over at .1
+    log.close()
+    assert archiver.backlog()[0], "the new .1 is not the archived .1"
+    assert archiver.run_once()
+    objects = archived(store, archiver)
+    assert first in objects and segment_key(archiver.layout, path.with_name(f"{path.name}.1")) in objects
 
 
 def test_a_bucket_without_object_lock_is_refused(tmp_path: Path, s3_site: S3Site, store: ObjectStore) -> None:

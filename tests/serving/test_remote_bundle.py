@@ -195,3 +195,14 @@ def test_s3_urls_are_checked() -> None:
     for bad in ("http://x/y", "s3://A/x", "s3://ok-bucket/a/../b", "s3://x"):
         with pytest.raises(StorageError):
             S3Url.parse(bad)
+
+
+def test_pull_never_replaces_a_directory_that_is_not_a_bundle(
+    store: ObjectStore, url: S3Url, trusted: Trusted, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not a bundle"):
+        pull(store, url, home, trusted)
+    assert (home / "notes.txt").read_text() == "mine"
