@@ -181,16 +181,18 @@ class CephCluster:
         self._stop("rgw")
 
     def stop(self) -> None:
+        """Everything goes: the data is the session's only, so nothing waits for a clean shutdown
+        (memstore would write its whole contents to disk on SIGTERM)."""
         for name in ("rgw", "osd", "mon"):
-            self._stop(name)
+            self._stop(name, kill=True)
 
-    def _stop(self, name: str) -> None:
+    def _stop(self, name: str, *, kill: bool = False) -> None:
         process = self.processes.pop(name, None)
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        process.kill() if kill else process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

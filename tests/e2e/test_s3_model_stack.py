@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from control.launcher import StackError
+from control.pki import ensure_dev_pki
+from serving.bundle import create_manifest, load_private_key, sign_bundle
 from serving.remote_bundle import push
 from serving.s3 import ObjectStore, S3Settings, S3Url
 from tests.ceph import S3Site
@@ -61,19 +63,33 @@ async def test_a_model_streamed_from_s3_loads_and_answers(
     assert "streamed and verified" in log or "cached copy verified" in log
 
 
+@pytest.fixture
+def small_bundle(tmp_path: Path, state_dir: Path) -> Path:
+    """A model-shaped bundle signed by the dev bundle key: refused before any weight would load, so
+    it need not be the real model (and the store holds the real one only once)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "tokenizer.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(secrets.token_bytes(300_000))
+    create_manifest(directory, name="small")
+    sign_bundle(directory, load_private_key(ensure_dev_pki(state_dir).bundle_key))
+    return directory
+
+
 @pytest.mark.parametrize("damage", ["tampered", "missing"])
 def test_a_tampered_or_missing_object_is_refused_naming_the_file(
     make_stack: Callable[[str], LiveStack],
     s3_site: S3Site,
     store: ObjectStore,
-    bundled_model_dir: Path,
+    small_bundle: Path,
     damage: str,
 ) -> None:
     url = S3Url.parse(f"s3://models-{secrets.token_hex(4)}/smollm2/{damage}")
-    push(store, bundled_model_dir, url)
+    push(store, small_bundle, url)
     if damage == "tampered":
-        config = bytearray((bundled_model_dir / "config.json").read_bytes())
-        config[config.index(b"{") + 1 : config.index(b"{") + 1] = b" "  # one byte more: still JSON
+        config = bytearray((small_bundle / "config.json").read_bytes())
+        config[-2:-1] = b"a"  # same size, another byte
         store.put(url.bucket, url.key("config.json"), bytes(config))
     else:
         store.delete(url.bucket, url.key("tokenizer.json"))
