@@ -217,14 +217,24 @@ class Archiver:
         ledger = self._ledger()
         shipped = ledger.get("segments", {})
         closed = [p for p in segments(self.path) if p != self.path and not _same_file(p, shipped.get(p.name))]
+        _offset, data = self._unshipped_heads(ledger)
+        return closed, data.count(b"\n")
+
+    def _unshipped_heads(self, ledger: dict[str, Any]) -> tuple[int, bytes]:
+        """Where the sidecar's unarchived signatures start, and their whole lines (read from there:
+        the sidecar grows for the life of the log)."""
         sidecar = self.path.with_name(f"{self.path.name}.sig")
         offset = int(ledger.get("sig_offset", 0))
         try:
-            size = sidecar.stat().st_size
-            heads = sidecar.read_bytes()[offset:].count(b"\n") if size > offset else 0
+            with sidecar.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if offset > size:  # the sidecar was replaced or cut: ship it all again (same keys)
+                    offset = 0
+                fh.seek(offset)
+                data = fh.read()
         except FileNotFoundError:
-            heads = 0
-        return closed, heads
+            return 0, b""
+        return offset, data[: data.rfind(b"\n") + 1]  # whole lines only
 
     def run_once(self) -> bool:
         """Ship everything pending; True when the archive holds it all. StorageError: try later."""
@@ -245,18 +255,13 @@ class Archiver:
         return now + datetime.timedelta(days=self.config.retention_days)
 
     def _ship_heads(self, ledger: dict[str, Any]) -> None:
-        sidecar = self.path.with_name(f"{self.path.name}.sig")
-        try:
-            data = sidecar.read_bytes()
-        except FileNotFoundError:
-            return
-        offset = int(ledger.get("sig_offset", 0))
-        if offset > len(data):  # the sidecar was replaced or cut: ship it all again (same keys)
-            _log.warning("audit sidecar %s is shorter than what was archived; archiving it again", sidecar)
-            offset = 0
-        end = data.rfind(b"\n") + 1  # whole lines only
+        offset, data = self._unshipped_heads(ledger)
+        if offset < int(ledger.get("sig_offset", 0)):
+            _log.warning(
+                "audit sidecar of %s is shorter than what was archived; archiving it again", self.path
+            )
         shipped = 0
-        for line in data[offset:end].splitlines(keepends=True):
+        for line in data.splitlines(keepends=True):
             document = head_document(self.path.name, line)
             if document is not None:
                 body = json.dumps(document, sort_keys=True).encode() + b"\n"
