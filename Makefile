@@ -35,8 +35,9 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## Benchmarks: every row of docs/benchmarks.md against its same-run baseline (gateway overhead vs
-## direct and a bare gRPC hop, the HTTP door against the gRPC door, bundled-model tokens/s, authorization at 10k tenants / 100k lines,
-## policy reload under load, sealing, scrub), plus quota admission and audit costs.
+## direct and a bare gRPC hop, the HTTP door against the gRPC door, bundled-model tokens/s, authorization
+## at 10k tenants / 100k lines, policy reload under load, sealing, scrub, a model bundle streamed from a
+## local Ceph RGW), plus quota admission and audit costs.
 ## JSON in bench/results/, then the table on stdout and in docs/benchmarks.md.
 ## BENCH_FLAGS=--quick for a smoke run of each (seconds; not measurements).
 bench: venv
@@ -49,6 +50,7 @@ bench: venv
 	$(PY) bench/scrub.py $(BENCH_FLAGS)
 	$(PY) bench/quota.py $(BENCH_FLAGS)
 	$(PY) bench/audit.py $(BENCH_FLAGS)
+	$(PY) bench/storage.py $(BENCH_FLAGS)
 	$(PY) bench/report.py
 
 ## py-spy flame graph of the gateway process under the overhead benchmark's 64-in-flight load.

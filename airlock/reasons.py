@@ -211,5 +211,10 @@ REASONS = _registry(
         BUNDLE_FILE_EXTRA="a file that is not in the manifest",
         BUNDLE_FILE_ALTERED="a file whose digest differs from the manifest's",
         BUNDLE_LINK="a symbolic link in a model directory",
+        STORAGE_URL_INVALID="not s3://BUCKET[/PREFIX]",
+        STORAGE_CREDENTIALS="no usable object-store credentials (file unreadable or too open, no variables)",
+        STORAGE_NOT_FOUND="no such bucket or object in the object store",
+        STORAGE_DENIED="the object store refused (a locked object, a missing permission, no Object Lock)",
+        STORAGE_UNAVAILABLE="the object store can't be reached or failed",
     ),
 )  # fmt: skip

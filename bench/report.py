@@ -41,6 +41,8 @@ EXPECTED = {
     "10c": ("http_door", "gateway CPU per request, HTTP door, 1 in flight"),
     "10d": ("http_door", "gateway CPU per request, HTTP door, 64 in flight"),
     "10e": ("http_door", "gateway CPU per request, HTTP door, vs LiteLLM proxy"),
+    "11a": ("storage", "model bundle from the local RGW, verified while streaming, vs raw GET"),
+    "11b": ("storage", "cached bundle verified again vs a plain read of the same files"),
 }
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.audit import GENESIS, key_id, record_hash, segments, signed_message
+from gateway.audit import GENESIS, HEAD_FORMAT, key_id, record_hash, segments, signed_message
 from serving.bundle import BundleError, load_trusted_keys
 
 __all__ = [
     "HEAD_FORMAT",
+    "ArchivedHead",
     "Head",
     "Report",
+    "archived_heads",
     "head_document",
     "load_head",
     "load_public_key",
@@ -42,7 +46,6 @@ __all__ = [
 ]
 
 Keys = ed25519.Ed25519PublicKey | dict[str, ed25519.Ed25519PublicKey]
-HEAD_FORMAT = "airlock-audit-head/1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -87,6 +90,34 @@ def head_document(report: Report) -> dict[str, Any] | None:
     return report.signed_head.document() if report.signed_head is not None else None
 
 
+@dataclass(frozen=True)
+class ArchivedHead:
+    """A head the archive holds (`gateway/archive.py`): seq and hash from its object's name; its
+    document is fetched only when the local log disagrees with it (to tell forged from genuine)."""
+
+    seq: int
+    hash: str
+    where: str  # s3://bucket/key
+    fetch: Callable[[], bytes]
+
+
+_HEAD_NAME = re.compile(r"(\d{20})-([0-9a-f]{64})\.json")
+
+
+def archived_heads(listing: list[tuple[str, str]], where: str, fetch: Callable[[str, str], bytes]
+                   ) -> tuple[list[ArchivedHead], list[str]]:  # fmt: skip
+    """The heads in an archive listing of (key, version id), and the objects that are not heads."""
+    heads, strays = [], []
+    for key, version in listing:
+        found = _HEAD_NAME.fullmatch(key.rsplit("/", 1)[-1])
+        if found is None:
+            strays.append(key)
+            continue
+        heads.append(ArchivedHead(int(found.group(1)), found.group(2), f"{where}/{key}",
+                                  functools.partial(fetch, key, version)))  # fmt: skip
+    return heads, strays
+
+
 @dataclass
 class Report:
     log: Path
@@ -96,6 +127,7 @@ class Report:
     last_signed_seq: int = -1
     last_seq: int = -1
     signed_head: Head | None = None  # the signature covering last_signed_seq
+    archived_heads: int = 0  # heads of the archive the log was checked against
     first_unsigned_ts: float | None = None  # when the oldest record no signature covers was written
     problems: list[str] = field(default_factory=list)
 
@@ -136,6 +168,7 @@ def verify_log(
     require_signed: bool = False,
     unsigned_grace: float | None = None,
     expect_head: Head | None = None,
+    archived: Sequence[ArchivedHead] = (),
     now: float | None = None,
 ) -> Report:
     """Check one log (all its files) and, with keys, its signatures; `Report.problems` says what broke.
@@ -143,7 +176,8 @@ def verify_log(
     `keys`: one public key, or several by key id (signatures made before a key rotation).
     With keys, also a problem: with `require_signed`, any record no signature covers; with
     `unsigned_grace`, one that was written more than that many seconds before `now` (default: the
-    time now); with `expect_head`, a log that doesn't hold that head (rewritten, or cut off)."""
+    time now); with `expect_head`, a log that doesn't hold that head (rewritten, or cut off); with
+    `archived`, a log that doesn't hold every genuine head of the archive (its WORM copy)."""
     report = Report(path)
     hashes: dict[int, str] = {}
     times: list[float] = []
@@ -185,6 +219,7 @@ def verify_log(
             report.first_unsigned_ts = times[report.last_signed_seq + 1]
         if expect_head is not None:
             _check_head(expect_head, trusted, hashes, report)
+        _check_archived(archived, trusted, hashes, report)
         _check_unsigned(report, require_signed, unsigned_grace, time.time() if now is None else now)
     return report
 
@@ -211,6 +246,40 @@ def _check_head(head: Head, trusted: dict[str, ed25519.Ed25519PublicKey], hashes
             f"{report.log}: the record at seq {head.seq} is not the one the {where} vouches for: "
             f"the log was rewritten at or before seq {head.seq}"
         )
+
+
+def _check_archived(archived: Sequence[ArchivedHead], trusted: dict[str, ed25519.Ed25519PublicKey],
+                    hashes: dict[int, str], report: Report) -> None:  # fmt: skip
+    """The log must hold every head the archive holds. The names say which (seq, hash) they are;
+    only a head the log disagrees with is fetched, and it counts only if a trusted key signed it: a
+    genuine one proves the log was cut or rewritten after it was archived, whatever the log's own
+    signatures say (they can be removed or made again with a key taken from the host)."""
+    report.archived_heads = len(archived)
+    for entry in sorted(archived, key=lambda h: -h.seq):  # the latest first: a truncation shows there
+        if hashes.get(entry.seq) == entry.hash:
+            continue
+        try:
+            doc = json.loads(entry.fetch())
+            head = Head(str(doc["log"]), int(doc["seq"]), str(doc["hash"]), float(doc["ts"]),
+                        str(doc["key_id"]), str(doc["sig"]))  # fmt: skip
+        except Exception as exc:  # unreadable, or the store failed on it: the head proves nothing
+            report.problems.append(f"{entry.where}: archived head unreadable ({type(exc).__name__})")
+            continue
+        if (head.seq, head.hash) != (entry.seq, entry.hash):
+            report.problems.append(
+                f"{entry.where}: the archived head's document is not the one its name says"
+            )
+            continue
+        before = len(report.problems)
+        _check_head(head, trusted, hashes, report)
+        for i in range(before, len(report.problems)):
+            report.problems[i] = (
+                report.problems[i]
+                .replace(f"expected head (seq {head.seq} of {head.log})", f"archived head {entry.where}")
+                .replace("when its head was exported", "when its head was archived")
+            )
+        if len(report.problems) - before and report.problems[-1].endswith("it proves nothing"):
+            report.problems[-1] += " (a forged object in the archive)"
 
 
 def _check_unsigned(report: Report, require_signed: bool, grace: float | None, now: float) -> None:

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from control.children import Child
 from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
 from control.supervisor import Domain, Supervisor, SupervisorMetrics
+from gateway.archive import Archiver
 from gateway.audit import AuditLog, load_signing_key
 from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
 from gateway.config.isolation import SHARED, shared_models
@@ -94,6 +95,7 @@ class Stack:
         self.domains: dict[tuple[str, str], Domain] = {}
         self.settings: dict[tuple[str, str], WorkerSettings] = {}
         self.supervisor: Supervisor | None = None
+        self.archiver: Archiver | None = None
         self.supervisor_metrics_port: int | None = None
 
     @property
@@ -170,7 +172,9 @@ class Stack:
             self.config.audit_path.with_name("supervisor.jsonl"), config=self.config.audit,
             signing_key=load_signing_key(self.config.audit_signing_key),
         )  # fmt: skip
-        self.supervisor = supervisor = Supervisor(self, sup, audit, SupervisorMetrics())
+        metrics = SupervisorMetrics()
+        self.archiver = self._archiver(audit, metrics)
+        self.supervisor = supervisor = Supervisor(self, sup, audit, metrics)
         for key, (settings, domain) in self._worker_plan(pki).items():
             self.domains[key] = domain
             self._write_settings(key, settings)
@@ -211,6 +215,16 @@ class Stack:
         info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
                 "ca": str(pki.ca_cert), "admin_socket": self.admin_socket}  # fmt: skip
         (self.run_dir / "stack.json").write_text(json.dumps(info))
+
+    def _archiver(self, audit: AuditLog, metrics: SupervisorMetrics) -> Archiver | None:
+        """The supervisor's trail goes to the audit archive too (gateway/archive.py), beside the gateway's."""
+        archive, s3 = self.config.audit.archive, self.config.s3
+        if not archive.url or s3 is None or audit.path is None:
+            return None
+        archiver = Archiver(audit.path, archive, s3, registry=metrics.registry)
+        audit.on_change = archiver.wake
+        archiver.start()
+        return archiver
 
     def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[WorkerSettings, Domain]]:
         """Every worker to start: one per (dedicated tenant, model), one per shared model."""
@@ -285,6 +299,7 @@ class Stack:
             echo_tokens_per_second=model.tokens_per_second,
             threads=model.threads,
             allow_special_tokens=model.allow_special_tokens,
+            s3=self.config.s3 if model.path.startswith("s3://") else None,
         )
 
     def settings_file(self, key: tuple[str, str]) -> Path:
@@ -399,6 +414,9 @@ class Stack:
                 if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
                     domain.arena.unlink(missing_ok=True)
             supervisor.audit.close()
+        archiver, self.archiver = self.archiver, None
+        if archiver is not None:
+            archiver.close()  # ships the supervisor's closing signature, if the store lets it
 
     def __enter__(self) -> Stack:
         return self

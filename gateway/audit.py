@@ -40,6 +40,7 @@ from serving.bundle import key_id
 
 __all__ = [
     "GENESIS",
+    "HEAD_FORMAT",
     "MAX_ITEMS",
     "MAX_RECORD_BYTES",
     "MAX_STRING_CHARS",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64  # the `prev` of the very first record
+HEAD_FORMAT = "airlock-audit-head/1"  # a signed chain head on its own (`airlock audit head`, the archive)
 RESERVED = frozenset({"seq", "ts", "event", "prev", "hash"})
 MAX_STRING_CHARS = 256  # a longer string is cut to this many characters, and says so
 MAX_ITEMS = 32  # items kept of a list or mapping
@@ -223,6 +225,9 @@ class AuditLog:
         self._timer: threading.Thread | None = None
         # Called once, with the reason, when the log fails (the gateway stops reporting SERVING).
         self.on_failure: Callable[[str], None] | None = None
+        # Called (with the lock held: it must only wake someone) after a head is signed or the log
+        # rotated: the archiver (gateway/archive.py) ships what changed.
+        self.on_change: Callable[[], None] | None = None
         if path is None:
             return
         try:
@@ -373,6 +378,8 @@ class AuditLog:
             os.close(fd)
         self._unsigned = 0
         self._last_sign = time.monotonic()
+        if self.on_change is not None:
+            self.on_change()
         # The operational log, shipped off the host, is a second witness: with it, cutting records
         # and their signatures off the end together is caught too.
         _log.info(
@@ -388,6 +395,8 @@ class AuditLog:
         number = int(rotated[-1].name.rsplit(".", 1)[-1]) + 1 if rotated else 1
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{number}"))
         self._open()  # the next record chains to the rotated file's last one
+        if self.on_change is not None:
+            self.on_change()
 
     def _keep(self, period: float) -> None:
         config = self.config

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from airlock.attestation import AttestationPolicy
 from gateway import config as config_mod
 from gateway.admin import AdminService, AdminSocketError, create_admin_server, remove_socket
 from gateway.admission import Admission
+from gateway.archive import HEALTH_SERVICE as ARCHIVE_HEALTH
+from gateway.archive import Archiver
 from gateway.audit import AuditLog, load_signing_key
 from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
@@ -52,6 +55,7 @@ from gateway.server import (
 from gateway.telemetry import TelemetryUnavailableError, make_tracer
 from gateway.watching import watch_directory
 from serving import logs
+from serving.s3 import StorageError
 
 _log = logging.getLogger("airlock.gateway")
 
@@ -86,6 +90,7 @@ class Gateway:
     lockout: Lockout
     tracer_provider: Any = None
     http: HttpServer | None = None  # the OpenAI-compatible door; None when [http] listen is ""
+    archiver: Archiver | None = None  # the audit trail's WORM copy (audit.archive.url)
 
 
 class MissingFileError(Exception):
@@ -117,6 +122,7 @@ def build(
     tls_files = check_files(cfg)
     metrics = Metrics()
     audit = AuditLog(cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit_signing_key))
+    archiver = build_archiver(cfg, audit, metrics)
     authorizer = Authorizer.from_directory(
         cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
     )
@@ -160,7 +166,7 @@ def build(
     )
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
-        admission, sealing, lockout, tracer_provider, http,
+        admission, sealing, lockout, tracer_provider, http, archiver,
     )  # fmt: skip
 
 
@@ -177,6 +183,16 @@ def build_http(
                         timeout=http.timeout_seconds, max_streams=http.max_streams)  # fmt: skip
     return HttpServer.bind(HttpDoor(guard, pipeline, limits), http, cert=tls.cert, key=tls.key,
                            grace_seconds=cfg.gateway.grace_seconds)  # fmt: skip
+
+
+def build_archiver(cfg: config_mod.Config, audit: AuditLog, metrics: Metrics) -> Archiver | None:
+    """The audit archive when `audit.archive.url` is set: woken by the log, never in its way."""
+    if not cfg.audit.archive.url or cfg.s3 is None or audit.path is None:
+        return None
+
+    archiver = Archiver(audit.path, cfg.audit.archive, cfg.s3, registry=metrics.registry)
+    audit.on_change = archiver.wake
+    return archiver
 
 
 def shared_opt_in(authorizer: Authorizer) -> Callable[[str], bool]:
@@ -312,6 +328,19 @@ async def serve(
         asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)
 
     gw.audit.on_failure = audit_failed
+    if gw.archiver is not None:
+        # Its own health service: NOT_SERVING while the store fails or the backlog is over its
+        # bound. Calls are never refused for it (the local trail stays the record).
+        await gw.health.set(ARCHIVE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+
+        def archive_health(ok: bool) -> None:  # the archiver's thread
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            asyncio.run_coroutine_threadsafe(gw.health.set(ARCHIVE_HEALTH, status), loop)
+
+        gw.archiver.on_health = archive_health
+        gw.archiver.start()
     await gw.server.start()
     if gw.http is not None:
         gw.http.start()
@@ -340,6 +369,9 @@ async def serve(
     if gw.tracer_provider is not None:
         gw.tracer_provider.shutdown()
     gw.audit.close()
+    if gw.archiver is not None:
+        gw.archiver.on_health = None  # the loop is closing
+        await asyncio.to_thread(gw.archiver.close)  # ships the closing signature, if the store lets it
 
 
 async def _not_serving(gw: Gateway) -> None:
@@ -385,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except AdminSocketError as exc:
         _log.error("admin socket refused: %s", exc)
+        return 2
+    except StorageError as exc:
+        _log.error("audit archive refused: %s", exc)
         return 2
     except Exception:
         _log.exception("gateway failed")

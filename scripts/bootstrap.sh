@@ -24,6 +24,13 @@ if ! command -v softhsm2-util >/dev/null 2>&1 && command -v apt-get >/dev/null 2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends softhsm2; } \
     >/dev/null 2>&1 || echo "bootstrap: softhsm2 could not be installed; the PKCS#11 tests will skip" >&2
 fi
+# Ceph (mon, memstore OSD, radosgw): the object-storage tests run a real single-node S3 (tests/ceph.py).
+if ! command -v radosgw >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "bootstrap: installing ceph-mon ceph-osd radosgw ceph-common…" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ceph-mon ceph-osd radosgw ceph-common; } \
+    >/dev/null 2>&1 || echo "bootstrap: Ceph could not be installed; the object-storage tests will skip" >&2
+fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
   exit 0
 fi

@@ -38,6 +38,7 @@ __all__ = [
     "BundleTrust",
     "DomainSettings",
     "RequestLimits",
+    "S3Settings",
     "SettingsError",
     "TenantIdentity",
     "TlsFiles",
@@ -107,6 +108,33 @@ class BundleTrust:
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """An S3-compatible object store (Ceph RGW on site; serving/s3.py): where it is and how to
+    reach it. The keys are never here: they are read from `credentials_file` (mode 0600) or from
+    the environment variables named (docs/storage.md)."""
+
+    endpoint: str  # http(s)://HOST:PORT
+    region: str = "default"
+    ca_file: Path | None = None  # CA bundle of an https endpoint (None: the system's)
+    credentials_file: Path | None = None  # `access_key_id = …` and `secret_access_key = …` lines
+    access_key_env: str = "AWS_ACCESS_KEY_ID"  # used when there is no credentials_file
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    parallel: int = 8  # ranged GETs in flight while a bundle streams
+    part_bytes: int = 8 << 20  # bytes per ranged GET
+    timeout_seconds: float = 30.0  # connect and read timeout of one request
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"https?://[^/\s]+/?", self.endpoint):
+            raise SettingsError("endpoint", "must be http(s)://HOST[:PORT]")
+        for name in ("access_key_env", "secret_key_env"):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", getattr(self, name)):
+                raise SettingsError(name, "must be an environment variable name (the key stays out)")
+        _at_least(self, 1, "parallel", "part_bytes")
+        if not self.timeout_seconds > 0:
+            raise SettingsError("timeout_seconds", "must be positive")
+
+
+@dataclass(frozen=True)
 class DomainSettings:
     """The isolation domain the worker runs in, and how its memory is kept apart."""
 
@@ -151,7 +179,7 @@ class WorkerSettings:
     tls: TlsFiles
     cache_dir: Path  # where converted models are kept
     engine: str = "transformers"  # one of ENGINES
-    model_path: str = "bundled"  # "bundled" or a local model directory (a signed bundle)
+    model_path: str = "bundled"  # "bundled", a local model directory or s3://BUCKET/PREFIX (a signed bundle)
     listen: str = "127.0.0.1:0"
     isolation: str = "dedicated"  # one of ISOLATIONS
     domain: DomainSettings = field(default_factory=DomainSettings)
@@ -164,6 +192,7 @@ class WorkerSettings:
     # True: callers' text may spell the chat template's control tokens (the model's opt-out).
     allow_special_tokens: bool = False
     grace_seconds: float = 10.0  # how long in-flight calls may finish after SIGTERM
+    s3: S3Settings | None = None  # the object store an s3:// model_path is streamed from
 
     def __post_init__(self) -> None:
         if not self.tenants:
@@ -180,6 +209,8 @@ class WorkerSettings:
         _choice(self, "hpke_suite", SUITES)
         if not self.model_path:
             raise SettingsError("model_path", 'must be "bundled" or a model directory')
+        if self.model_path.startswith("s3://") and self.s3 is None:
+            raise SettingsError("s3", "an s3:// model_path needs the object store's settings")
         host, _, port = self.listen.rpartition(":")
         if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise SettingsError("listen", "must be HOST:PORT (port 0: any free port)")

@@ -22,6 +22,7 @@ import pytest
 
 from control.launcher import Stack
 from gateway import config as config_mod
+from tests.ceph import CephCluster, S3Site
 from tests.softhsm import SoftHsm
 from tests.support import LiveStack
 
@@ -168,3 +169,26 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFTHSM2_CONF", str(token.conf))
         yield token
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A real single-node Ceph with an S3 endpoint (radosgw) for the session, torn down at its end
+    (ceph-mon, ceph-osd, radosgw are installed by scripts/bootstrap.sh)."""
+    from tests.ceph import CephCluster, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_site(ceph: CephCluster) -> S3Site:
+    assert ceph.site is not None
+    return ceph.site

@@ -71,7 +71,7 @@ def build_engine(settings: WorkerSettings) -> tuple[Engine, bytes]:
     from worker.engines.models import resolve_model
 
     # Every model directory is checked against its signed bundle before it is loaded.
-    model_dir = resolve_model(settings.model_path, settings.cache_dir, bundle_policy(settings))
+    model_dir = resolve_model(settings.model_path, settings.cache_dir, bundle_policy(settings), settings.s3)
     manifest = model_dir / MANIFEST  # the bundle's digests of every file (checked just now)
     measured = manifest.read_bytes() if manifest.exists() else b"unsigned:" + str(model_dir).encode()
     if settings.allow_special_tokens:

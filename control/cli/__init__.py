@@ -9,8 +9,8 @@
     airlock policy explain --subject S --tenant T --resource R --action A [--dir DIR]
                                             the decision for one request and the rules behind it
     airlock audit verify | head             check the hash chains and signatures; export a signed head
-    airlock bundle keygen|create|sign|verify
-                                            signed model bundles
+    airlock bundle keygen|create|sign|verify|push|pull
+                                            signed model bundles (push|pull: an S3 store)
     airlock keys create|rotate|retire|list --tenant T [--key-id K]
                                             manage tenant data keys
     airlock lockout list | clear (--subject S | --peer P | --key K | --all)
@@ -154,6 +154,10 @@ def _ops_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "--expect-head", type=Path, metavar="HEAD", help="fail unless the log still holds this head "
         "(a file written by `airlock audit head`)",
     )  # fmt: skip
+    verify.add_argument(
+        "--archive", metavar="S3_URL", help="fail unless the log holds every head archived under "
+        "s3://BUCKET/PREFIX (default: audit.archive.url when given without a value)", nargs="?", const="",
+    )  # fmt: skip
     _command(verify, "ops:cmd_audit_verify")
     head = asub.add_parser("head", parents=[common], help="print the last signed chain head (JSON)")
     head.add_argument("--file", type=Path, help="the log (default: the configured one)")
@@ -176,9 +180,23 @@ def _ops_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     sign.add_argument("--key", type=Path, help="Ed25519 private key (default: the dev bundle key)")
     _command(sign, "ops:cmd_bundle_sign")
     check = bsub.add_parser("verify", parents=[common], help="check signature and every file")
-    check.add_argument("dir", type=Path)
+    check.add_argument("dir", help="a bundle directory, or s3://BUCKET/PREFIX (streamed, not kept)")
     check.add_argument("--trusted-keys", type=Path, help="PEM public keys (default: bundles.trusted_keys)")
     _command(check, "ops:cmd_bundle_verify")
+    push = bsub.add_parser("push", parents=[common], help="upload a signed bundle to S3 ([s3] in the config)")
+    push.add_argument("dir", type=Path)
+    push.add_argument("url", help="s3://BUCKET/PREFIX")
+    push.add_argument(
+        "--trusted-keys", type=Path, help="verify against these first (default: bundles.trusted_keys)"
+    )
+    _command(push, "storage:cmd_bundle_push")
+    pull = bsub.add_parser(
+        "pull", parents=[common], help="download a bundle from S3, verified while it streams"
+    )
+    pull.add_argument("url", help="s3://BUCKET/PREFIX")
+    pull.add_argument("dir", type=Path, help="where the verified bundle goes (a folder, as sneakernet wants)")
+    pull.add_argument("--trusted-keys", type=Path, help="PEM public keys (default: bundles.trusted_keys)")
+    _command(pull, "storage:cmd_bundle_pull")
 
     health = sub.add_parser("health", parents=[common], help="gRPC health check of a gateway")
     health.add_argument("--address", help="HOST:PORT (default: gateway.listen)")

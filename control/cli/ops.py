@@ -1,7 +1,7 @@
 """Operator commands of `airlock`: audit verification, signed bundles and the health probe.
 
 airlock audit verify [--dir DIR | --file LOG] [--key PUB] [--require-signed] [--expect-head HEAD]
-                                                            check chains and signatures
+                     [--archive [s3://BUCKET/PREFIX]]       check chains, signatures (and the archive's heads)
 airlock audit head [--file LOG] [--key PUB]                 the last signed head, as JSON
 airlock bundle keygen --out KEY                             a new Ed25519 signing key (+ KEY.pub)
 airlock bundle create DIR [--name N]                        write DIR/airlock-bundle.json
@@ -22,7 +22,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control.audit_verify import Head, head_document, load_head, load_public_keys, logs_in, verify_log
+from control.audit_verify import (
+    ArchivedHead,
+    Head,
+    head_document,
+    load_head,
+    load_public_keys,
+    logs_in,
+    verify_log,
+)
 from control.cli.output import err as _err
 from control.pki import ensure_dev_pki
 from gateway import config as config_mod
@@ -72,6 +80,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             _err(f"audit verify: --expect-head: {exc}")
             return 2
     logs = [args.file] if args.file else logs_in(args.dir or cfg.audit_path.parent)
+    archive = getattr(args, "archive", None)
     if not logs:
         _err(f"audit verify: no audit log (*.jsonl) in {args.dir or cfg.audit_path.parent}")
         return 2
@@ -83,12 +92,27 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         failed += 1
     for log in logs:
         expected = head if head is not None and head.log == log.name else None
+        archived: list[ArchivedHead] = []
+        if archive is not None:
+            from control.cli.storage import archive_heads_for
+            from serving.s3 import StorageError
+
+            try:
+                archived, strays = archive_heads_for(cfg, archive, log)
+            except StorageError as exc:
+                print(f"FAIL {log}: the archive can't be read: {exc} [{exc.reason}]")
+                failed += 1
+                continue
+            for stray in strays:
+                print(f"WARN {stray}: in the archive's heads, and not a head")
         report = verify_log(log, keys, require_signed=args.require_signed, unsigned_grace=grace,
-                            expect_head=expected)  # fmt: skip
+                            expect_head=expected, archived=archived)  # fmt: skip
         for problem in report.problems:
             print(f"FAIL {problem}")
         verdict = "OK" if report.ok else "FAILED"
         tail = f", {report.unsigned_tail} record(s) after the last signature" if report.unsigned_tail else ""
+        if archive is not None:
+            tail += f", {report.archived_heads} archived head(s) checked"
         print(
             f"{verdict} {log}: {report.records} record(s) in {report.files} file(s), "
             f"{report.signatures} signature(s) by key(s) {', '.join(sorted(keys))}, last signed seq "
@@ -170,6 +194,11 @@ def cmd_bundle_sign(args: argparse.Namespace) -> int:
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     trusted = args.trusted_keys or cfg.bundles.trusted_keys or ensure_dev_pki(cfg.state_dir).bundle_trusted
+    if str(args.dir).startswith("s3://"):
+        from control.cli.storage import verify_remote_bundle
+
+        return verify_remote_bundle(args, cfg, trusted)
+    args.dir = Path(args.dir)
     try:
         verified = verify_bundle(args.dir, load_trusted_keys(trusted))
     except BundleError as exc:

@@ -18,6 +18,7 @@ from airlock.types import Limits
 from gateway.config.http import HttpConfig, parse_http
 from gateway.config.isolation import parse_domains, parse_shared_domains, parse_tenant_isolation
 from gateway.config.ops import (
+    AuditArchiveConfig,
     AuditConfig,
     BundleConfig,
     FileKeysConfig,
@@ -31,6 +32,7 @@ from gateway.config.ops import (
     parse_bundles,
     parse_keys,
     parse_quota,
+    parse_s3,
     parse_sealing,
     parse_supervisor,
     parse_telemetry,
@@ -60,6 +62,7 @@ __all__ = [
     "ADMIN_SOCKET_NAME",
     "MAX_UNIX_PATH_BYTES",
     "NAME",
+    "AuditArchiveConfig",
     "AuditConfig",
     "AuthConfig",
     "BundleConfig",
@@ -119,7 +122,7 @@ class _Parser(Parser):
 
     def config(self, raw: dict[str, Any], state_dir: Path | None) -> Config:
         top = {"state_dir", "policy_dir", "gateway", "auth", "lockout", "models", "tenants", "supervisor"}
-        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing", "shared", "tls", "http"}
+        top |= {"quota", "telemetry", "audit", "bundles", "keys", "sealing", "shared", "tls", "http", "s3"}
         for unknown in sorted(set(raw) - top):
             raise self.fail(unknown, "unknown key")
         configured_state = self.get(raw, "state_dir", str, "")
@@ -130,6 +133,12 @@ class _Parser(Parser):
         if not policy_dir.is_dir():
             raise self.fail("policy_dir", f"{str(policy_dir)!r} is not a directory")
         tenants = self.tenants(raw, models)
+        s3, audit = parse_s3(self, raw), parse_audit(self, raw)
+        for name, model in models.items():  # the object store they come from must be configured
+            if model.path.startswith("s3://") and s3 is None:
+                raise self.fail(f"models.{name}.path", "an s3:// model needs an [s3] table (endpoint)")
+        if audit.archive.url and s3 is None:
+            raise self.fail("audit.archive.url", "the archive needs an [s3] table (endpoint)")
         return Config(
             source=self.source,
             state_dir=(state or default_state_dir()).absolute(),
@@ -141,7 +150,7 @@ class _Parser(Parser):
             lockout=self.lockout(raw),
             quota=parse_quota(self, raw),
             telemetry=parse_telemetry(self, raw),
-            audit=parse_audit(self, raw),
+            audit=audit,
             bundles=parse_bundles(self, raw),
             keys=parse_keys(self, raw),
             supervisor=parse_supervisor(self, raw),
@@ -149,6 +158,7 @@ class _Parser(Parser):
             tls=self.tls(raw),
             shared_domains=parse_shared_domains(self, raw, tenants),
             http=parse_http(self, raw),
+            s3=s3,
         )
 
     def tls(self, raw: dict[str, Any]) -> TlsConfig:
@@ -290,7 +300,10 @@ class _Parser(Parser):
             path = self.get(m, f"{key}.path", str, "bundled")
             if engine == "vllm" and path == "bundled":
                 raise self.fail(f"{key}.path", "the vllm engine needs a local model directory")
-            if engine != "echo" and path != "bundled" and not Path(path).expanduser().is_dir():
+            if path.startswith("s3://"):
+                if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+", path):
+                    raise self.fail(f"{key}.path", "must be s3://BUCKET/PREFIX (a signed bundle)")
+            elif engine != "echo" and path != "bundled" and not Path(path).expanduser().is_dir():
                 raise self.fail(f"{key}.path", f"{path!r} is not a directory")
             allow_special = self.get(m, f"{key}.allow_special_tokens", bool, False)
             out[name] = ModelConfig(name, engine, path, rate, threads, allow_special)

@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.settings import S3Settings, SettingsError
+
 if TYPE_CHECKING:
     from gateway.config.parser import Parser
 
 __all__ = [
     "FSYNC_POLICIES",
+    "AuditArchiveConfig",
     "AuditConfig",
     "BundleConfig",
     "FileKeysConfig",
@@ -26,12 +29,24 @@ __all__ = [
     "parse_bundles",
     "parse_keys",
     "parse_quota",
+    "parse_s3",
     "parse_sealing",
     "parse_supervisor",
     "parse_telemetry",
 ]
 
 FSYNC_POLICIES = ("always", "interval", "never")
+
+
+@dataclass(frozen=True)
+class AuditArchiveConfig:
+    """The audit trail's WORM copy (gateway/archive.py, docs/storage.md); off while `url` is ""."""
+
+    url: str = ""  # s3://BUCKET/PREFIX ({host}: this host's name); the bucket gets Object Lock
+    retention_days: int = 365  # COMPLIANCE retention of every archived object
+    seal_key: Path | None = None  # AES-256 key file: segments sealed under it (None: stored as they are)
+    poll_seconds: float = 5.0  # how often it looks without being woken (and the first retry delay)
+    max_backlog_segments: int = 4  # more closed segments waiting: health says NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class AuditConfig:
     sign_every_records: int = 1000  # 0: not by count
     sign_every_seconds: float = 60.0  # 0: not by time
     signing_key: Path | None = None  # None: the dev key, state_dir/pki/audit-signing.key
+    archive: AuditArchiveConfig = field(default_factory=AuditArchiveConfig)
 
 
 @dataclass(frozen=True)
@@ -182,7 +198,7 @@ def parse_telemetry(p: Parser, raw: dict[str, Any]) -> TelemetryConfig:
 def parse_audit(p: Parser, raw: dict[str, Any]) -> AuditConfig:
     keys = {
         "path", "fsync", "fsync_interval_seconds", "rotate_bytes", "sign_every_records",
-        "sign_every_seconds", "signing_key",
+        "sign_every_seconds", "signing_key", "archive",
     }  # fmt: skip
     t = p.table(raw, "audit", keys)
     d = AuditConfig()
@@ -208,7 +224,58 @@ def parse_audit(p: Parser, raw: dict[str, Any]) -> AuditConfig:
         sign_every_records=int(numbers["sign_every_records"]),
         sign_every_seconds=float(numbers["sign_every_seconds"]),
         signing_key=Path(key).expanduser().absolute() if key else None,
+        archive=_parse_archive(p, t),
     )
+
+
+def _parse_archive(p: Parser, audit: dict[str, Any]) -> AuditArchiveConfig:
+    t = p.table(audit, "audit.archive", {"url", "retention_days", "seal_key", "poll_seconds",
+                                         "max_backlog_segments"})  # fmt: skip
+    d = AuditArchiveConfig()
+    url = p.get(t, "audit.archive.url", str, d.url)
+    if url and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", url):
+        raise p.fail("audit.archive.url", "must be s3://BUCKET/PREFIX")
+    days = p.positive(t, "audit.archive.retention_days", d.retention_days)
+    if days > 36500:
+        raise p.fail("audit.archive.retention_days", "must be at most 36500 (100 years)")
+    poll = p.get(t, "audit.archive.poll_seconds", float, d.poll_seconds)
+    if not 0 < poll <= 3600:
+        raise p.fail("audit.archive.poll_seconds", "must be in (0, 3600]")
+    backlog = p.get(t, "audit.archive.max_backlog_segments", int, d.max_backlog_segments)
+    if backlog < 0:
+        raise p.fail("audit.archive.max_backlog_segments", "must be >= 0")
+    return AuditArchiveConfig(url, days, p.path(t, "audit.archive.seal_key"), poll, backlog)
+
+
+def parse_s3(p: Parser, raw: dict[str, Any]) -> S3Settings | None:
+    """The object store (`[s3]`); None when the file has no [s3] table. Never the keys themselves."""
+    if "s3" not in raw:
+        return None
+    keys = {"endpoint", "region", "ca_file", "credentials_file", "access_key_env", "secret_key_env",
+            "parallel", "part_bytes", "timeout_seconds"}  # fmt: skip
+    secrets = {"access_key", "access_key_id", "secret_key", "secret_access_key", "aws_secret_access_key"}
+    t = raw["s3"] if isinstance(raw["s3"], dict) else {}
+    for name in sorted(secrets & set(t)):
+        raise p.fail(f"s3.{name}", "never the key itself: use credentials_file or the environment")
+    t = p.table(raw, "s3", keys)
+    endpoint = p.get(t, "s3.endpoint", str, "")
+    if not endpoint:
+        raise p.fail("s3.endpoint", "is required (http(s)://HOST:PORT of the store)")
+    values: dict[str, Any] = {"endpoint": endpoint}
+    for name in ("region", "access_key_env", "secret_key_env"):
+        if name in t:
+            values[name] = p.get(t, f"s3.{name}", str, "")
+    for name in ("parallel", "part_bytes"):
+        if name in t:
+            values[name] = p.positive(t, f"s3.{name}", 1)
+    if "timeout_seconds" in t:
+        values["timeout_seconds"] = p.get(t, "s3.timeout_seconds", float, 30.0)
+    values["ca_file"] = p.path(t, "s3.ca_file")
+    values["credentials_file"] = p.path(t, "s3.credentials_file")
+    try:
+        return S3Settings(**values)
+    except SettingsError as exc:
+        raise p.fail(f"s3.{exc.field}", exc.reason) from None
 
 
 def parse_bundles(p: Parser, raw: dict[str, Any]) -> BundleConfig:

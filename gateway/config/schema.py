@@ -19,6 +19,7 @@ from gateway.config.ops import (
     SupervisorConfig,
     TelemetryConfig,
 )
+from serving.settings import S3Settings
 
 __all__ = [
     "AuthConfig",
@@ -45,7 +46,7 @@ MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminat
 class ModelConfig:
     name: str
     engine: str = "transformers"
-    path: str = "bundled"
+    path: str = "bundled"  # "bundled", a local directory, or s3://BUCKET/PREFIX (docs/storage.md)
     tokens_per_second: float = 0.0
     threads: int = 0
     # True: callers' text may spell the chat template's control tokens (`<|im_start|>system`).
@@ -169,6 +170,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     shared_domains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # [shared] domains
     http: HttpConfig = field(default_factory=HttpConfig)  # the OpenAI-compatible door
+    s3: S3Settings | None = None  # [s3]: the object store of s3:// models and the audit archive
 
     @property
     def model_cache_dir(self) -> Path:

@@ -17,6 +17,7 @@ from serving.settings import (
     BundleTrust,
     DomainSettings,
     RequestLimits,
+    S3Settings,
     SettingsError,
     TenantIdentity,
     TlsFiles,
@@ -34,7 +35,7 @@ def every_field() -> WorkerSettings:
         tls=TlsFiles(Path("/t/w.crt"), Path("/t/w.key"), Path("/t/ca.crt"), allowed_peer="gw"),
         cache_dir=Path("/cache"),
         engine="vllm",
-        model_path="/models/llama",
+        model_path="s3://models/llama",
         listen="0.0.0.0:7450",
         isolation="shared",
         domain=DomainSettings(device="cuda", arena=Path("/dev/shm/a"), arena_bytes=4 << 20,
@@ -47,6 +48,9 @@ def every_field() -> WorkerSettings:
         max_model_len=8192,
         allow_special_tokens=True,
         grace_seconds=3.0,
+        s3=S3Settings("https://rgw.site:7480", region="site", ca_file=Path("/k/rgw-ca.pem"),
+                      credentials_file=Path("/k/s3.credentials"), access_key_env="A", secret_key_env="B",
+                      parallel=4, part_bytes=1 << 20, timeout_seconds=5.0),
     )  # fmt: skip
 
 

