@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from airlock.connection import Connection
 from control.audit_verify import Head, head_document, load_head, load_public_keys, logs_in, verify_log
 from control.cli.output import err as _err
+from control.cli.output import working
 from control.pki import ensure_dev_pki, existing_dev_pki
 from control.runfile import find_running
 from gateway import config as config_mod
@@ -151,7 +152,8 @@ def cmd_bundle_keygen(args: argparse.Namespace) -> int:
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     try:
-        path = create_manifest(args.dir, name=args.name)
+        with working(f"hashing {_size_of(args.dir)} in {args.dir}"):
+            path = create_manifest(args.dir, name=args.name)
     except BundleError as exc:
         _err(f"bundle create: {exc}")
         return 1
@@ -174,12 +176,27 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     trusted = args.trusted_keys or cfg.bundles.trusted_keys or ensure_dev_pki(cfg.state_dir).bundle_trusted
     try:
-        verified = verify_bundle(args.dir, load_trusted_keys(trusted))
+        with working(f"verifying {_size_of(args.dir)} in {args.dir}"):
+            verified = verify_bundle(args.dir, load_trusted_keys(trusted))
     except BundleError as exc:
         print(f"FAIL {exc} [{exc.reason}]")
         return 1
     print(f"OK {args.dir}: bundle {verified.name!r}, {verified.files} file(s), key {verified.key_id}")
     return 0
+
+
+def _size_of(directory: Path) -> str:
+    """How much a bundle step reads: its files and bytes, for the progress line."""
+    try:
+        files = [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]
+        total = float(sum(p.stat().st_size for p in files))
+    except OSError:
+        return "files"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if total < 1024 or unit == "TiB":
+            break
+        total /= 1024
+    return f"{len(files)} file(s), {total:.1f} {unit}"
 
 
 def cmd_health(args: argparse.Namespace) -> int:

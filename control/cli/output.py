@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-__all__ = ["duration", "err", "table"]
+__all__ = ["duration", "err", "table", "working"]
 
 
 def err(message: str) -> None:
@@ -46,3 +47,18 @@ def duration(seconds: float) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours:02d}h"
+
+
+@contextlib.contextmanager
+def working(what: str) -> Iterator[None]:
+    """A long step: a spinner with the elapsed time on a terminal (stderr); nothing when piped."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), console=console, transient=True):
+        yield
