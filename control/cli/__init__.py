@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # Before any command imports grpc: its C core logs connection failures itself ("E0000 ...
         # ssl_transport_security.cc ... Handshake failed"), which the one-line error already says.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        os.environ.setdefault("GLOG_minloglevel", "3")
+        os.environ["GRPC_VERBOSITY"] = "NONE"
     module, _, function = str(args.handler).partition(":")
     from control.cli.output import err
 

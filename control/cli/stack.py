@@ -25,7 +25,7 @@ from control.reconcile import reconcile
 from control.runfile import NoRunningStackError, Running, find_running, is_launcher, process_alive, read
 from control.tokens import mint_dev_token
 from gateway import config as config_mod
-from gateway.config.isolation import shared_models
+from gateway.config.isolation import SHARED, shared_models
 from gateway.keys import ensure_tenant_keys, open_keystore
 
 DEMO_PROMPT = "In one sentence, what is an air-gapped computer?"
@@ -145,8 +145,10 @@ def _summary(cfg: config_mod.Config, stack: Stack, began: float) -> None:
         print(f"  tenant {who}: model {model} in worker pid {child.process.pid}")
     print(f"  logs: {stack.run_dir}; audit: {cfg.audit_path.parent}")
     print(f'  try:  airlock generate --tenant {next(iter(cfg.tenants))} "Hello"; airlock status')
-    stopper = "`airlock down`" if os.environ.get(DETACHED) else "Ctrl-C (or `airlock down`)"
-    print(f"{stopper} stops everything.", flush=True)
+    if os.environ.get(DETACHED):
+        print("`airlock down` stops everything.", flush=True)
+    else:
+        print("Ctrl-C stops everything (or `airlock down` from another terminal).", flush=True)
 
 
 def _serve(cfg: config_mod.Config, stack: Stack, stop: threading.Event, args: argparse.Namespace) -> int:
@@ -157,7 +159,9 @@ def _serve(cfg: config_mod.Config, stack: Stack, stop: threading.Event, args: ar
     while not stop.wait(0.5):
         for line in follower.lines():
             _err(line)
-        if watched.changed():
+        changed = watched.changed()
+        # The configuration changed, or the policy did while a tenant waits for it to be routed.
+        if "config" in changed or ("policy" in changed and _unrouted(stack)):
             _apply(stack, args)
         watch = stack.children() if not cfg.supervisor.restart else [stack.gateway]
         dead = [c for c in watch if c is not None and c.process.poll() is not None]
@@ -178,26 +182,35 @@ class _Watched:
         self.policy = cfg.policy_dir
         self.seen = self._stamp()
 
-    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
-        files = [*self.paths, *sorted(p for p in self.policy.iterdir() if p.is_file())]
-        out = []
-        for path in files:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            out.append((str(path), st.st_mtime_ns, st.st_size))
-        return tuple(out)
+    def _stamp(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        policy = sorted(p for p in self.policy.iterdir() if p.is_file())
+        return {"config": _stat(self.paths), "policy": _stat(policy)}
 
-    def changed(self) -> bool:
+    def changed(self) -> set[str]:
+        """ "config" and/or "policy": what changed since the last call."""
         try:
             now = self._stamp()
         except OSError:
-            return False
-        if now == self.seen:
-            return False
+            return set()
+        changed = {name for name, stamp in now.items() if stamp != self.seen[name]}
         self.seen = now
-        return True
+        return changed
+
+
+def _stat(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _unrouted(stack: Stack) -> bool:
+    routed = {r.tenant for r in stack.routes_in_service}
+    return any(key[0] != SHARED and key[0] not in routed for key in stack.workers)
 
 
 def _apply(stack: Stack, args: argparse.Namespace) -> None:

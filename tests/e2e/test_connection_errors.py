@@ -4,6 +4,7 @@ Also the errors of a call that did reach the gateway: a tenant typo, an unknown 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,15 +89,27 @@ def test_each_mistake_is_one_line_from_the_command(
         assert f"the development CA of {state} is {state}/pki/ca.crt" in lines[0]
 
 
+def test_grpc_logging_is_silenced_whatever_the_environment_says(
+    echo_stack: LiveStack, tmp_path: Path
+) -> None:
+    other = ensure_dev_pki(tmp_path).ca_cert
+    done = subprocess.run(
+        [*AIRLOCK, "generate", "--tenant", "acme", "--address", echo_stack.address,
+         "--ca", str(other), "--state-dir", str(echo_stack.config.state_dir), "hi"],
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "GRPC_VERBOSITY": "INFO"},
+    )  # fmt: skip
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_verbose_lets_grpc_log(echo_stack: LiveStack, tmp_path: Path) -> None:
     other = ensure_dev_pki(tmp_path).ca_cert
     done = subprocess.run(
         [*AIRLOCK, "--verbose", "generate", "--tenant", "acme", "--address", echo_stack.address,
          "--ca", str(other), "--state-dir", str(echo_stack.config.state_dir), "hi"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "GRPC_VERBOSITY": "INFO"},
     )  # fmt: skip
     assert done.returncode == 1 and "TLS_UNTRUSTED" in done.stderr
-    assert len(done.stderr.strip().splitlines()) > 1  # gRPC's own lines too
+    assert "ssl_transport_security" in done.stderr  # gRPC's own lines too
 
 
 async def test_a_tenant_typo_is_not_served_here(echo_stack: LiveStack) -> None:
@@ -115,3 +128,13 @@ async def test_an_unknown_model_names_the_one_asked_and_those_the_caller_may_use
             await client.generate("hi", model="ech0")
     assert refused.value.reason == "UNKNOWN_MODEL"
     assert refused.value.message == "unknown model 'ech0'; the models you may use: echo"
+
+
+async def test_an_uppercase_tenant_header_says_names_are_lowercase(echo_stack: LiveStack) -> None:
+    from airlock import PermissionDeniedError
+
+    async with echo_stack.client("acme", tenant="ACME") as client:
+        with pytest.raises(PermissionDeniedError) as refused:
+            await client.generate("hi", model="echo")
+    assert refused.value.reason == "TENANT_INVALID"
+    assert "tenant names are lowercase letters, digits and '-'" in refused.value.message
