@@ -131,9 +131,12 @@ async def test_an_unknown_model_names_the_one_asked_and_those_the_caller_may_use
 
 
 async def test_an_uppercase_tenant_header_says_names_are_lowercase(echo_stack: LiveStack) -> None:
-    from airlock import PermissionDeniedError
+    from airlock import AsyncClient, PermissionDeniedError
 
-    async with echo_stack.client("acme", tenant="ACME") as client:
+    token = echo_stack.token("acme")
+    async with AsyncClient(
+        echo_stack.address, token=token, ca_cert=echo_stack.pki.ca_cert, tenant="ACME"
+    ) as client:
         with pytest.raises(PermissionDeniedError) as refused:
             await client.generate("hi", model="echo")
     assert refused.value.reason == "TENANT_INVALID"
