@@ -27,6 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 
 from airlock.attestation import AttestationPolicy, Verified
+from airlock.connection import Connection
 from airlock.e2e import EndToEnd
 from airlock.envelope import Opener
 from airlock.errors import AirlockError, AuthenticationError, CancelledError, UnavailableError
@@ -201,6 +202,8 @@ class AsyncClient:
             raise ValueError("end_to_end needs worker_ca: the CA of worker attestation certificates")
         self._token = _Token(token, refresh_before)
         self._tenant = tenant
+        ca_name = None if ca_cert is None else "" if isinstance(ca_cert, bytes) else str(ca_cert)
+        self._connection = Connection(target, ca_name, client_cert is not None)
         self._timeout = timeout
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(ca_cert),
@@ -267,7 +270,7 @@ class AsyncClient:
         try:
             reply, opener = await once_more(attempt, self._stale(plain.model))
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, plain.request_id) from None
+            raise _error(exc, plain.request_id, self._connection) from None
         text = reply.text
         if opener is not None:
             text = opener.open(reply.sealed_text).decode()
@@ -322,7 +325,7 @@ class AsyncClient:
             if opener is not None:
                 opener.finish()
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, plain.request_id) from None
+            raise _error(exc, plain.request_id, self._connection) from None
         finally:
             if call is not None:
                 call.cancel()
@@ -363,7 +366,7 @@ class AsyncClient:
                 metadata=await self._metadata(request_id),
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, request_id) from None
+            raise _error(exc, request_id, self._connection) from None
         return reply
 
     async def attestation(self, model: str = "") -> Verified:
@@ -384,7 +387,7 @@ class AsyncClient:
                 metadata=await self._metadata(request_id),
             )
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc, request_id) from None
+            raise _error(exc, request_id, self._connection) from None
         return [m.name for m in reply.models]
 
     async def close(self) -> None:
@@ -397,8 +400,13 @@ class AsyncClient:
         await self.close()
 
 
-def _error(exc: grpc.aio.AioRpcError, request_id: str) -> AirlockError:
+def _error(exc: grpc.aio.AioRpcError, request_id: str, connection: Connection) -> AirlockError:
     err = from_rpc_error(exc)
+    if isinstance(err, UnavailableError) and err.reason == "UNAVAILABLE":
+        # gRPC's own: no connection. Say which mistake it was, once, here.
+        explained = connection.explain(exc.details() or "")
+        if explained is not None:
+            explained.request_id, err = err.request_id, explained
     if isinstance(err, CancelledError):
         # Never our own cancellation (that raises asyncio.CancelledError here): the server gave up
         # the call, as gRPC does to calls a gateway had received but not started when it began

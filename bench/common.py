@@ -14,12 +14,16 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# Where a --quick (smoke) run's JSON goes instead of the committed results: `make bench
+# BENCH_FLAGS=--quick` then leaves bench/results and docs/benchmarks.md as they are.
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "airlock-bench-quick"
 ROW_KEYS = ("id", "what", "baseline", "measured", "unit", "ratio", "target", "limit", "op", "met")
 
 
@@ -106,6 +110,9 @@ def write_report(out: Path, benchmark: str, rows: list[Row], results: dict[str, 
         "rows": [row.as_json() for row in rows],
         "results": results,
     }
+    if quick and out.parent.resolve() == RESULTS.resolve():
+        out = QUICK_RESULTS / out.name  # a smoke run never replaces a measurement
+        print(f"quick run: {out} (bench/results keeps the measured runs)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -19,6 +19,7 @@ class Child:
     ready_file: Path
     info: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    since: float = field(default_factory=time.time)  # wall clock, for the run file
 
     @property
     def port(self) -> int:

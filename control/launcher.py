@@ -7,7 +7,9 @@ Each worker is started as `python -m worker --settings run/<worker>.settings.jso
 builds its `WorkerSettings` from the configuration, the domain and the dev PKI, and writes it there.
 
 Used by `airlock up` and by the end-to-end tests. Children run in their own process groups with a
-parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind.
+parent-death signal, so neither Ctrl-C nor a crash of the launcher leaves an orphan behind. While it
+runs, the stack's run file (`run/stack.json`, control/runfile.py) says what it is doing; tenants are
+added and removed while it serves by `control.reconcile`.
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control.children import Child
 from control.pki import DevPki, ensure_dev_pki, worker_attestation_cert
+from control.preflight import PortError, check_ports
+from control.runfile import RUN_FILE, process_alive, read, write_atomic
 from control.supervisor import Domain, Supervisor, SupervisorMetrics
 from gateway.archive import Archiver
 from gateway.audit import AuditLog, load_signing_key
 from gateway.config import ADMIN_SOCKET_NAME, MAX_UNIX_PATH_BYTES, Config, ModelConfig, TenantConfig
 from gateway.config.isolation import SHARED, shared_models
 from gateway.keys import ensure_tenant_keys, open_keystore
+from gateway.routing import Route
 from serving.settings import (
     BundleTrust,
     DomainSettings,
@@ -81,12 +88,20 @@ class Stack:
         listen: str | None = None,
         python: str = sys.executable,
         log_level: str = "info",
+        mtls_listen: str | None = None,
+        metrics_listen: str | None = None,
+        events: Callable[[str], None] = lambda _line: None,
     ) -> None:
         self.config = config
         self.run_dir = run_dir or config.state_dir / "run"
         self.listen = listen or config.gateway.listen
+        self.mtls_listen = mtls_listen
+        self.metrics_listen = metrics_listen
         self.python = python
         self.log_level = log_level
+        self.events = events  # one line for the operator per significant event (crash, restart, tenant)
+        self.lock = threading.RLock()  # the workers and domains change under it (supervisor, reconcile)
+        self.started_at = time.time()
         self.pki: DevPki | None = None
         self.workers: dict[tuple[str, str], Child] = {}
         self.gateway: Child | None = None
@@ -97,6 +112,7 @@ class Stack:
         self.supervisor: Supervisor | None = None
         self.archiver: Archiver | None = None
         self.supervisor_metrics_port: int | None = None
+        self.routes_in_service: list[Route] = []  # what the gateway was last told (or started with)
 
     @property
     def address(self) -> str:
@@ -152,16 +168,49 @@ class Stack:
             self.stop()
             raise
 
+    @property
+    def gateway_mtls_listen(self) -> str | None:
+        """What the gateway's service port binds: the flag, else the configuration's (a listen
+        override moves it to any port of the same host); None: the configuration's as it is."""
+        if self.mtls_listen is not None:
+            return self.mtls_listen
+        if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
+            return f"{self.listen.rsplit(':', 1)[0]}:0"  # tests, a second stack: same host, any port
+        return None
+
+    def ports(self) -> list[tuple[str, str]]:
+        """Every (config key or flag, HOST:PORT) this stack binds, for the preflight check."""
+        gateway, mtls = self.config.gateway, self.gateway_mtls_listen
+        metrics = gateway.metrics_listen if self.metrics_listen is None else self.metrics_listen
+        return [
+            ("--listen" if self.listen != gateway.listen else "gateway.listen", self.listen),
+            ("--mtls-listen" if self.mtls_listen is not None else "gateway.mtls_listen",
+             gateway.mtls_listen if mtls is None else mtls),
+            ("--metrics-listen" if self.metrics_listen is not None else "gateway.metrics_listen", metrics),
+            ("supervisor.metrics_listen", self.config.supervisor.metrics_listen),
+        ]  # fmt: skip
+
     def _start(self, timeout: float, progress: Callable[[str], None]) -> None:
-        self.pki = pki = ensure_dev_pki(self.config.state_dir)
         custom = [f"tls.{name}" for name in TLS_KEYS if name not in self.config.tls_files.dev]
         if custom:
             # Its workers' certificates come from the development CA, which a configured
             # tls.worker_ca would not trust: a production gateway is started on its own.
             raise StackError(
-                f"`airlock up` runs a development stack on the PKI in {pki.dir}; {', '.join(custom)} "
-                "configure a production gateway, started on its own (`python -m gateway`, docs/production.md)"
+                f"`airlock up` runs a development stack on the PKI in {self.config.dev_pki_dir}; "
+                f"{', '.join(custom)} configure a production gateway, started on its own "
+                "(`python -m gateway`, docs/production.md)"
             )
+        _, running = read(self.run_dir.parent) if self.run_dir.name == "run" else (None, None)
+        if running is not None and running["pid"] != os.getpid() and process_alive(running["pid"]):
+            raise StackError(
+                f"a stack already runs from {self.run_dir.parent} (launcher pid {running['pid']}, gateway "
+                f"{running.get('address')}): `airlock status` shows it, `airlock down` stops it"
+            )
+        try:  # before any model is loaded: a port in use is found in a second, by its key
+            check_ports(self.ports())
+        except PortError as exc:
+            raise StackError(str(exc)) from None
+        self.pki = pki = ensure_dev_pki(self.config.state_dir)
         # Development: every tenant gets a key on first start (production keys are made by operators).
         ensure_tenant_keys(open_keystore(self.config.keys, self.config.state_dir), list(self.config.tenants))
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -174,8 +223,8 @@ class Stack:
         )  # fmt: skip
         metrics = SupervisorMetrics()
         self.archiver = self._archiver(audit, metrics)
-        self.supervisor = supervisor = Supervisor(self, sup, audit, metrics)
-        for key, (settings, domain) in self._worker_plan(pki).items():
+        self.supervisor = supervisor = Supervisor(self, sup, audit, metrics, notify=self._event)
+        for key, (settings, domain) in self.worker_plan(pki).items():
             self.domains[key] = domain
             self._write_settings(key, settings)
             # Whatever an earlier worker left in the domain goes before this one gets it.
@@ -189,17 +238,16 @@ class Stack:
         self._wait_ready(list(self.workers.values()), deadline, progress)
         for key, child in self.workers.items():  # a restarted worker binds its first port again
             self._write_settings(key, replace(self.settings[key], listen=f"127.0.0.1:{child.port}"))
-        routes = []
-        for tenant in self.config.tenants.values():  # in each tenant's model order: its first is its default
-            for model in tenant.models:
-                shared = tenant.isolation == "shared"
-                child = self.workers[(SHARED, model) if shared else (tenant.name, model)]
-                engine = self.config.models[model].engine + ("/shared" if shared else "")
-                routes.append(f"--route={tenant.name}/{model}/{engine}=127.0.0.1:{child.port}")
+        self.routes_in_service = self.routes()
+        routes = [
+            f"--route={r.tenant}/{r.model}/{r.engine}{'/shared' if r.shared else ''}={r.address}"
+            for r in self.routes_in_service
+        ]
         gateway_args = ["-m", "gateway", "--listen", self.listen, "--state-dir", str(self.config.state_dir)]
-        if self.listen != self.config.gateway.listen and self.config.gateway.mtls_listen:
-            # A listen override (tests, a second stack) moves the service port too: same host, any port.
-            gateway_args += ["--mtls-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]
+        if self.gateway_mtls_listen is not None:
+            gateway_args += ["--mtls-listen", self.gateway_mtls_listen]
+        if self.metrics_listen is not None:
+            gateway_args += ["--metrics-listen", self.metrics_listen]
         if self.listen != self.config.gateway.listen and self.config.http.listen:
             gateway_args += ["--http-listen", f"{self.listen.rsplit(':', 1)[0]}:0"]  # the HTTP door too
         gateway_args += self._admin_socket_args()
@@ -212,9 +260,7 @@ class Stack:
             host, _, port = sup.metrics_listen.rpartition(":")
             self.supervisor_metrics_port = supervisor.metrics.serve(host, int(port))
         supervisor.start()
-        info = {"address": self.address, "mtls_address": self.mtls_address, "pid": os.getpid(),
-                "ca": str(pki.ca_cert), "admin_socket": self.admin_socket}  # fmt: skip
-        (self.run_dir / "stack.json").write_text(json.dumps(info))
+        self.write_state()
 
     def _archiver(self, audit: AuditLog, metrics: SupervisorMetrics) -> Archiver | None:
         """The supervisor's trail goes to the audit archive too (gateway/archive.py), beside the gateway's."""
@@ -226,15 +272,103 @@ class Stack:
         archiver.start()
         return archiver
 
-    def _worker_plan(self, pki: DevPki) -> dict[tuple[str, str], tuple[WorkerSettings, Domain]]:
-        """Every worker to start: one per (dedicated tenant, model), one per shared model."""
+    def routes(self, config: Config | None = None) -> list[Route]:
+        """The gateway's routes for `config` (this stack's): each tenant's models in its order (its
+        first is its default), to the workers running for them."""
+        config = config or self.config
+        out = []
+        for tenant in config.tenants.values():
+            for model in tenant.models:
+                shared = tenant.isolation == "shared"
+                child = self.workers.get((SHARED, model) if shared else (tenant.name, model))
+                if child is None or not child.info:
+                    continue  # not started (yet): no route
+                engine = config.models[model].engine
+                out.append(Route(tenant.name, model, engine, f"127.0.0.1:{child.port}", shared=shared))
+        return out
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / RUN_FILE
+
+    def _event(self, line: str) -> None:
+        """A supervisor event: said to the operator, and the run file follows it."""
+        self.events(line)
+        self.write_state()
+
+    def state(self) -> dict[str, Any]:
+        """What the run file says: the launcher, the gateway and every worker."""
+        gateway, supervisor, pki = self.gateway, self.supervisor, self.pki
+        workers = []
+        with self.lock:
+            for key, child in self.workers.items():
+                settings, domain = self.settings.get(key), self.domains.get(key)
+                workers.append({
+                    "name": child.name,
+                    "tenants": [t.name for t in settings.tenants] if settings else [key[0]],
+                    "model": key[1],
+                    "engine": settings.engine if settings else "",
+                    "domain": domain.id if domain else "",
+                    "devices": list(domain.devices) if domain else [],
+                    "pid": child.process.pid,
+                    "port": child.info.get("port"),
+                    "started": child.since,
+                    "restarts": supervisor.restarts.get(key, 0) if supervisor else 0,
+                    "state": supervisor.state(key) if supervisor else "running",
+                    "log": str(child.log),
+                })  # fmt: skip
+        host = self.listen.rsplit(":", 1)[0]
+        sup_host = self.config.supervisor.metrics_listen.rsplit(":", 1)[0]
+        metrics = f"http://{host}:{self.metrics_port}/metrics" if gateway and self.metrics_port else None
+        sup_port = self.supervisor_metrics_port
+        return {
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "updated": time.time(),
+            "config": self.config.source,
+            "state_dir": str(self.config.state_dir),
+            "run_dir": str(self.run_dir),
+            "policy_dir": str(self.config.policy_dir),
+            "address": self.address if gateway else None,
+            "mtls_address": self.mtls_address if gateway else None,
+            "metrics_url": metrics,
+            "supervisor_metrics_url": f"http://{sup_host}:{sup_port}/metrics" if sup_port else None,
+            "ca": str(pki.ca_cert) if pki else None,
+            "admin_socket": self.admin_socket if gateway else None,
+            "audit": str(self.config.audit_path),
+            "gateway": (
+                {"pid": gateway.process.pid, "started": gateway.since, "log": str(gateway.log)}
+                if gateway
+                else None
+            ),
+            "tenants": list(self.config.tenants),
+            "workers": workers,
+        }
+
+    def write_state(self) -> None:
+        """Write the run file (atomically); only once the gateway serves, until the stack stops."""
+        if self.gateway is None or self.supervisor is None:
+            return
+        try:
+            write_atomic(self.state_file, self.state())
+        except OSError as exc:  # a full disk must not take the stack down; `airlock status` says less
+            self.events(f"cannot write the run file {self.state_file}: {exc.strerror}")
+
+    def worker_plan(
+        self, pki: DevPki, config: Config | None = None
+    ) -> dict[tuple[str, str], tuple[WorkerSettings, Domain]]:
+        """Every worker `config` (this stack's) needs: one per (dedicated tenant, model), one per
+        shared model."""
+        config = config or self.config
         plan = {}
-        for tenant in self.config.tenants.values():
+        for tenant in config.tenants.values():
             if tenant.isolation == "dedicated":
                 for model in tenant.models:
-                    plan[(tenant.name, model)] = self.worker_settings(pki, tenant, self.config.models[model])
-        for model, tenants in shared_models(self.config).items():
-            plan[(SHARED, model)] = self.shared_worker_settings(pki, tenants, self.config.models[model])
+                    plan[(tenant.name, model)] = self.worker_settings(pki, tenant, config.models[model])
+        for model, tenants in shared_models(config).items():
+            plan[(SHARED, model)] = self.shared_worker_settings(
+                pki, tenants, config.models[model], config.shared_domains.get(model, ())
+            )
         return plan
 
     def worker_settings(
@@ -247,10 +381,9 @@ class Stack:
         return settings, domain
 
     def shared_worker_settings(
-        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig
+        self, pki: DevPki, tenants: tuple[str, ...], model: ModelConfig, devices: tuple[str, ...] = ()
     ) -> tuple[WorkerSettings, Domain]:
         """One model's shared worker: every opted-in tenant, each with its attestation identity."""
-        devices = self.config.shared_domains.get(model.name, ())
         domain = Domain.for_worker(self.run_dir, f"worker-{SHARED}-{model.name}", devices)
         # State is zeroed between tenants whatever dedicated workers do ("off" leaves it to the exit scrub).
         scrub = "request" if self.config.supervisor.scrub == "request" else "tenant-switch"
@@ -308,6 +441,53 @@ class Stack:
     def _write_settings(self, key: tuple[str, str], settings: WorkerSettings) -> None:
         settings.write(self.settings_file(key))
         self.settings[key] = settings
+
+    def start_worker(
+        self, key: tuple[str, str], settings: WorkerSettings, domain: Domain, *, timeout: float
+    ) -> Child:
+        """Start one more worker (a tenant added while the stack serves): its domain scrubbed first,
+        ready within `timeout` or stopped again (StackError). The supervisor watches it only once
+        it is in `workers`, which the caller does when it is routed."""
+        with self.lock:
+            self.domains[key] = domain
+        self._write_settings(key, settings)
+        if self.supervisor is None:
+            raise StackError("the stack is not running")
+        scrubbed = self.supervisor.scrub(key, "start")
+        if not scrubbed["verified"]:
+            raise StackError(f"domain {domain.id} failed its scrub and stays out of service: "
+                             f"{scrubbed.get('reason')}")  # fmt: skip
+        child = self._spawn_worker(key)
+        try:
+            self._wait_ready([child], time.monotonic() + timeout, self.events)
+        except BaseException:
+            _terminate([child], 15)
+            raise
+        self._write_settings(key, replace(settings, listen=f"127.0.0.1:{child.port}"))
+        return child
+
+    def remove_worker(self, key: tuple[str, str]) -> bool:
+        """Stop a worker whose routes are gone (its calls drained): SIGTERM, then scrub its domain
+        (audited) and remove its files. True when the scrub verified."""
+        with self.lock:
+            child = self.workers.pop(key)
+            if self.supervisor is not None:
+                self.supervisor.forget(key)
+        _terminate([child], self.config.gateway.grace_seconds + 5)
+        supervisor, domain = self.supervisor, self.domains[key]
+        verified = supervisor is not None and bool(supervisor.scrub(key, "remove")["verified"])
+        if supervisor is not None:
+            supervisor.audit.record("worker_removed", tenant=key[0], model=key[1], domain=domain.id,
+                                    pid=child.process.pid, code=child.process.returncode,
+                                    scrub_verified=verified)  # fmt: skip
+        with self.lock:
+            del self.domains[key]
+            self.settings.pop(key, None)
+        if verified:
+            self._remove_domain_files(domain)
+        child.ready_file.unlink(missing_ok=True)
+        self.settings_file(key).unlink(missing_ok=True)
+        return verified
 
     def _spawn_worker(self, key: tuple[str, str]) -> Child:
         args = ["-m", "worker", "--settings", str(self.settings_file(key))]
@@ -399,11 +579,13 @@ class Stack:
         return ([self.gateway] if self.gateway else []) + list(self.workers.values())
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers."""
+        """Stop the gateway first (it drains in-flight calls), then the workers; kill stragglers.
+        Scrubs every domain, then removes the run files (logs stay)."""
         grace = self.config.gateway.grace_seconds if timeout is None else timeout
         supervisor, self.supervisor = self.supervisor, None
         if supervisor is not None:
             supervisor.stop()  # no restarts while shutting down (its thread lives on, see close())
+        self.state_file.unlink(missing_ok=True)  # stopping: no command should find this stack now
         if self.gateway is not None:
             _terminate([self.gateway], grace + 5)
         _terminate(list(self.workers.values()), 15)
@@ -412,11 +594,21 @@ class Stack:
             supervisor.close()
             for key, domain in self.domains.items():
                 if key in self.workers and supervisor.scrub(key, "shutdown")["verified"]:
-                    domain.arena.unlink(missing_ok=True)
+                    self._remove_domain_files(domain)
             supervisor.audit.close()
         archiver, self.archiver = self.archiver, None
         if archiver is not None:
             archiver.close()  # ships the supervisor's closing signature, if the store lets it
+        for child in self.children():
+            child.ready_file.unlink(missing_ok=True)
+        for key in self.settings:
+            self.settings_file(key).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_domain_files(domain: Domain) -> None:
+        """A verified scrub leaves nothing to keep: the arena, and the canary records it checked."""
+        for path in (domain.arena, domain.canaries, domain.cuda_canaries):
+            path.unlink(missing_ok=True)
 
     def __enter__(self) -> Stack:
         return self

@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import OKPAlgorithm
 
-__all__ = ["DevPki", "ServiceCert", "ensure_dev_pki", "issue_service_cert", "worker_attestation_cert"]
+__all__ = [
+    "DevPki",
+    "ServiceCert",
+    "ensure_dev_pki",
+    "existing_dev_pki",
+    "issue_service_cert",
+    "worker_attestation_cert",
+]
 
 GATEWAY_NAME = "airlock-gateway"
 WORKER_NAME = "airlock-worker"
@@ -103,6 +110,13 @@ class DevPki:
     @property
     def jwt_kid(self) -> str:
         return str(json.loads(self.jwks.read_text())["keys"][0]["kid"])
+
+
+def existing_dev_pki(state_dir: Path) -> DevPki | None:
+    """The dev PKI under `state_dir/pki` if `airlock up` made one there; None otherwise (nothing made)."""
+    pki = DevPki(state_dir / "pki")
+    needed = (pki.ca_cert, pki.ca_key, pki.jwt_key, pki.jwks, pki.service_ca_cert, pki.service_ca_key)
+    return pki if all(path.is_file() for path in needed) else None
 
 
 def ensure_dev_pki(state_dir: Path) -> DevPki:

@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ class Workers(Protocol):
     python: str
     workers: dict[tuple[str, str], Child]
     domains: dict[tuple[str, str], Domain]
+    lock: threading.RLock  # held while the workers or domains change (tenants come and go)
 
     def worker_credentials(self) -> grpc.ChannelCredentials | None: ...
 
@@ -174,9 +176,15 @@ class SupervisorMetrics:
 
 class Supervisor:
     def __init__(
-        self, stack: Workers, settings: SupervisorConfig, audit: AuditLog, metrics: SupervisorMetrics
+        self,
+        stack: Workers,
+        settings: SupervisorConfig,
+        audit: AuditLog,
+        metrics: SupervisorMetrics,
+        notify: Callable[[str], None] = lambda _line: None,
     ) -> None:
         self.stack = stack
+        self.notify = notify  # one line for the operator per crash, scrub and restart
         self.settings = settings
         self.audit = audit
         self.metrics = metrics
@@ -191,6 +199,32 @@ class Supervisor:
         self._delays: dict[tuple[str, str], float] = {}
         self._starting: dict[tuple[str, str], float] = {}  # restarted, not ready yet
         self._down: set[tuple[str, str]] = set()  # exited with restarts off
+        self.restarts: dict[tuple[str, str], int] = {}  # since the stack started
+
+    def state(self, key: tuple[str, str]) -> str:
+        """What the supervisor is doing with a worker: running, starting, restarting (scrubbed, its
+        restart due), out of service (a scrub failed) or stopped (exited with restarts off)."""
+        if key in self.out_of_service:
+            return "out of service"
+        if key in self._down:
+            return "stopped"
+        if key in self._due:
+            return "restarting"
+        if key in self._starting:
+            return "starting"
+        return "running"
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """A worker removed from the stack (its tenant left): nothing more to supervise."""
+        self._crashes.pop(key, None)
+        self._unhealthy.pop(key, None)
+        self._due.pop(key, None)
+        self._delays.pop(key, None)
+        self._starting.pop(key, None)
+        self.restarts.pop(key, None)
+        self._down.discard(key)
+        self.out_of_service.pop(key, None)
+        self.metrics.out_of_service.set(len(self.out_of_service))
 
     def scrub(self, key: tuple[str, str], phase: str) -> dict[str, Any]:
         """Scrub one worker's domain and record it; a failed scrub takes the domain out of service."""
@@ -238,19 +272,23 @@ class Supervisor:
         # One pass every 0.1 s; nothing here waits for a backoff or a model load, so one domain's
         # crash loop never delays another tenant's recovery.
         while not self._stop.wait(0.1):
-            for key, child in list(self.stack.workers.items()):
-                if self._stop.is_set() or key in self.out_of_service or key in self._down:
-                    continue
-                if key in self._due:
-                    if time.monotonic() >= self._due[key]:
-                        self._respawn(key)
-                elif child.process.poll() is not None:
-                    self._recover(key, child)
-                elif key in self._starting and child.ready_file.exists():
-                    self._started(key, child)
-            if time.monotonic() >= self._next_health:
-                self._next_health = time.monotonic() + self.settings.health_interval_seconds
-                self._health_checks()
+            with self.stack.lock:  # no worker is added or removed during a pass
+                self._pass()
+
+    def _pass(self) -> None:
+        for key, child in list(self.stack.workers.items()):
+            if self._stop.is_set() or key in self.out_of_service or key in self._down:
+                continue
+            if key in self._due:
+                if time.monotonic() >= self._due[key]:
+                    self._respawn(key)
+            elif child.process.poll() is not None:
+                self._recover(key, child)
+            elif key in self._starting and child.ready_file.exists():
+                self._started(key, child)
+        if time.monotonic() >= self._next_health:
+            self._next_health = time.monotonic() + self.settings.health_interval_seconds
+            self._health_checks()
 
     def _health_checks(self) -> None:
         for key, child in list(self.stack.workers.items()):
@@ -264,6 +302,7 @@ class Supervisor:
             self._unhealthy[key] = misses = self._unhealthy.get(key, 0) + 1
             if misses >= 3:  # a hung worker: kill its group; the exit path scrubs and restarts it
                 _log.error("worker failed 3 health checks; killing it", extra={"worker": child.name})
+                self.notify(f"{child.name} (pid {child.process.pid}) failed 3 health checks: killed")
                 self.stack.kill_worker(key)
                 self._unhealthy.pop(key, None)
 
@@ -288,10 +327,17 @@ class Supervisor:
         self.audit.record("worker_exit", tenant=tenant, model=model, domain=self.stack.domains[key].id,
                           code=code, pid=child.process.pid)  # fmt: skip
         _log.warning("worker exited", extra={"worker": child.name, "code": code})
-        if not self.scrub(key, "crash")["verified"]:
+        domain = self.stack.domains[key]
+        self.notify(f"{child.name} (pid {child.process.pid}) exited with code {code}; scrubbing {domain.id}")
+        scrubbed = self.scrub(key, "crash")
+        if not scrubbed["verified"]:
+            self.notify(f"{domain.id}: scrub NOT verified ({self.out_of_service.get(key)}); "
+                        f"{child.name} stays out of service")  # fmt: skip
             return  # out of service, and said so
         if not self.settings.restart:
             self._down.add(key)
+            self.notify(f"{domain.id}: scrubbed and verified; {child.name} stays down (supervisor.restart "
+                        "is off)")  # fmt: skip
             return
         crashes = self._crashes.get(key, 0)
         if child.info and time.monotonic() - child.started > 60:
@@ -300,6 +346,8 @@ class Supervisor:
         self._crashes[key] = crashes + 1
         self._due[key] = time.monotonic() + delay
         self._delays[key] = delay
+        self.notify(f"{domain.id}: scrubbed and verified ({_size(scrubbed.get('bytes', 0))}); restarting "
+                    f"{child.name} in {delay:.1f} s")  # fmt: skip
 
     def _respawn(self, key: tuple[str, str]) -> None:
         del self._due[key]
@@ -315,7 +363,19 @@ class Supervisor:
         tenant, model = key
         child.info = json.loads(child.ready_file.read_text())
         del self._starting[key]
+        self.restarts[key] = self.restarts.get(key, 0) + 1
         self.metrics.restarts.labels(tenant, model).inc()
+        self.notify(f"{child.name} restarted: pid {child.process.pid}, port {child.port} (restart "
+                    f"{self.restarts[key]})")  # fmt: skip
         self.audit.record("worker_restart", tenant=tenant, model=model, domain=self.stack.domains[key].id,
                           attempt=self._crashes.get(key, 0), delay_seconds=self._delays.get(key),
                           port=child.port, pid=child.process.pid)  # fmt: skip
+
+
+def _size(count: object) -> str:
+    value = float(count) if isinstance(count, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

@@ -4,10 +4,11 @@ Whoever can connect to the socket is an operator of this gateway: filesystem per
 authentication. The socket lives in a directory owned by the gateway's user with mode 0700 (made so
 when missing; a directory that is someone else's, a symlink or open to others stops start-up rather
 than being changed) and is itself mode 0600. A live socket at the path (another gateway) stops
-start-up; a stale one is replaced. `airlock lockout list|clear` is the client (control/cli/lockout.py).
+start-up; a stale one is replaced. Its clients: `airlock lockout list|clear` (control/cli/lockout.py),
+`airlock status`, and the launcher, which sets the gateway's routes as tenants come and go.
 
-Every clear is audited before it takes effect: if the audit trail can't be written, nothing is
-cleared. New operator methods (a status report) are added to `AdminService`.
+Every clear and every route change is audited before it takes effect: if the audit trail can't be
+written, nothing changes. Status and routes are the running gateway's (gateway/live.py).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-from airlock.errors import InvalidRequestError
+from airlock.errors import InvalidRequestError, UnavailableError
 from airlock.v1 import admin_pb2, admin_pb2_grpc
 from gateway.audit import AuditLog
 from gateway.auth.lockout import Lockout, peer_key, subject_key
 from gateway.config import MAX_UNIX_PATH_BYTES
 from serving.logs import current_request_id
 from serving.rpc import ErrorInterceptor
+
+if TYPE_CHECKING:
+    from gateway.live import LiveGateway
 
 __all__ = ["MAX_TARGET_CHARS", "AdminService", "AdminSocketError", "create_admin_server", "remove_socket"]
 
@@ -40,9 +45,25 @@ class AdminSocketError(Exception):
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, lockout: Lockout, audit: AuditLog) -> None:
+    def __init__(self, lockout: Lockout, audit: AuditLog, live: LiveGateway | None = None) -> None:
         self.lockout = lockout
         self.audit = audit
+        self.live = live  # None: a lockout-only service (tests); Status and SetRoutes are unavailable
+
+    def _live(self) -> LiveGateway:
+        if self.live is None:
+            raise UnavailableError("this admin service has no gateway to report on")
+        return self.live
+
+    async def Status(
+        self, request: admin_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.StatusResponse:
+        return self._live().status()
+
+    async def SetRoutes(
+        self, request: admin_pb2.SetRoutesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SetRoutesResponse:
+        return await self._live().set_routes(request)
 
     async def ListLockouts(
         self, request: admin_pb2.ListLockoutsRequest, context: grpc.aio.ServicerContext

@@ -91,7 +91,8 @@ class Calls:
     """Resolves calls for the guard: the policy's view first, then everything else once allowed.
 
     `quota_for(tenant)` is the tenant's quota in the policy in service; `refused(call, exc)` counts
-    and audits a generation that could not be resolved (Admission.refused)."""
+    and audits a generation that could not be resolved (Admission.refused); `may_use(call, model)`
+    whether the caller may use a model, to name them when it asked for one that doesn't exist."""
 
     def __init__(
         self,
@@ -100,11 +101,17 @@ class Calls:
         *,
         quota_for: Callable[[str], QuotaLimits | None],
         refused: Callable[[Call, BaseException], None],
+        may_use: Callable[[Call, str], bool] | None = None,
     ) -> None:
         self.router = router
         self.limits = limits
         self.quota_for = quota_for
         self.refused = refused
+        self.may_use = may_use
+
+    def _usable(self, call: Call) -> Callable[[str], bool] | None:
+        may_use = self.may_use
+        return None if may_use is None else lambda model: may_use(call, model)
 
     def ask(self, method: str, request: Any, principal: Principal, tenant: str, door: str) -> Call:
         """What the call asks of the policy. A model name that can't be one is refused here
@@ -124,7 +131,7 @@ class Calls:
         if call.action in GENERATIONS:
             try:
                 spec = validate_request(request, self.limits, call.request_id)
-                model, worker = self.router.resolve(call.tenant, spec.model)
+                model, worker = self.router.resolve(call.tenant, spec.model, may_use=self._usable(call))
             except Exception as exc:
                 self.refused(call, exc)
                 raise
@@ -137,7 +144,7 @@ class Calls:
         if call.action == "attest":
             if not 16 <= len(request.nonce) <= 64:
                 raise InvalidRequestError("nonce must be 16..64 bytes", field="nonce")
-            model, worker = self.router.resolve(call.tenant, request.model)
+            model, worker = self.router.resolve(call.tenant, request.model, may_use=self._usable(call))
             return Routed(
                 call.principal, call.tenant, call.action, call.resource, call.request_id, call.door,
                 model=model, worker=worker,

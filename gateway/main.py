@@ -37,10 +37,12 @@ from gateway.call import Calls
 from gateway.http.app import HttpDoor, HttpLimits
 from gateway.http.server import HttpServer
 from gateway.keys import KeystoreError, open_keystore
+from gateway.live import LiveGateway, Ports
 from gateway.metrics import Metrics
 from gateway.policy.authz import Authorizer
 from gateway.policy.rules import PolicyError
 from gateway.quota import MemoryQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore
+from gateway.routing import tenant_health_name
 from gateway.sealing import GatewaySealing
 from gateway.server import (
     ClientTls,
@@ -132,7 +134,9 @@ def build(
         return settings is not None and issuer in settings.issuers
 
     jwks = {i.issuer: cfg.jwks_file(i) for i in cfg.auth.issuers}
-    verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
+    verifier = JwtVerifier(
+        cfg.auth, jwks, may_speak_for, known_tenant=lambda tenant: tenant in authorizer.policy.tenants
+    )
     tls = ClientTls(ca=tls_files.worker_ca, cert=tls_files.cert, key=tls_files.key)
     router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit)
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
@@ -140,7 +144,13 @@ def build(
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
     pipeline = Pipeline(router, authorizer, admission=admission, sealing=sealing, audit=audit)
     service = InferenceService(pipeline)
-    calls = Calls(router, cfg.gateway.limits, quota_for=admission.limits_for, refused=admission.refused)
+    calls = Calls(
+        router, cfg.gateway.limits, quota_for=admission.limits_for, refused=admission.refused,
+        may_use=lambda call, model: any(
+            authorizer.decide(call.principal.policy_subject, call.tenant, f"model:{model}", act).allowed
+            for act in ("generate", "stream")
+        ),
+    )  # fmt: skip
     lockout = Lockout(cfg.lockout)
     guard = CallGuard(
         verifier,
@@ -297,24 +307,37 @@ async def serve(
     ready_file: Path | None,
     admin_socket: Path | None = None,
     http_listen: str | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     gw = build(cfg, routes, listen, mtls_listen, http_listen)
-    admin = None
-    if admin_socket is not None:
-        admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit))
     metrics_port = None
-    if cfg.gateway.metrics_listen:
-        host, _, mport = cfg.gateway.metrics_listen.rpartition(":")
+    metrics_listen = cfg.gateway.metrics_listen if metrics_listen is None else metrics_listen
+    if metrics_listen:
+        host, _, mport = metrics_listen.rpartition(":")
         metrics_port = gw.metrics.serve(host, int(mport))
     await update_health(gw.health, gw.router)  # NOT_SERVING until the workers say they are ready
+    published = set(gw.router.tenants)
 
     async def readiness_changed() -> None:
+        nonlocal published
         if not stopping.is_set():  # draining: stay NOT_SERVING
             await update_health(gw.health, gw.router)
+            for gone in published - set(gw.router.tenants):  # a tenant whose routes were removed
+                await gw.health.set(tenant_health_name(gone), health_pb2.HealthCheckResponse.NOT_SERVING)
+            published = set(gw.router.tenants)
+
+    admin = None
+    if admin_socket is not None:
+        live = LiveGateway(
+            router=gw.router, authorizer=gw.authorizer, sealing=gw.sealing, lockout=gw.lockout,
+            metrics=gw.metrics, audit=gw.audit, ports=Ports(gw.port, gw.mtls_port, metrics_port),
+            grace_seconds=cfg.gateway.grace_seconds, publish=readiness_changed,
+        )  # fmt: skip
+        admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit, live))
 
     keystore_errors = gw.metrics.watch_errors.labels("keystore").inc
     watchers = [
@@ -388,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mtls-listen", help='override gateway.mtls_listen ("" disables it)')
     p.add_argument("--admin-socket", help='override gateway.admin_socket ("" disables it)')
     p.add_argument("--http-listen", help='override http.listen ("" disables the HTTP door)')
+    p.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" disables it)')
     p.add_argument("--ready-file", type=Path)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
@@ -402,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         admin = cfg.admin_socket if args.admin_socket is None else args.admin_socket
         admin_path = Path(admin).absolute() if admin else None
         listen = args.listen or cfg.gateway.listen
-        asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path, args.http_listen))
+        asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path, args.http_listen,
+                          args.metrics_listen))  # fmt: skip
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
         return 2

@@ -69,7 +69,9 @@ class Router:
     """Maps (tenant, model) to one worker channel; a tenant's first model is its default.
 
     `may_share(tenant)` says whether the policy in service opts a tenant in to shared workers
-    (asked on every call, so a policy reload takes effect at once); None: nobody may share."""
+    (asked on every call, so a policy reload takes effect at once); None: nobody may share.
+    `set_routes` replaces the table while the gateway serves (the launcher adds and removes tenants):
+    a call already resolved keeps its worker channel, which is closed only after its calls ended."""
 
     def __init__(
         self,
@@ -79,29 +81,60 @@ class Router:
         audit: AuditLog,
         may_share: Callable[[str], bool] | None = None,
     ) -> None:
-        credentials = grpc.ssl_channel_credentials(
+        self._credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
             private_key=tls.key.read_bytes(),
             certificate_chain=tls.cert.read_bytes(),
         )
-        self.routes = routes
         self.may_share = may_share or (lambda _tenant: False)
         self._audit = audit
-        self._routes: dict[tuple[str, str], Route] = {}
-        self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address
-        self._defaults: dict[str, str] = {}
         self._ready: dict[str, bool] = {}  # by worker address
+        self._watching: tuple[asyncio.Event, Callable[[], Awaitable[None]]] | None = None
+        self._watches: dict[str, asyncio.Task[None]] = {}  # by worker address, while watching
+        self._install(routes)
+
+    def _install(self, routes: list[Route]) -> list[grpc.aio.Channel]:
+        """Make `routes` the table, in one step; returns the channels no route uses any more."""
+        table: dict[tuple[str, str], Route] = {}
+        stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
+        defaults: dict[str, str] = {}
+        channels: dict[str, grpc.aio.Channel] = {}
         for route in routes:
             key = (route.tenant, route.model)
-            channel = self._channels.get(route.address)
+            channel = channels.get(route.address) or self._channels.get(route.address)
             if channel is None:
-                channel = grpc.aio.secure_channel(route.address, credentials, options=_CHANNEL_OPTIONS)
-                self._channels[route.address] = channel
-                self._ready[route.address] = False
-            self._routes[key] = route
-            self._stubs[key] = worker_pb2_grpc.WorkerStub(channel)
-            self._defaults.setdefault(route.tenant, route.model)
+                channel = grpc.aio.secure_channel(route.address, self._credentials, options=_CHANNEL_OPTIONS)
+            channels[route.address] = channel
+            table[key] = route
+            stubs[key] = worker_pb2_grpc.WorkerStub(channel)
+            defaults.setdefault(route.tenant, route.model)
+        gone = [c for address, c in self._channels.items() if address not in channels]
+        # Readers run on the same event loop and never await between reads: each name is swapped
+        # whole, before anything below awaits.
+        self.routes, self._routes, self._stubs, self._defaults = list(routes), table, stubs, defaults
+        self._ready = {address: self._ready.get(address, False) for address in channels}
+        self._channels = channels
+        return gone
+
+    async def set_routes(self, routes: list[Route], *, drain_seconds: float) -> None:
+        """Serve `routes` from now on. New workers are watched at once; a worker no route names is
+        no longer watched, and its channel closes once the calls on it ended (at most
+        `drain_seconds`: the calls still running then are cancelled). Returns after that."""
+        before = set(self._channels)
+        gone = self._install(routes)
+        for address in before - set(self._channels):
+            task = self._watches.pop(address, None)
+            if task is not None:
+                task.cancel()
+        if self._watching is not None:
+            stop, changed = self._watching
+            for address in set(self._channels) - before:
+                self._watches[address] = asyncio.create_task(self._watch_one(address, stop, changed))
+        await asyncio.gather(*(channel.close(grace=drain_seconds) for channel in gone))
+
+    def address_ready(self, address: str) -> bool:
+        return self._ready.get(address, False)
 
     @property
     def tenants(self) -> list[str]:
@@ -114,13 +147,22 @@ class Router:
     def default_model(self, tenant: str) -> str:
         return self._defaults.get(tenant, "")
 
-    def resolve(self, tenant: str, model: str) -> tuple[str, worker_pb2_grpc.WorkerStub]:
+    def resolve(
+        self, tenant: str, model: str, *, may_use: Callable[[str], bool] | None = None
+    ) -> tuple[str, worker_pb2_grpc.WorkerStub]:
+        """The model's name (the tenant's default when `model` is empty) and its worker. An unknown
+        model's error names the models the caller may use (`may_use`; all of the tenant's without)."""
         if tenant not in self._defaults:
-            raise PermissionDeniedError("tenant is not served here", reason="TENANT_NOT_SERVED")
+            raise PermissionDeniedError(f"tenant {tenant!r} is not served here", reason="TENANT_NOT_SERVED")
         name = model or self._defaults[tenant]
         stub = self._stubs.get((tenant, name))
         if stub is None:
-            raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
+            usable = [r.model for r in self.models(tenant) if may_use is None or may_use(r.model)]
+            raise InvalidRequestError(
+                f"unknown model {name!r}; the models you may use: {', '.join(usable) or 'none'}",
+                reason="UNKNOWN_MODEL",
+                field="model",
+            )
         if self._routes[(tenant, name)].shared and not self.may_share(tenant):
             # Fail closed: the security team withdrew (or never gave) this tenant's opt-in.
             self._audit.record("isolation", decision="refused", tenant=tenant, model=name,
@@ -140,9 +182,13 @@ class Router:
         return all(self.tenant_ready(t) for t in self._defaults)
 
     async def watch(self, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
-        """Follow every worker's health until `stop`; await `changed()` whenever readiness flips."""
-        tasks = [asyncio.create_task(self._watch_one(key, stop, changed)) for key in self._channels]
+        """Follow every worker's health until `stop` (workers added later too); await `changed()`
+        whenever readiness flips."""
+        self._watching = (stop, changed)
+        for address in self._channels:
+            self._watches[address] = asyncio.create_task(self._watch_one(address, stop, changed))
         await stop.wait()
+        tasks, self._watches, self._watching = list(self._watches.values()), {}, None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -151,10 +197,13 @@ class Router:
         """Follow one worker's health until `stop`. Nothing ends it early: a lost worker, or anything
         a reply or `changed()` raises, marks the worker not ready and it is watched again (a failure
         is logged once until it changes)."""
-        stub = health_pb2_grpc.HealthStub(self._channels[key])
+        channel = self._channels.get(key)
+        if channel is None:
+            return
+        stub = health_pb2_grpc.HealthStub(channel)
         where = {"tenant": ",".join(r.tenant for r in self.routes if r.address == key)}
         pause, failing = _WATCH_RETRY[0], ""
-        while not stop.is_set():
+        while not stop.is_set() and key in self._channels:
             try:
                 async for reply in stub.Watch(health_pb2.HealthCheckRequest(service="")):
                     await self._set(key, reply.status == health_pb2.HealthCheckResponse.SERVING, changed)
@@ -173,8 +222,8 @@ class Router:
             pause = min(pause * 2, _WATCH_RETRY[1])
 
     async def _set(self, address: str, ready: bool, changed: Callable[[], Awaitable[None]]) -> None:
-        if self._ready[address] == ready:
-            return
+        if address not in self._ready or self._ready[address] == ready:
+            return  # no longer routed, or no change
         self._ready[address] = ready
         served = [r for r in self.routes if r.address == address]
         where = {"tenant": ",".join(r.tenant for r in served), "model": served[0].model if served else ""}

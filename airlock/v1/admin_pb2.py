@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61irlock/v1/admin.proto\x12\nairlock.v1\"\x15\n\x13ListLockoutsRequest\"L\n\x07Lockout\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cseconds_left\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\"=\n\x14ListLockoutsResponse\x12%\n\x08lockouts\x18\x01 \x03(\x0b\x32\x13.airlock.v1.Lockout\"a\n\x14\x43learLockoutsRequest\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x11\n\x07subject\x18\x02 \x01(\tH\x00\x12\x0e\n\x04peer\x18\x03 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x04 \x01(\x08H\x00\x42\x08\n\x06target\"(\n\x15\x43learLockoutsResponse\x12\x0f\n\x07\x63leared\x18\x01 \x03(\t2\xb0\x01\n\x05\x41\x64min\x12Q\n\x0cListLockouts\x12\x1f.airlock.v1.ListLockoutsRequest\x1a .airlock.v1.ListLockoutsResponse\x12T\n\rClearLockouts\x12 .airlock.v1.ClearLockoutsRequest\x1a!.airlock.v1.ClearLockoutsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61irlock/v1/admin.proto\x12\nairlock.v1\"\x15\n\x13ListLockoutsRequest\"L\n\x07Lockout\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cseconds_left\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\"=\n\x14ListLockoutsResponse\x12%\n\x08lockouts\x18\x01 \x03(\x0b\x32\x13.airlock.v1.Lockout\"a\n\x14\x43learLockoutsRequest\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x11\n\x07subject\x18\x02 \x01(\tH\x00\x12\x0e\n\x04peer\x18\x03 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x04 \x01(\x08H\x00\x42\x08\n\x06target\"(\n\x15\x43learLockoutsResponse\x12\x0f\n\x07\x63leared\x18\x01 \x03(\t\"\x0f\n\rStatusRequest\"\xb5\x01\n\x0cPolicyStatus\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x11\n\tdirectory\x18\x02 \x01(\t\x12\x13\n\x0blast_reload\x18\x03 \x01(\t\x12\x18\n\x10last_reload_unix\x18\x04 \x01(\x01\x12\x1a\n\x12last_reload_reason\x18\x05 \x01(\t\x12\r\n\x05rules\x18\x06 \x01(\r\x12\r\n\x05links\x18\x07 \x01(\r\x12\x15\n\rlint_warnings\x18\x08 \x01(\r\"W\n\x05Route\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0e\n\x06shared\x18\x05 \x01(\x08\"R\n\x0bRouteStatus\x12 \n\x05route\x18\x01 \x01(\x0b\x32\x11.airlock.v1.Route\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x12\n\nis_default\x18\x03 \x01(\x08\"*\n\tKeyStatus\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\xb3\x02\n\x0cTenantStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04keys\x18\x02 \x03(\x0b\x32\x15.airlock.v1.KeyStatus\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_minute\x18\x04 \x01(\x04\x12\x1a\n\x12\x63oncurrent_streams\x18\x05 \x01(\r\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x13\n\x0brequests_ok\x18\x07 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x08 \x01(\x04\x12\x16\n\x0equota_refusals\x18\t \x01(\x04\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x0b \x01(\x04\x12\x11\n\tin_policy\x18\x0c \x01(\x08\"\xa7\x02\n\x0eStatusResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12(\n\x06policy\x18\x03 \x01(\x0b\x32\x18.airlock.v1.PolicyStatus\x12\'\n\x06routes\x18\x04 \x03(\x0b\x32\x17.airlock.v1.RouteStatus\x12)\n\x07tenants\x18\x05 \x03(\x0b\x32\x18.airlock.v1.TenantStatus\x12\x10\n\x08lockouts\x18\x06 \x01(\r\x12\x18\n\x10lockout_failures\x18\x07 \x01(\r\x12\x0c\n\x04port\x18\x08 \x01(\r\x12\x11\n\tmtls_port\x18\t \x01(\r\x12\x14\n\x0cmetrics_port\x18\n \x01(\r\x12\x0f\n\x07serving\x18\x0b \x01(\x08\"c\n\x10SetRoutesRequest\x12!\n\x06routes\x18\x01 \x03(\x0b\x32\x11.airlock.v1.Route\x12\x15\n\rdrain_seconds\x18\x02 \x01(\x01\x12\x15\n\rready_seconds\x18\x03 \x01(\x01\"\x82\x01\n\x11SetRoutesResponse\x12 \n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\x0b\x32\x11.airlock.v1.Route\x12\"\n\x07removed\x18\x02 \x03(\x0b\x32\x11.airlock.v1.Route\x12\'\n\x06routes\x18\x03 \x03(\x0b\x32\x17.airlock.v1.RouteStatus2\xbb\x02\n\x05\x41\x64min\x12Q\n\x0cListLockouts\x12\x1f.airlock.v1.ListLockoutsRequest\x1a .airlock.v1.ListLockoutsResponse\x12T\n\rClearLockouts\x12 .airlock.v1.ClearLockoutsRequest\x1a!.airlock.v1.ClearLockoutsResponse\x12?\n\x06Status\x12\x19.airlock.v1.StatusRequest\x1a\x1a.airlock.v1.StatusResponse\x12H\n\tSetRoutes\x12\x1c.airlock.v1.SetRoutesRequest\x1a\x1d.airlock.v1.SetRoutesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLEARLOCKOUTSREQUEST']._serialized_end=299
   _globals['_CLEARLOCKOUTSRESPONSE']._serialized_start=301
   _globals['_CLEARLOCKOUTSRESPONSE']._serialized_end=341
-  _globals['_ADMIN']._serialized_start=344
-  _globals['_ADMIN']._serialized_end=520
+  _globals['_STATUSREQUEST']._serialized_start=343
+  _globals['_STATUSREQUEST']._serialized_end=358
+  _globals['_POLICYSTATUS']._serialized_start=361
+  _globals['_POLICYSTATUS']._serialized_end=542
+  _globals['_ROUTE']._serialized_start=544
+  _globals['_ROUTE']._serialized_end=631
+  _globals['_ROUTESTATUS']._serialized_start=633
+  _globals['_ROUTESTATUS']._serialized_end=715
+  _globals['_KEYSTATUS']._serialized_start=717
+  _globals['_KEYSTATUS']._serialized_end=759
+  _globals['_TENANTSTATUS']._serialized_start=762
+  _globals['_TENANTSTATUS']._serialized_end=1069
+  _globals['_STATUSRESPONSE']._serialized_start=1072
+  _globals['_STATUSRESPONSE']._serialized_end=1367
+  _globals['_SETROUTESREQUEST']._serialized_start=1369
+  _globals['_SETROUTESREQUEST']._serialized_end=1468
+  _globals['_SETROUTESRESPONSE']._serialized_start=1471
+  _globals['_SETROUTESRESPONSE']._serialized_end=1601
+  _globals['_ADMIN']._serialized_start=1604
+  _globals['_ADMIN']._serialized_end=1919
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,16 @@ class AdminStub:
                 request_serializer=airlock_dot_v1_dot_admin__pb2.ClearLockoutsRequest.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_admin__pb2.ClearLockoutsResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/airlock.v1.Admin/Status',
+                request_serializer=airlock_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.SetRoutes = channel.unary_unary(
+                '/airlock.v1.Admin/SetRoutes',
+                request_serializer=airlock_dot_v1_dot_admin__pb2.SetRoutesRequest.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_admin__pb2.SetRoutesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -66,6 +76,23 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """What the gateway is doing: its process, policy, routes and their readiness, tenants' key ids
+        (never key material) and quota use, lockouts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRoutes(self, request, context):
+        """Replaces the gateway's routes (tenant, model) -> worker while it serves: a tenant added gets
+        calls once its route is in; a removed one's new calls are refused (TENANT_NOT_SERVED) and its
+        calls in flight may finish for `drain_seconds`. Every change is written to the audit trail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +105,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearLockouts,
                     request_deserializer=airlock_dot_v1_dot_admin__pb2.ClearLockoutsRequest.FromString,
                     response_serializer=airlock_dot_v1_dot_admin__pb2.ClearLockoutsResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=airlock_dot_v1_dot_admin__pb2.StatusRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'SetRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoutes,
+                    request_deserializer=airlock_dot_v1_dot_admin__pb2.SetRoutesRequest.FromString,
+                    response_serializer=airlock_dot_v1_dot_admin__pb2.SetRoutesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +172,60 @@ class Admin:
             '/airlock.v1.Admin/ClearLockouts',
             airlock_dot_v1_dot_admin__pb2.ClearLockoutsRequest.SerializeToString,
             airlock_dot_v1_dot_admin__pb2.ClearLockoutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.Admin/Status',
+            airlock_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+            airlock_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airlock.v1.Admin/SetRoutes',
+            airlock_dot_v1_dot_admin__pb2.SetRoutesRequest.SerializeToString,
+            airlock_dot_v1_dot_admin__pb2.SetRoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import time
+import tomllib
+from pathlib import Path
 
+from control.cli.output import err
 from gateway import config as config_mod
 from gateway.keys import open_keystore
 from gateway.keys.store import KeyInfo, Keystore
@@ -25,8 +28,23 @@ def _say(verb: str, info: KeyInfo) -> None:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    _say("created", _keystore(args).create(args.tenant))
+    cfg = config_mod.load(args.config, state_dir=args.state_dir)
+    listed = cfg.policy_dir / "tenants.toml"
+    if args.tenant not in cfg.tenants and args.tenant not in _policy_tenants(listed):
+        err(f"keys create: tenant {args.tenant!r} is in neither the configuration ({cfg.source}) nor the "
+            f"policy ({listed}): add it first (`airlock tenant add {args.tenant} --model M`)")  # fmt: skip
+        return 2
+    _say("created", open_keystore(cfg.keys, cfg.state_dir).create(args.tenant))
     return 0
+
+
+def _policy_tenants(path: Path) -> set[str]:
+    """The tenant names of a policy's tenants.toml (read as TOML only: no policy engine)."""
+    try:
+        tenants = tomllib.loads(path.read_text(encoding="utf-8")).get("tenants", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return set()
+    return set(tenants) if isinstance(tenants, dict) else set()
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ airlock bundle create DIR [--name N]                        write DIR/airlock-bu
 airlock bundle sign DIR [--key KEY]                         write DIR/airlock-bundle.sig
 airlock bundle verify DIR [--trusted-keys FILE]             signature, digests, no extra files
 airlock health [--address HOST:PORT] [--ca FILE] [--service S --token T]   exit 0 when SERVING
+                                                            (default: the running stack's gateway)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from airlock.connection import Connection
 from control.audit_verify import (
     ArchivedHead,
     Head,
@@ -32,7 +34,9 @@ from control.audit_verify import (
     verify_log,
 )
 from control.cli.output import err as _err
-from control.pki import ensure_dev_pki
+from control.cli.output import working
+from control.pki import ensure_dev_pki, existing_dev_pki
+from control.runfile import find_running
 from gateway import config as config_mod
 from serving.bundle import (
     BundleError,
@@ -172,7 +176,8 @@ def cmd_bundle_keygen(args: argparse.Namespace) -> int:
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     try:
-        path = create_manifest(args.dir, name=args.name)
+        with working(f"hashing {_size_of(args.dir)} in {args.dir}"):
+            path = create_manifest(args.dir, name=args.name)
     except BundleError as exc:
         _err(f"bundle create: {exc}")
         return 1
@@ -200,7 +205,8 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
         return verify_remote_bundle(args, cfg, trusted)
     args.dir = Path(args.dir)
     try:
-        verified = verify_bundle(args.dir, load_trusted_keys(trusted))
+        with working(f"verifying {_size_of(args.dir)} in {args.dir}"):
+            verified = verify_bundle(args.dir, load_trusted_keys(trusted))
     except BundleError as exc:
         print(f"FAIL {exc} [{exc.reason}]")
         return 1
@@ -208,21 +214,51 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_of(directory: Path) -> str:
+    """How much a bundle step reads: its files and bytes, for the progress line."""
+    try:
+        files = [p for p in directory.rglob("*") if p.is_file() and not p.is_symlink()]
+        total = float(sum(p.stat().st_size for p in files))
+    except OSError:
+        return "files"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if total < 1024 or unit == "TiB":
+            break
+        total /= 1024
+    return f"{len(files)} file(s), {total:.1f} {unit}"
+
+
 def cmd_health(args: argparse.Namespace) -> int:
-    """A grpc_health_probe in Python: TLS to the gateway, `Check` for the whole server."""
+    """A grpc_health_probe in Python: TLS to the gateway, `Check` for the whole server. Without
+    --address it probes the stack running from the state directory (never a default address)."""
     cfg = _config(args)
-    ca = args.ca or ensure_dev_pki(cfg.state_dir).ca_cert
+    running = None if args.address else find_running(cfg.state_dir)
+    address = args.address or (running.address if running else "")
+    if args.ca is not None:
+        ca = args.ca
+    elif running is not None and running.info.get("ca"):
+        ca = Path(running.info["ca"])
+    else:
+        pki = existing_dev_pki(cfg.state_dir)
+        if pki is None:
+            _err(f"health: no development PKI in {cfg.state_dir / 'pki'}: pass --ca, the gateway's CA")
+            return 2
+        ca = pki.ca_cert
     pair = (args.key.read_bytes(), args.cert.read_bytes()) if args.cert and args.key else (None, None)
     credentials = grpc.ssl_channel_credentials(ca.read_bytes(), *pair)
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
-    with grpc.secure_channel(_local(args.address or cfg.gateway.listen), credentials, options) as channel:
+    with grpc.secure_channel(_local(address), credentials, options) as channel:
         try:
             metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
-            _err(f"health: {exc.code().name}")
+            explained = Connection(address, str(ca), args.cert is not None).explain(exc.details() or "")
+            if explained is not None:
+                _err(f"health: {explained.reason}: {explained.message}")
+            else:
+                _err(f"health: {exc.code().name}: {exc.details()}")
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)

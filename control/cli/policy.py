@@ -35,7 +35,17 @@ def _why(decision: Decision) -> str:
     return "an explicit deny matched (deny overrides allow)"
 
 
+def _directory(args: argparse.Namespace) -> Path:
+    """--dir, else the configuration's policy_dir: this installation's policy/, as the gateway's."""
+    if args.dir is not None:
+        return Path(args.dir)
+    from gateway import config as config_mod
+
+    return config_mod.load(args.config, state_dir=args.state_dir).policy_dir
+
+
 def cmd_policy_lint(args: argparse.Namespace) -> int:
+    args.dir = _directory(args)
     findings = lint_directory(args.dir)
     for finding in findings:
         print(finding)
@@ -47,7 +57,7 @@ def cmd_policy_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    policy = _load_policy(args.dir)
+    policy = _load_policy(_directory(args))
     if policy is None:
         return 2
     failing = policy.failing_cases()
@@ -63,12 +73,12 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         )
     if not policy.cases:
         _err(f"warning: {tests} has no cases")
-    print(f"{len(policy.cases) - len(failing)} passed, {len(failing)} failed")
+    print(f"{tests}: {len(policy.cases) - len(failing)} passed, {len(failing)} failed")
     return 1 if failing else 0
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
-    policy = _load_policy(args.dir)
+    policy = _load_policy(_directory(args))
     if policy is None:
         return 2
     subject, tenant, resource, action = args.subject, args.tenant, args.resource, args.action

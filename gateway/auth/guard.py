@@ -104,7 +104,10 @@ class CallGuard:
                 f"too many denied calls; locked out for {left:.0f} s", reason="LOCKED_OUT"
             )
         if not _TENANT.fullmatch(tenant):
-            raise PermissionDeniedError("not a tenant name", reason="TENANT_INVALID")
+            raise PermissionDeniedError(
+                "x-airlock-tenant is not a tenant name: tenant names are lowercase letters, digits and '-'",
+                reason="TENANT_INVALID",
+            )
         call = self.calls.ask(method, request, principal, tenant, knock.door)
         if call.action:
             self._authorize(call, method=method, peer=knock.peer, key=key)

@@ -10,6 +10,12 @@ and friends, docs/protocol.md). Services: the identity is the SPIFFE URI
 SAN (`spiffe://<trust-domain>/tenant/<t>/svc/<name>`) of a client certificate that TLS verified,
 read only from the TLS auth context. Error messages carry a stable reason, never the token.
 
+Identity from a site's identity provider (`[[auth.issuers]]`, docs/production.md): per issuer, the
+subject may come from another claim (`subject_claim = "email"`) and the tenant from another claim
+(`tenant_claim = "org_id"`, a name or a dotted path), through a table of claim values
+(`tenant_map = { "org-123" = "acme" }`), or be fixed (`tenant = "acme"`: the issuer speaks for one
+tenant). A token's group or role claims never grant anything: roles come from policy.csv's g lines.
+
 A token that verified is remembered (bounded, by its exact text) until it expires or any JWKS is
 reloaded, so a client reusing its token pays for one signature check, not one per call; the
 issuer-to-tenant policy check, which can change under it, still runs on every call.
@@ -74,10 +80,15 @@ class JwtVerifier:
     """Verifies bearer tokens from the configured issuers; `may_speak_for` comes from the policy."""
 
     def __init__(
-        self, config: AuthConfig, jwks_files: Mapping[str, Path], may_speak_for: MaySpeakFor
+        self,
+        config: AuthConfig,
+        jwks_files: Mapping[str, Path],
+        may_speak_for: MaySpeakFor,
+        known_tenant: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.may_speak_for = may_speak_for
+        self.known_tenant = known_tenant  # whether any tenant of that name is served (the policy's)
         self.issuers: dict[str, IssuerConfig] = {i.issuer: i for i in config.issuers}
         missing = sorted(set(self.issuers) - set(jwks_files))
         if missing:
@@ -114,6 +125,12 @@ class JwtVerifier:
             if len(self._verified) > CACHE_SIZE:
                 self._verified.popitem(last=False)
         if not self.may_speak_for(issuer, principal.tenant):
+            if self.known_tenant is not None and not self.known_tenant(principal.tenant):
+                # A trusted issuer's token for a tenant nobody serves: most often a typo. The name
+                # is a checked tenant name (lowercase, at most 63), safe to say.
+                raise AuthenticationError(
+                    f"tenant {principal.tenant!r} is not served here", reason="TOKEN_TENANT_UNKNOWN"
+                )
             raise AuthenticationError(
                 "token issuer may not speak for this tenant", reason="TOKEN_ISSUER_NOT_ALLOWED"
             )
@@ -146,10 +163,13 @@ class JwtVerifier:
         if key.algorithm_name != alg:
             raise AuthenticationError("token algorithm does not match its key", reason="TOKEN_KEY_MISMATCH")
         _check_shapes(payload)
-        claims = self._decode(token, key, alg, issuer.issuer)
+        claims = self._decode(token, key, alg, issuer)
         exp = self._check_lifetime(claims)
         principal = Principal(
-            subject=_subject(claims), tenant=_tenant(claims), roles=_roles(claims), method="jwt"
+            subject=_subject(claims, issuer.subject_claim),
+            tenant=_tenant(claims, issuer),
+            roles=_roles(claims),
+            method="jwt",
         )
         return principal, issuer.issuer, exp
 
@@ -166,16 +186,18 @@ class JwtVerifier:
             )
         return exp
 
-    def _decode(self, token: str, key: jwt.PyJWK, alg: str, issuer: str) -> dict[str, Any]:
+    def _decode(self, token: str, key: jwt.PyJWK, alg: str, issuer: IssuerConfig) -> dict[str, Any]:
+        # `sub` is required unless the subject comes from another claim (checked by _subject).
+        required = _REQUIRED if issuer.subject_claim == "sub" else [c for c in _REQUIRED if c != "sub"]
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key.key,
                 algorithms=[alg],
                 audience=self.config.audience,
-                issuer=issuer,
+                issuer=issuer.issuer,
                 leeway=self.config.leeway_seconds,
-                options={"require": _REQUIRED},
+                options={"require": required},
             )
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("token expired", reason="TOKEN_EXPIRED") from None
@@ -265,22 +287,48 @@ def _printable(value: str, limit: int) -> bool:
     return 0 < len(value) <= limit and value.isprintable()
 
 
-def _subject(claims: dict[str, Any]) -> str:
-    subject = claims.get("sub")
-    if subject == "":
-        raise AuthenticationError("token lacks the 'sub' claim", reason="TOKEN_CLAIM_MISSING")
+def claim(claims: dict[str, Any], name: str) -> Any:
+    """A claim by name (`email`, `https://example.com/org`) or, when no claim has that name, by a
+    dotted path into nested objects (`org.id`); None when absent."""
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _subject(claims: dict[str, Any], name: str = "sub") -> str:
+    subject = claim(claims, name)
+    if subject is None or subject == "":
+        raise AuthenticationError(f"token lacks the {name!r} claim", reason="TOKEN_CLAIM_MISSING")
     if not isinstance(subject, str) or not _printable(subject, MAX_SUBJECT_CHARS):
-        raise _invalid("sub", f"must be 1..{MAX_SUBJECT_CHARS} printable characters")
+        raise _invalid(name, f"must be 1..{MAX_SUBJECT_CHARS} printable characters")
     return subject
 
 
-def _tenant(claims: dict[str, Any]) -> str:
-    tenant = claims.get("tenant")
-    if tenant is None or tenant == "":
-        raise AuthenticationError("token lacks the 'tenant' claim", reason="TOKEN_CLAIM_MISSING")
-    if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
-        raise _invalid("tenant", "must be a tenant name (a-z, 0-9, '-'; at most 63)")
-    return tenant
+def _tenant(claims: dict[str, Any], issuer: IssuerConfig | None = None) -> str:
+    """The token's tenant: the issuer's fixed one, its claim's value mapped through the issuer's
+    table, or the claim's value itself (which must then be a tenant name)."""
+    if issuer is not None and issuer.tenant:
+        return issuer.tenant
+    name = issuer.tenant_claim if issuer is not None else "tenant"
+    value = claim(claims, name)
+    if value is None or value == "":
+        raise AuthenticationError(f"token lacks the {name!r} claim", reason="TOKEN_CLAIM_MISSING")
+    if issuer is not None and issuer.tenant_map:
+        mapped = dict(issuer.tenant_map).get(value) if isinstance(value, str) else None
+        if mapped is None:  # the value is the IdP's, unbounded: never repeated
+            raise AuthenticationError(
+                f"token's {name!r} claim names no tenant of this issuer (auth.issuers tenant_map)",
+                reason="TOKEN_TENANT_UNMAPPED",
+            )
+        return mapped
+    if not isinstance(value, str) or not _TENANT.fullmatch(value):
+        raise _invalid(name, "must be a tenant name: lowercase letters, digits and '-' (at most 63)")
+    return value
 
 
 def _roles(claims: dict[str, Any]) -> tuple[str, ...]:

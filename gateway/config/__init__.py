@@ -242,7 +242,16 @@ class _Parser(Parser):
     def issuer(self, raw: Any, key: str) -> IssuerConfig:
         if not isinstance(raw, dict):
             raise self.fail(key, "must be a table ([[auth.issuers]])")
-        for unknown in sorted(set(raw) - {"issuer", "jwks_file", "algorithms"}):
+        allowed = {
+            "issuer",
+            "jwks_file",
+            "algorithms",
+            "subject_claim",
+            "tenant_claim",
+            "tenant_map",
+            "tenant",
+        }
+        for unknown in sorted(set(raw) - allowed):
             raise self.fail(f"{key}.{unknown}", "unknown key")
         d = IssuerConfig()
         name = self.get(raw, f"{key}.issuer", str, "")
@@ -259,7 +268,33 @@ class _Parser(Parser):
             raise self.fail(f"{key}.algorithms", "must list at least one algorithm")
         jwks = self.get(raw, f"{key}.jwks_file", str, "")
         return IssuerConfig(issuer=name, jwks_file=Path(jwks).expanduser() if jwks else None,
-                            algorithms=algorithms)  # fmt: skip
+                            algorithms=algorithms, **self.claims(raw, key))  # fmt: skip
+
+    def claims(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        """Where an issuer's tokens name the subject and the tenant (an identity provider's own
+        claims): `subject_claim`, and `tenant`, or `tenant_claim` with an optional `tenant_map`."""
+        d = IssuerConfig()
+        out: dict[str, Any] = {}
+        for name in ("subject_claim", "tenant_claim"):
+            value = self.get(raw, f"{key}.{name}", str, getattr(d, name))
+            if not 0 < len(value) <= 256 or not value.isprintable():
+                raise self.fail(f"{key}.{name}", "must be a claim name or dotted path (1..256 characters)")
+            out[name] = value
+        fixed = self.get(raw, f"{key}.tenant", str, "")
+        if fixed and not NAME.fullmatch(fixed):
+            raise self.fail(f"{key}.tenant", "tenant names are lowercase letters, digits and '-'")
+        table = self.get(raw, f"{key}.tenant_map", dict, {})
+        for value, tenant in table.items():
+            if not isinstance(tenant, str) or not NAME.fullmatch(tenant):
+                raise self.fail(f"{key}.tenant_map", f"{value!r} must map to a tenant name (lowercase)")
+            if not 0 < len(value) <= 256:
+                raise self.fail(f"{key}.tenant_map", "claim values are 1..256 characters")
+        if fixed and ("tenant_claim" in raw or table):
+            raise self.fail(
+                f"{key}.tenant", "a fixed tenant reads no claim: drop tenant_claim and tenant_map"
+            )
+        out.update(tenant=fixed, tenant_map=tuple(sorted(table.items())))
+        return out
 
     def lockout(self, raw: dict[str, Any]) -> LockoutConfig:
         keys = {"max_failures", "window_seconds", "lockout_seconds", "max_auth_failures_per_peer"}

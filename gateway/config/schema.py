@@ -79,11 +79,16 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class IssuerConfig:
-    """A trusted token issuer: its keys (a local JWKS) and the algorithms it may sign with."""
+    """A trusted token issuer: its keys (a local JWKS), the algorithms it may sign with, and where
+    its tokens name the subject and the tenant (gateway/auth/identity.py)."""
 
     issuer: str = "airlock-dev"
     jwks_file: Path | None = None  # None: the dev JWKS in the state directory
     algorithms: tuple[str, ...] = ("EdDSA", "ES256")
+    subject_claim: str = "sub"  # the claim (or dotted path) naming the subject
+    tenant_claim: str = "tenant"  # the claim (or dotted path) naming the tenant, or mapped to one
+    tenant_map: tuple[tuple[str, str], ...] = ()  # tenant_claim value -> tenant; empty: the value is one
+    tenant: str = ""  # every token of this issuer is of this tenant (no tenant claim read)
 
 
 @dataclass(frozen=True)

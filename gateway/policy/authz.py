@@ -18,20 +18,31 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.metrics import Metrics
-from gateway.policy.lint import lint_errors
+from gateway.policy.lint import lint_errors, reload_warnings
 from gateway.policy.rules import Decision, Policy, PolicyError, load_policy
 from gateway.watching import watch_directory
 
-__all__ = ["Authorizer", "load_checked"]
+__all__ = ["Authorizer", "Reload", "load_checked"]
 
 _log = logging.getLogger("airlock.authz")
 _REASON_CHARS = 2000  # of a rejection's reason, in the log and the audit record
+LINT_AT_RELOAD_LINES = 10_000  # lint warnings are looked for (and logged) in policies up to this size
+
+
+@dataclass(frozen=True)
+class Reload:
+    """The outcome of the last reload (the admin socket's Status reports it)."""
+
+    result: str  # "accepted" or "rejected"
+    at: float  # unix time
+    reason: str  # why it was rejected; "" when accepted
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,8 @@ class Authorizer:
         self.cache_size = cache_size
         self._current = _Generation(1, policy, {})
         self._reload_lock = asyncio.Lock()
+        self.last_reload: Reload | None = None
+        self.lint_warnings = 0  # of the policy in service (counted when it came into service)
         self.metrics.policy_generation.set(1)
         _settle()
 
@@ -136,7 +149,14 @@ class Authorizer:
         audit: AuditLog | None = None,
     ) -> Authorizer:
         tenants = tuple(required_tenants)
-        return cls(load_checked(directory, tenants), required_tenants=tenants, metrics=metrics, audit=audit)
+        policy = load_checked(directory, tenants)
+        authorizer = cls(policy, required_tenants=tenants, metrics=metrics, audit=audit)
+        if len(policy.rules) + len(policy.links) <= LINT_AT_RELOAD_LINES:
+            found = reload_warnings(policy)
+            for finding in found:
+                _log.warning("policy lint: %s", finding)
+            authorizer.lint_warnings = len(found)
+        return authorizer
 
     @property
     def generation(self) -> int:
@@ -182,11 +202,30 @@ class Authorizer:
             with _loop_first():
                 await loop.run_in_executor(_LOADER, retired.clear)
             self.metrics.policy_reloads.labels("accepted").inc()
+            self.last_reload = Reload("accepted", time.time(), "")
+            warnings = await self._lint(policy, loop)
             self.audit.record("policy_reload", result="accepted", generation=number,
-                              rules=len(policy.rules), links=len(policy.links))  # fmt: skip
+                              rules=len(policy.rules), links=len(policy.links),
+                              lint_warnings=warnings)  # fmt: skip
             _log.info("policy generation %d in service (%d rules, %d role links)",
                       number, len(policy.rules), len(policy.links))  # fmt: skip
             return True
+
+    async def _lint(self, policy: Policy, loop: asyncio.AbstractEventLoop) -> int | None:
+        """Log the lint warnings of a policy just put in service; their number (None: too large to
+        lint here, `airlock policy lint` does it offline)."""
+        if len(policy.rules) + len(policy.links) > LINT_AT_RELOAD_LINES:
+            return None
+        try:
+            with _loop_first():
+                found = await loop.run_in_executor(_LOADER, reload_warnings, policy)
+        except Exception as exc:  # a lint bug never takes a good policy out of service
+            _log.error("policy lint failed", exc_info=exc)
+            return None
+        for finding in found:
+            _log.warning("policy lint: %s", finding)
+        self.lint_warnings = len(found)
+        return len(found)
 
     def _rejected(self, exc: Exception) -> None:
         if isinstance(exc, PolicyError):
@@ -196,6 +235,7 @@ class Authorizer:
             _log.error("policy reload failed unexpectedly", exc_info=exc)
         reason = reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS] + "..."
         self.metrics.policy_reloads.labels("rejected").inc()
+        self.last_reload = Reload("rejected", time.time(), reason)
         _log.error("policy reload rejected; generation %d keeps serving: %s", self.generation, reason)
         self.audit.record("policy_reload", result="rejected", generation=self.generation, reason=reason)
 

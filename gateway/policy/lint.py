@@ -92,6 +92,16 @@ def lint(policy: Policy) -> list[Finding]:
     return sorted(findings, key=lambda f: (f.file, f.line, f.code))
 
 
+def reload_warnings(policy: Policy) -> list[Finding]:
+    """The warnings a gateway logs when it puts a policy in service: every check but Casbin's own
+    reading (which builds an enforcer), for a policy that has no errors already."""
+    csv = str(policy.directory / "policy.csv")
+    checks = (_cross_tenant_grants, _unknown_roles, _roles_without_permissions, _shadowed_allows,
+              _role_graph, _prefix_patterns, _duplicates, _hash_in_fields)  # fmt: skip
+    found = [f for check in checks for f in check(policy, csv) if f.severity == "warning"]
+    return sorted(found, key=lambda f: (f.file, f.line, f.code))
+
+
 def _tenant_patterns(policy: Policy, csv: str) -> Iterator[Finding]:
     for rule in policy.rules:
         if "*" not in rule.tenant:

@@ -12,6 +12,9 @@ import pytest
 
 from airlock import AsyncClient, AuthenticationError, Client, UnavailableError
 from airlock.client import _error, _service_config, _Token
+from airlock.connection import Connection
+
+NOWHERE = Connection("127.0.0.1:1", None, client_cert=False)
 
 
 def _jwt(exp_in: float) -> str:
@@ -97,10 +100,12 @@ def test_a_call_the_server_cancelled_is_unavailable_to_the_caller() -> None:
     # cancel (its own cancellation raises asyncio.CancelledError), so it gets the retryable status.
     trailing = grpc.aio.Metadata(("x-request-id", "req-7"))
     exc = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), trailing, details="Cancelled")
-    err = _error(exc, "req-7")
+    err = _error(exc, "req-7", NOWHERE)
     assert isinstance(err, UnavailableError)
     assert (err.reason, err.request_id) == ("SERVER_CANCELLED", "req-7")
-    other = _error(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing), "x")
+    other = _error(
+        grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing), "x", NOWHERE
+    )
     assert isinstance(other, UnavailableError) and other.reason != "SERVER_CANCELLED"
 
 

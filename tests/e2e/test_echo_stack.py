@@ -120,11 +120,12 @@ async def test_bad_tokens_are_unauthenticated_and_dispatch_nothing(
 
 
 async def test_a_token_for_a_tenant_the_policy_does_not_know_is_refused(echo_stack: LiveStack) -> None:
-    # No issuer may speak for a tenant missing from policy/tenants.toml.
+    # No issuer may speak for a tenant missing from policy/tenants.toml; the refusal says so.
     async with echo_stack.client("initech") as client:
         with pytest.raises(AuthenticationError) as err:
             await client.generate("hi")
-    assert err.value.reason == "TOKEN_ISSUER_NOT_ALLOWED"
+    assert err.value.reason == "TOKEN_TENANT_UNKNOWN"
+    assert err.value.message == "tenant 'initech' is not served here"
 
 
 @pytest.mark.parametrize(

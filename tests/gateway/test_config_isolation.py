@@ -110,7 +110,7 @@ def test_the_launcher_starts_one_shared_worker_per_model_for_every_shared_tenant
         domains = { echo = ["GPU-7"] }
     """), state_dir=tmp_path / "state")  # fmt: skip
     stack = Stack(cfg, run_dir=tmp_path / "run")
-    plan = stack._worker_plan(ensure_dev_pki(cfg.state_dir))
+    plan = stack.worker_plan(ensure_dev_pki(cfg.state_dir))
     assert set(plan) == {("shared", "echo"), ("initech", "echo")}
     settings, domain = plan[("shared", "echo")]
     assert settings.tenant_names == ("acme", "globex")

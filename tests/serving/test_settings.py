@@ -281,7 +281,7 @@ def plan(tmp_path: Path) -> tuple[Any, Any, dict[tuple[str, str], Any]]:
 
     cfg = launcher_config(tmp_path)
     stack, pki = Stack(cfg, run_dir=tmp_path / "run"), ensure_dev_pki(cfg.state_dir)
-    return stack, pki, stack._worker_plan(pki)
+    return stack, pki, stack.worker_plan(pki)
 
 
 def test_the_launcher_writes_a_dedicated_workers_settings(plan: tuple[Any, Any, Any]) -> None:
