@@ -305,7 +305,7 @@ def _ops_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     check.add_argument("--trusted-keys", type=Path, help="PEM public keys (default: bundles.trusted_keys)")
     _command(check, "ops:cmd_bundle_verify")
     push = bsub.add_parser("push", parents=[common], help="upload a signed bundle to S3 ([s3] in the config)")
-    push.add_argument("dir", type=Path)
+    push.add_argument("dir", type=Path, help="the signed bundle directory to upload")
     push.add_argument("url", help="s3://BUCKET/PREFIX")
     push.add_argument(
         "--trusted-keys", type=Path, help="verify against these first (default: bundles.trusted_keys)"
