@@ -1,9 +1,11 @@
 """Which worker serves a (tenant, model), and which of them are ready right now.
 
 One mTLS channel per worker address (a shared worker's tenants share it); gRPC reconnects it by
-itself, quickly, when a worker is restarted on the same address. Each worker's health is watched
-(the standard health service), so the gateway reports SERVING only while every tenant it serves has
-a ready worker, and per tenant as `tenant/<name>`. A route to a shared worker is used only while the
+itself, quickly, when a worker is restarted on the same address. Generations travel on a few
+long-lived streams over it (gateway/channel.py). Each worker's health is watched (the standard
+health service) and its streams kept open, so the gateway reports SERVING only while every tenant it
+serves has a worker that says it is ready and whose streams are open, and per tenant as
+`tenant/<name>`. A route to a shared worker is used only while the
 policy in service opts its tenant in to shared isolation; otherwise the call fails closed, audited.
 """
 
@@ -20,8 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
-from airlock.v1 import worker_pb2_grpc
 from gateway.audit import AuditLog
+from gateway.channel import WorkerChannel
 from serving.logs import current_request_id
 
 __all__ = ["TENANT_HEALTH_PREFIX", "ClientTls", "Route", "Router", "tenant_health_name"]
@@ -88,7 +90,7 @@ class Router:
         self.may_share = may_share or (lambda _tenant: False)
         self._audit = audit
         self._routes: dict[tuple[str, str], Route] = {}
-        self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
+        self._workers: dict[str, WorkerChannel] = {}  # by worker address
         self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address
         self._defaults: dict[str, str] = {}
         self._ready: dict[str, bool] = {}  # by worker address
@@ -98,9 +100,10 @@ class Router:
             if channel is None:
                 channel = grpc.aio.secure_channel(route.address, credentials, options=_CHANNEL_OPTIONS)
                 self._channels[route.address] = channel
+                where = {"tenant": ",".join(r.tenant for r in routes if r.address == route.address)}
+                self._workers[route.address] = WorkerChannel(channel, where)
                 self._ready[route.address] = False
             self._routes[key] = route
-            self._stubs[key] = worker_pb2_grpc.WorkerStub(channel)
             self._defaults.setdefault(route.tenant, route.model)
 
     @property
@@ -114,14 +117,14 @@ class Router:
     def default_model(self, tenant: str) -> str:
         return self._defaults.get(tenant, "")
 
-    def resolve(self, tenant: str, model: str) -> tuple[str, worker_pb2_grpc.WorkerStub]:
+    def resolve(self, tenant: str, model: str) -> tuple[str, WorkerChannel]:
         if tenant not in self._defaults:
             raise PermissionDeniedError("tenant is not served here", reason="TENANT_NOT_SERVED")
         name = model or self._defaults[tenant]
-        stub = self._stubs.get((tenant, name))
-        if stub is None:
+        route = self._routes.get((tenant, name))
+        if route is None:
             raise InvalidRequestError("unknown model", reason="UNKNOWN_MODEL", field="model")
-        if self._routes[(tenant, name)].shared and not self.may_share(tenant):
+        if route.shared and not self.may_share(tenant):
             # Fail closed: the security team withdrew (or never gave) this tenant's opt-in.
             self._audit.record("isolation", decision="refused", tenant=tenant, model=name,
                                reason="ISOLATION_NOT_ALLOWED", request_id=current_request_id())  # fmt: skip
@@ -130,18 +133,21 @@ class Router:
                 "to shared isolation",
                 reason="ISOLATION_NOT_ALLOWED",
             )
-        return name, stub
+        return name, self._workers[route.address]
 
     def tenant_ready(self, tenant: str) -> bool:
-        """At least one of the tenant's workers reports SERVING."""
-        return any(self._ready[r.address] for r in self.routes if r.tenant == tenant)
+        """At least one of the tenant's workers reports SERVING and has its channel open."""
+        return any(self._ready[r.address] and self._workers[r.address].is_open
+                   for r in self.routes if r.tenant == tenant)  # fmt: skip
 
     def all_ready(self) -> bool:
         return all(self.tenant_ready(t) for t in self._defaults)
 
     async def watch(self, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
-        """Follow every worker's health until `stop`; await `changed()` whenever readiness flips."""
+        """Follow every worker's health and keep its channel open until `stop`; await `changed()`
+        whenever readiness flips. Open channels stay open for the calls in flight (until `close`)."""
         tasks = [asyncio.create_task(self._watch_one(key, stop, changed)) for key in self._channels]
+        tasks += [asyncio.create_task(w.keep_open(stop, changed)) for w in self._workers.values()]
         await stop.wait()
         for task in tasks:
             task.cancel()
@@ -182,6 +188,8 @@ class Router:
         await changed()
 
     async def close(self) -> None:
+        for worker in self._workers.values():
+            await worker.close()
         for channel in self._channels.values():
             await channel.close()
 

@@ -158,6 +158,7 @@ async def serve(settings: WorkerSettings, ready_file: Path | None = None) -> Non
     await stopping.wait()
     _log.info("worker stopping", extra={"tenant": settings.tenant})
     await health.enter_graceful_shutdown()
+    service.drain()  # channels take no new request and end once theirs are answered
     await server.stop(settings.grace_seconds)
     await engine.close()
     del cuda_canaries  # held until here on purpose: the scrubber must not find them later
