@@ -30,7 +30,7 @@ from google.rpc import status_pb2
 
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
-from serving.frames import Outbox
+from serving.frames import BATCH_BYTES, FRAME_OVERHEAD, Outbox
 
 __all__ = ["CREDIT", "STREAMS", "Exchange", "WorkerChannel"]
 
@@ -174,22 +174,24 @@ class _Stream:
     """One open Channel call: a reader that hands each frame to its request, a writer that sends what
     piled up as one message. When either fails, every request on it fails UNAVAILABLE."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, lost: Callable[[_Stream], None]) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, lost: Callable[[_Stream], None], limit: int) -> None:
         self._call = call
         self._lost = lost
         self._exchanges: dict[int, Exchange] = {}
         self._ids = itertools.count(1)
         self._out: Outbox[worker_pb2.GatewayFrames, worker_pb2.GatewayFrame] = Outbox(
-            worker_pb2.GatewayFrames, _new_frame
+            worker_pb2.GatewayFrames, _new_frame, limit=min(BATCH_BYTES, limit)
         )
         self.open = True
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
 
-    def exchange(self, work: worker_pb2.WorkerRequest, stream: bool, deadline: float | None) -> Exchange:
+    def exchange(
+        self, work: worker_pb2.WorkerRequest, size: int, stream: bool, deadline: float | None
+    ) -> Exchange:
         id_ = next(self._ids)
         exchange = Exchange(self, id_, deadline)
         self._exchanges[id_] = exchange
-        frame = self._out.add(work.ByteSize() + 16)
+        frame = self._out.add(size)
         frame.id = id_
         frame.open.request.CopyFrom(work)
         if stream:
@@ -272,10 +274,16 @@ class WorkerChannel:
     and the generations, on `STREAMS` long-lived Channel streams (`open`)."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, where: Mapping[str, str] | None = None, *, streams: int = STREAMS
+        self,
+        channel: grpc.aio.Channel,
+        where: Mapping[str, str] | None = None,
+        *,
+        streams: int = STREAMS,
+        max_message_bytes: int = 4 << 20,
     ) -> None:
         self.stub = worker_pb2_grpc.WorkerStub(channel)
         self._where = dict(where or {})
+        self._max_frame = max_message_bytes - FRAME_OVERHEAD  # the worker's limit is the gateway's
         self._streams: list[_Stream | None] = [None] * streams
         self._dialing: list[asyncio.Task[_Stream] | None] = [None] * streams
         self._turn = 0
@@ -290,20 +298,24 @@ class WorkerChannel:
     async def open(self, work: worker_pb2.WorkerRequest, *, stream: bool, deadline: float | None) -> Exchange:
         """Send `work` on one of the streams (opening one first when none is), with the caller's
         deadline (monotonic; None: none). A stream fails with UNAVAILABLE when the worker can't be
-        reached, DEADLINE_EXCEEDED when the deadline passes first."""
+        reached, DEADLINE_EXCEEDED when the deadline passes first; a request too large for the
+        worker's message limit is refused alone (RESOURCE_EXHAUSTED, as gRPC would refuse a call)."""
         if deadline is not None and deadline <= time.monotonic():
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        size = work.ByteSize() + 32  # the frame: ids, flags, credit, timeout
+        if size > self._max_frame:
+            raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the request is larger than the worker's limit")
         count = len(self._streams)
         for _ in range(count):
             i = self._turn
             self._turn = (i + 1) % count
             s = self._streams[i]
             if s is not None and s.open:
-                return s.exchange(work, stream, deadline)
+                return s.exchange(work, size, stream, deadline)
             if self._dialing[i] is None and any(self._streams):
                 self._dial_soon(i)  # a lost or unopened one: opened meanwhile, for the next requests
         s = await self._connect(self._turn, deadline)
-        return s.exchange(work, stream, deadline)
+        return s.exchange(work, size, stream, deadline)
 
     async def keep_open(self, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
         """Keep every stream open until `stop` (opening a lost one again, with backoff), and await
@@ -385,7 +397,7 @@ class WorkerChannel:
         except BaseException:
             call.cancel()
             raise
-        s = self._streams[i] = _Stream(call, self._on_lost)
+        s = self._streams[i] = _Stream(call, self._on_lost, self._max_frame)
         return s
 
     def _on_lost(self, stream: _Stream) -> None:

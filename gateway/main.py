@@ -128,7 +128,8 @@ def build(
     jwks = {i.issuer: cfg.jwks_file(i) for i in cfg.auth.issuers}
     verifier = JwtVerifier(cfg.auth, jwks, may_speak_for)
     tls = ClientTls(ca=tls_files.worker_ca, cert=tls_files.cert, key=tls_files.key)
-    router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit)
+    router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit,
+                    max_message_bytes=cfg.gateway.max_message_bytes)  # fmt: skip
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})

@@ -80,6 +80,7 @@ class Router:
         *,
         audit: AuditLog,
         may_share: Callable[[str], bool] | None = None,
+        max_message_bytes: int = 4 << 20,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
@@ -98,10 +99,15 @@ class Router:
             key = (route.tenant, route.model)
             channel = self._channels.get(route.address)
             if channel is None:
-                channel = grpc.aio.secure_channel(route.address, credentials, options=_CHANNEL_OPTIONS)
+                # workers are launched with the gateway's message limit (gRPC's default is 4 MiB)
+                receive = ("grpc.max_receive_message_length", max(max_message_bytes, 4 << 20))
+                channel = grpc.aio.secure_channel(
+                    route.address, credentials, options=(*_CHANNEL_OPTIONS, receive)
+                )
                 self._channels[route.address] = channel
                 where = {"tenant": ",".join(r.tenant for r in routes if r.address == route.address)}
-                self._workers[route.address] = WorkerChannel(channel, where)
+                worker = WorkerChannel(channel, where, max_message_bytes=max_message_bytes)
+                self._workers[route.address] = worker
                 self._ready[route.address] = False
             self._routes[key] = route
             self._defaults.setdefault(route.tenant, route.model)

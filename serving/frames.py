@@ -5,7 +5,9 @@ the gateway-worker channel has one writer; whatever has something to send adds a
 the writer takes everything that piled up while its previous message was on its way as one batch.
 Frames that keep coming while the writer is busy cost one gRPC write, one read on the other side and
 one event-loop turn per batch instead of per frame. A batch is cut at `limit` bytes (callers give
-each frame's approximate size), far below the gRPC message limit, whatever piles up.
+each frame's approximate size), far below the gRPC message limit, whatever piles up; a frame that
+could not fit the peer's message limit on its own is never added (each end refuses that request
+alone instead: a failed write would end the stream for everyone on it).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["BATCH_BYTES", "Outbox"]
+__all__ = ["BATCH_BYTES", "FRAME_OVERHEAD", "Outbox"]
 
 B = TypeVar("B")  # a batch message (GatewayFrames, WorkerFrames)
 F = TypeVar("F")  # one of its frames
 
 BATCH_BYTES = 256 << 10
+# What a batch adds around one frame, with room to spare: a frame alone in a batch must stay within
+# the peer's message limit, or the write fails and with it the stream and every request on it.
+FRAME_OVERHEAD = 64
 
 
 class Outbox(Generic[B, F]):

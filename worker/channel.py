@@ -21,11 +21,17 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from airlock.envelope import Sealer
-from airlock.errors import AirlockError, DeadlineExceededError, InvalidRequestError, UnavailableError
+from airlock.errors import (
+    AirlockError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    QuotaExceededError,
+    UnavailableError,
+)
 from airlock.rpcstatus import status_of
 from airlock.types import GenerationSpec, check_request_id, new_request_id
 from airlock.v1 import worker_pb2
-from serving.frames import Outbox
+from serving.frames import BATCH_BYTES, FRAME_OVERHEAD, Outbox
 from serving.logs import bind_request_id
 from serving.rpc import logged_error
 from worker.answers import fill_chunk, fill_response
@@ -87,8 +93,9 @@ class ChannelSession:
         self._frames = frames
         self._requests: dict[int, _Request] = {}
         self._ready: dict[int, _Request] = {}  # requests with output and credit, in the order they got ready
+        self._max_frame = service.max_message_bytes - FRAME_OVERHEAD
         self._out: Outbox[worker_pb2.WorkerFrames, worker_pb2.WorkerFrame] = Outbox(
-            worker_pb2.WorkerFrames, _new_frame
+            worker_pb2.WorkerFrames, _new_frame, limit=min(BATCH_BYTES, self._max_frame)
         )
         self._draining = draining
         self._eof = False  # the gateway will send no more frames
@@ -230,6 +237,11 @@ class ChannelSession:
         while n < len(outputs) and (n == 0 or size + len(outputs[n].text) <= MERGE_BYTES):
             size += len(outputs[n].text)
             n += 1
+        if size + _FRAME_BYTES > self._max_frame:  # one output bigger than a message may be
+            self._fail(request, _too_large(), request.spec.request_id if request.spec else "")
+            if request.task is not None:
+                request.task.cancel()
+            return
         batch = outputs[:n]
         del outputs[:n]
         request.text_bytes -= size
@@ -243,6 +255,10 @@ class ChannelSession:
     def _send(self, request: _Request, frame: worker_pb2.WorkerFrame, size: int) -> None:
         if request.done:
             return
+        if size + _FRAME_BYTES > self._max_frame:  # refused alone, as gRPC refuses an oversize answer
+            status = status_of(_too_large(), request_id=frame.response.request_id)
+            frame = worker_pb2.WorkerFrame(error=status)
+            size = status.ByteSize()
         out = self._out.add(size + _FRAME_BYTES)
         out.CopyFrom(frame)
         out.id = request.id
@@ -258,6 +274,10 @@ class ChannelSession:
         self._requests.pop(request.id, None)
         self._ready.pop(request.id, None)
         self._out.wake()
+
+
+def _too_large() -> QuotaExceededError:
+    return QuotaExceededError("the answer is larger than the message limit", reason="QUOTA_EXCEEDED")
 
 
 def _new_frame(batch: worker_pb2.WorkerFrames) -> worker_pb2.WorkerFrame:

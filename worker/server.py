@@ -61,6 +61,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         *,
         others: Mapping[str, WorkerAttestor] | None = None,
         isolation: str = "dedicated",
+        max_message_bytes: int = 4 << 20,
     ) -> None:
         self.attestors = {tenant: attestor, **(others or {})}
         if any(name != a.tenant for name, a in self.attestors.items()):
@@ -73,6 +74,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.isolation = isolation
         self.state = state  # the domain arena that holds request state, zeroed per the scrub mode
         self.requests_started = 0
+        self.max_message_bytes = max_message_bytes  # the server's: no channel frame may be larger
         self._sessions: set[ChannelSession] = set()
         self._draining = False
 

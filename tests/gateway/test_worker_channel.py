@@ -228,3 +228,19 @@ async def test_a_worker_that_is_not_there_is_unavailable(tmp_path: Path) -> None
             await channel.open(worker_pb2.WorkerRequest(tenant="acme"), stream=False, deadline=None)
         assert unavailable.value.code() == grpc.StatusCode.UNAVAILABLE and not channel.is_open
         await channel.close()
+
+
+async def test_a_request_larger_than_the_workers_limit_is_refused_alone(
+    scripted: tuple[Scripted, grpc.aio.Channel],
+) -> None:
+    worker, grpc_channel = scripted
+    channel = WorkerChannel(grpc_channel, streams=1, max_message_bytes=4096)
+    large = worker_pb2.WorkerRequest(tenant="acme")
+    large.request.messages.add(role="user", content="x" * 8192)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await channel.open(large, stream=False, deadline=None)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    small = await channel.open(worker_pb2.WorkerRequest(tenant="acme"), stream=False, deadline=None)
+    await until(lambda: worker.opened, "the open frame did not arrive")
+    assert worker.opened == [(0, small.id)]  # the large one was never sent
+    await channel.close()

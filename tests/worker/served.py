@@ -22,6 +22,7 @@ from gateway.config import KeysConfig
 from gateway.keys import ensure_tenant_keys, open_keystore
 from gateway.sealing import GatewaySealing
 from worker.attestation import WorkerAttestor
+from worker.engine import Engine
 from worker.engines.echo import EchoEngine
 from worker.server import WorkerService, WorkerTls, create_server
 
@@ -34,7 +35,7 @@ class Served:
     pki: DevPki
     address: str
     service: WorkerService
-    engine: EchoEngine
+    engine: EchoEngine  # the worker's engine, unless the test gave it another
     channel: grpc.aio.Channel  # presenting the gateway's certificate
     stub: worker_pb2_grpc.WorkerStub
     sealing: GatewaySealing
@@ -63,13 +64,21 @@ def words(n: int, prefix: str = "w") -> str:
 
 
 @asynccontextmanager
-async def served_worker(tmp_path: Path, tokens_per_second: float = 0.0) -> AsyncIterator[Served]:
+async def served_worker(
+    tmp_path: Path,
+    tokens_per_second: float = 0.0,
+    *,
+    engine: Engine | None = None,
+    max_message_bytes: int = 4 << 20,
+) -> AsyncIterator[Served]:
     pki = ensure_dev_pki(tmp_path / "pki")
     attest = worker_attestation_cert(pki, "acme")
     attestor = WorkerAttestor(tenant="acme", model="echo", settings={}, model_manifest=b"echo",
                               attest_key=attest.key, attest_cert=attest.cert, nvidia=False)  # fmt: skip
-    engine = EchoEngine(tokens_per_second)
-    service = WorkerService("acme", "echo", engine, LIMITS, attestor)
+    echo = EchoEngine(tokens_per_second)
+    service = WorkerService(
+        "acme", "echo", engine or echo, LIMITS, attestor, max_message_bytes=max_message_bytes
+    )
     server, port, _ = await create_server(service, "127.0.0.1:0", WorkerTls(pki.worker_cert, pki.worker_key,
                                                                               pki.ca_cert))  # fmt: skip
     await server.start()
@@ -86,7 +95,7 @@ async def served_worker(tmp_path: Path, tokens_per_second: float = 0.0) -> Async
     )  # fmt: skip
     await sealing.ensure_released("acme", "echo", stub)
     try:
-        yield Served(pki, f"127.0.0.1:{port}", service, engine, channel, stub, sealing)
+        yield Served(pki, f"127.0.0.1:{port}", service, echo, channel, stub, sealing)
     finally:
         await channel.close()
         await server.stop(None)

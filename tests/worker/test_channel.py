@@ -14,10 +14,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from airlock.types import GenerationSpec
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from tests.worker.served import Served, served_worker, words
 from worker.channel import MERGE_DEPTH
+from worker.engine import EngineOutput
 
 Frame = worker_pb2.GatewayFrame
 
@@ -206,3 +208,38 @@ async def test_a_draining_worker_answers_what_runs_refuses_what_comes_and_ends_t
     assert "".join(opener.open(c.sealed_text).decode() for c in chunks) == words(20)
     assert await call.read() is grpc.aio.EOF  # nothing left: the worker ends the stream
     assert await call.code() == grpc.StatusCode.OK
+
+
+class Oversized:
+    """An engine whose one output is larger than any message may be."""
+
+    kind, produced_tokens, active = "oversized", 0, 0
+
+    async def generate(self, spec: GenerationSpec, *, tenant: str = "") -> AsyncIterator[EngineOutput]:
+        yield EngineOutput(text="x" * (64 << 10), tokens=1)
+        yield EngineOutput(text="", tokens=0, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_answer_larger_than_a_message_fails_alone_and_the_stream_goes_on(tmp_path: Path) -> None:
+    async with served_worker(tmp_path, engine=Oversized(), max_message_bytes=32 << 10) as served:
+        call = await opened(served)
+        unary, _ = served.work("hi")
+        stream, _ = served.work("hi")
+        await send(call, open_frame(1, unary), open_frame(2, stream, stream=True, credit=4))
+        got = {f.id: f for f in await frames_until(call, lambda f: f.id == 2)}
+        got |= {f.id: f for f in await frames_until(call, lambda f: f.id == 1)} if 1 not in got else {}
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert (got[1].error.code, reason(got[1].error)) == (exhausted, "QUOTA_EXCEEDED")
+        assert (got[2].error.code, reason(got[2].error)) == (exhausted, "QUOTA_EXCEEDED")
+        served.service.engine = served.engine  # the stream is still open: an echo on it is answered
+        fine, opener = served.work("fine")
+        await send(call, open_frame(3, fine))
+        answer = await frames_until(call, lambda f: f.id == 3)
+        assert opener.open(answer[-1].response.sealed_text).decode() == "fine"
+        call.cancel()
