@@ -18,9 +18,12 @@ that arrive in the measured window counts (a chunk of k tokens: one gap and k-1 
 - Row 11b: gateway CPU time (psutil, user + system) per 1,000 tokens it relayed, against the bare
   relay's, at the largest N both kept within the bound; target <= 1.3x.
 
+`--profile FILE` instead records the gateway (or, with `--profile-path relay`, the bare relay) with
+py-spy at `--profile-streams` streams: a flame graph (.svg) or collapsed stacks (.txt).
 Writes bench/results/capacity.json.
 
     python bench/capacity.py [--quick] [--ladder 16,32,...] [--seconds 6] [--ramp 2] [--rate 30]
+                             [--profile FILE [--profile-path gateway|relay] [--profile-streams 96]]
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import argparse
 import asyncio
 import itertools
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -230,6 +235,8 @@ async def measure(stack: Stack, relay: BareRelay, args: argparse.Namespace) -> d
     warmup = argparse.Namespace(**{**vars(args), "ramp": 0.2, "seconds": 0.5})
     for name in PATHS:  # warm up every connection, the gateway's caches and key release
         await run_step(streams[name], 4, warmup, None)
+    if args.profile is not None:
+        return {"profile": await profile(streams[args.profile_path], pids[args.profile_path], args)}
     steps: dict[str, list[dict[str, Any]]] = {name: [] for name in PATHS}
     alive = set(PATHS)
     bound: float | None = None
@@ -263,6 +270,27 @@ async def measure(stack: Stack, relay: BareRelay, args: argparse.Namespace) -> d
             await channel.close()
     return {"bound_ms": bound, "added_ms": ADDED_MS, "rate": args.rate, "tokens": args.tokens,
             "ladder": args.ladder, "steps": steps}  # fmt: skip
+
+
+async def profile(stream: Stream, pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy records the relaying process (gateway or bare relay) at `--profile-streams` streams."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None or pid is None:
+        raise SystemExit(
+            "py-spy is not installed (it is in the dev extra: make venv), or no process to record"
+        )
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    form = "raw" if args.profile.suffix == ".txt" else "flamegraph"  # raw: collapsed stacks, to count
+    seconds = int(args.seconds + args.ramp)
+    command = [spy, "record", "--pid", str(pid), "--output", str(args.profile), "--format", form,
+               "--rate", "200", "--nonblocking", "--duration", str(seconds)]  # fmt: skip
+    recorder = subprocess.Popen(command)
+    step = await run_step(stream, args.profile_streams, args, pid)
+    if await asyncio.to_thread(recorder.wait) != 0:
+        raise SystemExit(
+            f"py-spy failed (exit {recorder.returncode}); as root it needs the ptrace capability"
+        )
+    return step.summary()
 
 
 def kept(result: dict[str, Any], bound: float | None) -> bool:
@@ -330,6 +358,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=30.0, help="tokens/s of each stream")
     parser.add_argument("--tokens", type=int, default=60, help="tokens per stream")
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
+    parser.add_argument(
+        "--profile", type=Path, help="record a py-spy profile (.svg flame graph, .txt stacks)"
+    )
+    parser.add_argument("--profile-path", choices=("gateway", "relay"), default="gateway")
+    parser.add_argument("--profile-streams", type=int, default=96, help="streams while recording")
     args = parser.parse_args()
     args.ladder = [int(n) for n in args.ladder.split(",")]
     if args.quick:
@@ -348,6 +381,9 @@ def main() -> int:
             with BareRelay(pki.gateway_cert, pki.gateway_key, pki.ca_cert, f"127.0.0.1:{worker.port}",
                            Path(tmp), ALLOCATOR_ENV) as relay:  # fmt: skip
                 results = asyncio.run(measure(stack, relay, args))
+    if args.profile is not None:
+        print(f"profile written to {args.profile} ({results['profile']})")
+        return 0
     rows = rows_of(results)
     print_rows(rows)
     write_report(args.out, "capacity", rows, results, quick=args.quick)

@@ -6,8 +6,9 @@ streams ~140 µs), so the gateway keeps `STREAMS` `Worker/Channel` streams open 
 sends every generation as frames on one of them (protos/airlock/v1/worker.proto; the worker's end
 is worker/channel.py). Each request has its own id on the stream, its deadline and cancellation in
 the frames, and its own flow control: this end always reads the stream and holds up to `CREDIT`
-chunks per request for its caller, granting more as the caller takes them, so a slow reader holds
-up only its own request (the worker merges and then stops reading that engine meanwhile).
+bytes of chunks per request for its caller (and the one chunk that overdrew it), granting more as
+the caller takes them, so a slow reader holds up only its own request (the worker merges and then
+stops reading that engine meanwhile). A stream of a decoder's pace never needs a credit frame.
 
 Failures read like a unary call's: a request ends with the `grpc.aio.AioRpcError` the worker's
 status (or the broken stream: UNAVAILABLE) makes, so the pipeline's retry and error mapping are the
@@ -37,11 +38,16 @@ __all__ = ["CREDIT", "STREAMS", "Exchange", "WorkerChannel"]
 _log = logging.getLogger("airlock.channel")
 
 STREAMS = 2  # long-lived Channel streams per worker; requests take them in turn
-CREDIT = 16  # chunks a worker may send for one stream request before its caller takes them
+CREDIT = 64 << 10  # chunk bytes a worker may send for one stream request before its caller takes them
 MERGE_BYTES = 16 << 10  # chunks handed to a caller at once: what arrived, up to this much past the first
 CONNECT_SECONDS = 10.0  # for a stream to open (the worker's first message)
 _RETRY = (0.1, 1.0)  # seconds: first and longest pause before keep_open tries a lost worker again
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _size(chunk: pb.GenerateChunk) -> int:
+    """What a chunk costs of its request's credit (worker/channel.py counts the same)."""
+    return len(chunk.sealed_text.ciphertext) + len(chunk.text)
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -61,7 +67,8 @@ class Exchange:
     """One request on a channel: its answer, or its chunks as they come; `close()` when done with it
     (a request not answered yet is cancelled: the worker aborts its engine)."""
 
-    __slots__ = ("_chunks", "_error", "_response", "_stream", "_taken", "_timer", "_waiter", "ended", "id")
+    __slots__ = ("_chunks", "_error", "_held", "_response", "_stream", "_taken", "_timer", "_waiter", "ended",
+                 "id")  # fmt: skip
 
     def __init__(self, stream: _Stream, id_: int, deadline: float | None) -> None:
         self._stream = stream
@@ -70,14 +77,15 @@ class Exchange:
         self._response: pb.GenerateResponse | None = None
         self._error: grpc.aio.AioRpcError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._taken = 0  # chunks the caller took since the last credit frame
+        self._held = 0  # chunk bytes that arrived and were not granted back yet
+        self._taken = 0  # chunk bytes the caller took since the last credit frame
         self.ended = False  # its last frame arrived, it failed, or it was closed
         self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._expire)
 
     @property
     def buffered(self) -> int:
-        """Chunks that arrived and wait for the caller (at most CREDIT)."""
-        return len(self._chunks)
+        """Bytes of chunks that arrived and wait for the caller (at most CREDIT and one chunk)."""
+        return sum(_size(c) for c in self._chunks)
 
     async def response(self) -> pb.GenerateResponse:
         """The whole answer of a unary request."""
@@ -101,14 +109,15 @@ class Exchange:
             await self._wait()
         chunks = self._chunks
         batch = [chunks.popleft()]
-        total = len(batch[0].sealed_text.ciphertext)
-        while chunks and total + len(chunks[0].sealed_text.ciphertext) <= max_bytes:
-            total += len(chunks[0].sealed_text.ciphertext)
+        total = _size(batch[0])
+        while chunks and total + _size(chunks[0]) <= max_bytes:
+            total += _size(chunks[0])
             batch.append(chunks.popleft())
         if not self.ended:
-            self._taken += len(batch)
-            if self._taken >= CREDIT // 2:  # half the window back at once: one frame per several chunks
+            self._taken += total
+            if self._taken >= CREDIT // 2:  # half the window back at once: one frame per many chunks
                 self._stream.credit(self.id, self._taken)
+                self._held -= self._taken
                 self._taken = 0
         return batch
 
@@ -123,13 +132,15 @@ class Exchange:
             return
         kind = frame.WhichOneof("kind")
         if kind == "chunk":
-            self._chunks.append(frame.chunk)
-            if frame.chunk.finish_reason:  # a stream's last chunk
-                self._end()
-            elif len(self._chunks) > CREDIT:  # more than it was granted: not a worker of ours
+            chunk = frame.chunk
+            if self._held >= CREDIT:  # it had no credit left: not a worker of ours
                 self.fail(_error(grpc.StatusCode.INTERNAL, "the worker sent past its credit"))
                 self._stream.cancel(self.id)
                 return
+            self._held += _size(chunk)
+            self._chunks.append(chunk)
+            if chunk.finish_reason:  # a stream's last chunk
+                self._end()
         elif kind == "response":
             self._response = frame.response
             self._end()
@@ -208,11 +219,11 @@ class _Stream:
             frame.id = id_
             frame.cancel.SetInParent()
 
-    def credit(self, id_: int, chunks: int) -> None:
+    def credit(self, id_: int, size: int) -> None:
         if self.open:
             frame = self._out.add(8)
             frame.id = id_
-            frame.credit.chunks = chunks
+            frame.credit.bytes = size
 
     def forget(self, id_: int) -> None:
         self._exchanges.pop(id_, None)

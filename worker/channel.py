@@ -7,8 +7,9 @@ the engine; the sealed answer), with its own request id in its log lines and the
 enforced here. The answers of all requests go back through the stream's one writer, which takes
 everything that piled up while its previous message was on its way as one (serving/frames.py).
 
-Flow control, per stream request: the gateway grants chunk credits. While a request has credit, the
-writer sends what its engine made since the last chunk as one chunk, sealed once; while it has none,
+Flow control, per stream request: the gateway grants credit in chunk bytes. While a request has
+credit, the writer sends what its engine made since the last chunk as one chunk, sealed once (the
+last one may overdraw the credit); while it has none,
 what the engine makes waits here, merged into the next chunk, up to a bound, and then the request's
 task stops reading the engine (the engine's own back-pressure). A slow reader costs its own request
 that much memory and nothing else: no other request on the stream waits for it.
@@ -44,7 +45,7 @@ __all__ = ["MERGE_BYTES", "MERGE_DEPTH", "ChannelSession"]
 
 MERGE_DEPTH = 64  # engine outputs a request without credit holds before its engine is no longer read
 MERGE_BYTES = 16 << 10  # ... or this much text; also the most one chunk carries past its first output
-MAX_CREDIT = 1024  # a request's credit is capped: what it may have on its way is bounded whatever is granted
+MAX_CREDIT = 16 << 20  # bytes: what a request may have on its way is bounded whatever is granted
 _FRAME_BYTES = 96  # about what a chunk frame adds to its text (ids, counts, the sealed envelope's header)
 
 
@@ -136,7 +137,7 @@ class ChannelSession:
                 for frame in message.frames:
                     kind = frame.WhichOneof("kind")
                     if kind == "credit":
-                        self._credit(frame.id, frame.credit.chunks)
+                        self._credit(frame.id, frame.credit.bytes)
                     elif kind == "open":
                         self._open(frame.id, frame.open)
                     elif kind == "cancel":
@@ -153,11 +154,11 @@ class ChannelSession:
         self._requests[id_] = request
         request.task = asyncio.create_task(self._serve(request, frame))
 
-    def _credit(self, id_: int, chunks: int) -> None:
+    def _credit(self, id_: int, size: int) -> None:
         request = self._requests.get(id_)
         if request is None:  # answered or cancelled meanwhile
             return
-        request.credit = min(request.credit + chunks, MAX_CREDIT)
+        request.credit = min(request.credit + size, MAX_CREDIT)
         if request.outputs:
             self._ready[id_] = request
             self._out.wake()
@@ -245,10 +246,12 @@ class ChannelSession:
         batch = outputs[:n]
         del outputs[:n]
         request.text_bytes -= size
-        request.credit -= 1
         frame = self._out.add(size + _FRAME_BYTES)
         frame.id = request.id
-        if fill_chunk(frame.chunk, request.spec, request.sealer, batch):  # type: ignore[arg-type]
+        final = fill_chunk(frame.chunk, request.spec, request.sealer, batch)  # type: ignore[arg-type]
+        chunk = frame.chunk  # what it costs of the credit, counted as the gateway counts it:
+        request.credit -= len(chunk.sealed_text.ciphertext) + len(chunk.text)
+        if final:
             self._finish(request)
         request.wake()  # room again, or the end
 

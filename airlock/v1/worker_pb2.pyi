@@ -121,10 +121,10 @@ class ChannelCancel(_message.Message):
     def __init__(self) -> None: ...
 
 class ChannelCredit(_message.Message):
-    __slots__ = ("chunks",)
-    CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    chunks: int
-    def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerFrames(_message.Message):
     __slots__ = ("frames",)

@@ -18,7 +18,7 @@ from control.pki import ensure_dev_pki
 from gateway.channel import CREDIT, Exchange, WorkerChannel
 from serving.rpc import bind, new_server
 from tests.worker.served import Served, served_worker, words
-from worker.channel import MERGE_DEPTH
+from worker.channel import MERGE_BYTES
 
 
 async def until(check: object, what: str, limit: float = 10.0) -> None:
@@ -36,38 +36,37 @@ async def read_all(exchange: Exchange) -> list[pb.GenerateChunk]:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    async with served_worker(tmp_path, tokens_per_second=2000) as s:
-        yield s
-
-
-@pytest.fixture
 async def paced(tmp_path: Path) -> AsyncIterator[Served]:
     async with served_worker(tmp_path, tokens_per_second=50) as s:
         yield s
 
 
-async def test_a_slow_reader_holds_up_only_its_own_request(served: Served) -> None:
+async def test_a_slow_reader_holds_up_only_its_own_request(tmp_path: Path) -> None:
+    async with served_worker(tmp_path) as served:  # an engine that never waits: only flow control does
+        await slow_next_to_fast(served)
+
+
+async def slow_next_to_fast(served: Served) -> None:
     channel = WorkerChannel(served.channel, streams=1)  # both requests on the same stream
-    slow_work, slow_opener = served.work(words(3000, "s"))
+    long = "s" + "x" * 40  # 3000 words of ~45 bytes: more than the credit and the worker's bound
+    slow_work, slow_opener = served.work(words(3000, long))
     fast_work, fast_opener = served.work(words(600, "f"))
     slow = await channel.open(slow_work, stream=True, deadline=None)
     first = await slow.chunks()  # it started; then its caller stops reading
     fast = await channel.open(fast_work, stream=True, deadline=None)
     fast_chunks = await read_all(fast)
     assert "".join(fast_opener.open(c.sealed_text).decode() for c in fast_chunks) == words(600, "f")
-    # The slow one: the gateway holds no more than its credit, the worker merged up to its bound and
-    # then stopped reading that engine (it is still running, paused, far from done).
+    # The slow one: the gateway holds no more than its credit (and the chunk that overdrew it), the
+    # worker merged up to its bound and then stopped reading that engine (running, paused, far from done).
     await asyncio.sleep(0.3)
     held = slow.buffered
     produced = served.engine.produced_tokens
     await asyncio.sleep(0.3)
-    assert held == slow.buffered <= CREDIT and served.engine.produced_tokens == produced
+    assert held == slow.buffered <= CREDIT + MERGE_BYTES + 64 and served.engine.produced_tokens == produced
     assert served.engine.active == 1 and produced - 600 < 3000
-    assert produced - 600 <= sum(c.tokens for c in first) + CREDIT * MERGE_DEPTH + MERGE_DEPTH
     rest = await read_all(slow)  # it reads again: everything arrives, in order
     text = "".join(slow_opener.open(c.sealed_text).decode() for c in first + rest)
-    assert text == words(3000, "s")
+    assert text == words(3000, long)
     slow_opener.finish()
     assert rest[-1].finish_reason == pb.FINISH_REASON_STOP and rest[-1].usage.completion_tokens == 3000
     await channel.close()
@@ -208,8 +207,8 @@ async def test_a_worker_that_sends_past_its_credit_fails_that_request(
     channel = WorkerChannel(grpc_channel, streams=1)
     exchange = await channel.open(worker_pb2.WorkerRequest(tenant="acme"), stream=True, deadline=None)
     await until(lambda: worker.opened, "the open frame did not arrive")
-    for i in range(CREDIT + 1):
-        await worker.calls[0].put(chunk(exchange.id, f"c{i}"))
+    for i in range(CREDIT // (16 << 10) + 1):  # a fifth chunk of 16 KiB: past a credit of 64 KiB
+        await worker.calls[0].put(chunk(exchange.id, f"{i}" * (16 << 10)))
     await until(lambda: exchange.ended, "the request was not failed")
     with pytest.raises(grpc.aio.AioRpcError) as broken:
         await read_all(exchange)

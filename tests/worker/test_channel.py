@@ -88,7 +88,7 @@ async def test_a_stream_goes_as_far_as_its_credit_merges_meanwhile_and_then_stop
     text = words(600)
     work, opener = served.work(text)
     call = await opened(served)
-    await send(call, open_frame(1, work, stream=True, credit=2))
+    await send(call, open_frame(1, work, stream=True, credit=1))  # one chunk (it overdraws)
     first = await frames_until(call, lambda f: f.id == 1)
     # Another request on the same stream is answered while the first has no credit left.
     other, other_opener = served.work("meanwhile on the same stream")
@@ -97,12 +97,12 @@ async def test_a_stream_goes_as_far_as_its_credit_merges_meanwhile_and_then_stop
     chunks = [f.chunk for f in got if f.id == 1]
     [answer] = [f.response for f in got if f.id == 2]
     assert other_opener.open(answer.sealed_text).decode() == "meanwhile on the same stream"
-    assert len(chunks) == 2 and not chunks[-1].finish_reason  # no more than its credit
+    assert len(chunks) == 1 and not chunks[-1].finish_reason  # no more than its credit
     sent = sum(c.tokens for c in chunks)
     await asyncio.sleep(0.2)  # the engine is no longer read: what it made stays within the bound
     produced = served.engine.produced_tokens - 5
     assert served.engine.active == 1 and produced < 600 and produced <= sent + MERGE_DEPTH
-    await send(call, Frame(id=1, credit=worker_pb2.ChannelCredit(chunks=1000)))
+    await send(call, Frame(id=1, credit=worker_pb2.ChannelCredit(bytes=1 << 20)))
     chunks += [f.chunk for f in await frames_until(call, lambda f: f.id == 1 and f.chunk.finish_reason)]
     assert "".join(opener.open(c.sealed_text).decode() for c in chunks) == text
     opener.finish()
@@ -127,7 +127,7 @@ async def test_the_worker_enforces_the_deadline_it_was_given(paced: Served) -> N
 async def test_a_cancel_frame_aborts_the_engine_and_the_stream_goes_on(paced: Served) -> None:
     work, _ = paced.work(words(200))
     call = await opened(paced)
-    await send(call, open_frame(1, work, stream=True, credit=16))
+    await send(call, open_frame(1, work, stream=True, credit=1 << 16))
     await frames_until(call, lambda f: f.id == 1)
     await send(call, Frame(id=1, cancel=worker_pb2.ChannelCancel()))
     await until_idle(paced)
@@ -143,7 +143,7 @@ async def test_a_cancel_frame_aborts_the_engine_and_the_stream_goes_on(paced: Se
 async def test_when_the_stream_ends_its_requests_are_aborted(paced: Served) -> None:
     work, _ = paced.work(words(200))
     call = await opened(paced)
-    await send(call, open_frame(1, work, stream=True, credit=16))
+    await send(call, open_frame(1, work, stream=True, credit=1 << 16))
     await frames_until(call, lambda f: f.id == 1)
     call.cancel()  # the gateway went away (or the connection did)
     await until_idle(paced)
@@ -194,7 +194,7 @@ async def test_a_draining_worker_answers_what_runs_refuses_what_comes_and_ends_t
 ) -> None:
     work, opener = paced.work(words(20))
     call = await opened(paced)
-    await send(call, open_frame(1, work, stream=True, credit=100))
+    await send(call, open_frame(1, work, stream=True, credit=1 << 20))
     chunks = [f.chunk for f in await frames_until(call, lambda f: f.id == 1)]
     paced.service.drain()
     late, _ = paced.work("too late")
@@ -231,7 +231,7 @@ async def test_an_answer_larger_than_a_message_fails_alone_and_the_stream_goes_o
         call = await opened(served)
         unary, _ = served.work("hi")
         stream, _ = served.work("hi")
-        await send(call, open_frame(1, unary), open_frame(2, stream, stream=True, credit=4))
+        await send(call, open_frame(1, unary), open_frame(2, stream, stream=True, credit=1 << 16))
         got = {f.id: f for f in await frames_until(call, lambda f: f.id == 2)}
         got |= {f.id: f for f in await frames_until(call, lambda f: f.id == 1)} if 1 not in got else {}
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
