@@ -41,6 +41,8 @@ EXPECTED = {
     "10c": ("http_door", "gateway CPU per request, HTTP door, 1 in flight"),
     "10d": ("http_door", "gateway CPU per request, HTTP door, 64 in flight"),
     "10e": ("http_door", "gateway CPU per request, HTTP door, vs LiteLLM proxy"),
+    "11a": ("capacity", "paced streams (30 tokens/s, Poisson arrivals) within inter-token p99 + 5 ms"),
+    "11b": ("capacity", "gateway CPU per 1,000 relayed tokens, paced streams"),
 }
 
 
