@@ -35,9 +35,10 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 ## Benchmarks: every row of docs/benchmarks.md against its same-run baseline (gateway overhead vs
-## direct and a bare gRPC hop, the HTTP door against the gRPC door, bundled-model tokens/s, authorization
-## at 10k tenants / 100k lines, policy reload under load, sealing, scrub, a model bundle streamed from a
-## local Ceph RGW), plus quota admission and audit costs.
+## direct and a bare gRPC hop, the HTTP door against the gRPC door, paced-stream capacity against direct
+## and a bare relay, bundled-model tokens/s, authorization at 10k tenants / 100k lines, policy reload
+## under load, sealing, scrub, a model bundle streamed from a local Ceph RGW), plus quota admission and
+## audit costs.
 ## JSON in bench/results/, then the table on stdout and in docs/benchmarks.md.
 ## BENCH_FLAGS=--quick for a smoke run of each (seconds; not measurements): its JSON goes to a scratch
 ## directory and the table is only printed; bench/results and docs/benchmarks.md stay as measured.
@@ -45,6 +46,7 @@ QUICK_RESULTS = $(or $(TMPDIR),/tmp)/airlock-bench-quick
 bench: venv
 	$(PY) bench/overhead.py $(BENCH_FLAGS)
 	$(PY) bench/http_door.py $(BENCH_FLAGS)
+	$(PY) bench/capacity.py $(BENCH_FLAGS)
 	$(PY) bench/model_tokens.py $(BENCH_FLAGS)
 	$(PY) bench/authz.py $(BENCH_FLAGS)
 	$(PY) bench/reload.py $(BENCH_FLAGS)
@@ -55,9 +57,11 @@ bench: venv
 	$(PY) bench/storage.py $(BENCH_FLAGS)
 	$(PY) bench/report.py $(if $(findstring --quick,$(BENCH_FLAGS)),--results $(QUICK_RESULTS) --no-doc)
 
-## py-spy flame graph of the gateway process under the overhead benchmark's 64-in-flight load.
+## py-spy flame graphs of the gateway process under the overhead benchmark's 64-in-flight load, and
+## relaying 96 paced streams (the capacity benchmark's load).
 profile: venv
 	$(PY) bench/overhead.py --profile bench/results/gateway-profile.svg --seconds 15
+	$(PY) bench/capacity.py --profile bench/results/gateway-relay-profile.svg --seconds 15
 
 ## The reliability soak at full length: mixed tenants, unary and streaming, at 80% of the capacity
 ## measured first, for AIRLOCK_SOAK_SECONDS (600 here; `make test` runs it for 60 s).

@@ -26,11 +26,17 @@ from airlock.types import REQUEST_ID_HEADER
 
 M = TypeVar("M", bound=Message)
 
-__all__ = ["from_rpc_error", "to_status"]
+__all__ = ["from_rpc_error", "status_of", "to_status"]
 
 
 def to_status(err: AirlockError, *, request_id: str = "") -> grpc.Status:
     """Encode an error as a gRPC status whose trailing metadata carries google.rpc.Status."""
+    return rpc_status.to_status(status_of(err, request_id=request_id))
+
+
+def status_of(err: AirlockError, *, request_id: str = "") -> status_pb2.Status:
+    """The error as a google.rpc.Status: code, message and details (the reason, retry delay,
+    quota and field violations), as a status's trailing metadata or a worker channel frame has it."""
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN)
     if request_id:
         info.metadata["request_id"] = request_id
@@ -48,7 +54,7 @@ def to_status(err: AirlockError, *, request_id: str = "") -> grpc.Status:
     status = status_pb2.Status(code=getattr(code_pb2, err.code.name), message=err.message)
     for detail in details:
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    return status
 
 
 def from_rpc_error(call: grpc.aio.AioRpcError | grpc.RpcError) -> AirlockError:

@@ -43,6 +43,8 @@ EXPECTED = {
     "10e": ("http_door", "gateway CPU per request, HTTP door, vs LiteLLM proxy"),
     "11a": ("storage", "model bundle from the local RGW, verified while streaming, vs raw GET"),
     "11b": ("storage", "cached bundle verified again vs a plain read of the same files"),
+    "12a": ("capacity", "paced streams (30 tokens/s, Poisson arrivals) within inter-token p99 + 5 ms"),
+    "12b": ("capacity", "gateway CPU per 1,000 relayed tokens, paced streams"),
 }
 
 

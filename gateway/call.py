@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from airlock.errors import AirlockError, InvalidRequestError
 from airlock.types import GenerationSpec, Limits, check_model, validate_request
 from airlock.v1 import inference_pb2 as pb
-from airlock.v1 import worker_pb2_grpc
 from gateway.auth.identity import Principal
+from gateway.channel import WorkerChannel
 from gateway.quota import QuotaLimits
 from gateway.routing import Router
 from serving.logs import current_request_id
@@ -58,7 +58,7 @@ class Routed(Call):
     """A call for a worker (GetAttestation, and every generation)."""
 
     model: str  # resolved: the tenant's default when the request named none
-    worker: worker_pb2_grpc.WorkerStub  # the tenant's worker serving `model`
+    worker: WorkerChannel  # the tenant's worker serving `model`
 
 
 @dataclass(frozen=True, slots=True)

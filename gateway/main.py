@@ -138,7 +138,8 @@ def build(
         cfg.auth, jwks, may_speak_for, known_tenant=lambda tenant: tenant in authorizer.policy.tenants
     )
     tls = ClientTls(ca=tls_files.worker_ca, cert=tls_files.cert, key=tls_files.key)
-    router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit)
+    router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit,
+                    max_message_bytes=cfg.gateway.max_message_bytes)  # fmt: skip
     admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})

@@ -6,31 +6,31 @@ OpenAI-compatible HTTP door, gateway/http/): a door resolves the call through th
 type (`GenerateRequest`) to this, and only translates what comes back. Within the caller's
 deadline: the tenant's quota is reserved (gateway/admission.py), the prompt sealed for the worker
 under the tenant's key once the worker attested and was released it (gateway/sealing.py), the
-worker called, its answer opened and relayed, and the outcome recorded once. A caller that goes
-away cancels the task running this, which cancels the worker call and aborts the engine.
+worker called (on its multiplexed channel, gateway/channel.py), its answer opened and relayed, and
+the outcome recorded once. A caller that goes away cancels the task running this, which cancels
+the request on the channel and aborts the engine.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
 
 import grpc
 
 from airlock.envelope import Opener
 from airlock.errors import AirlockError, DeadlineExceededError, UnavailableError
-from airlock.retry import first_message, once_more, rest_of
+from airlock.retry import once_more
 from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2
 from gateway.admission import Admission
 from gateway.audit import AuditLog
 from gateway.call import Call, Generation
+from gateway.channel import Exchange
 from gateway.policy.authz import Authorizer
 from gateway.routing import Router
 from gateway.sealing import GatewaySealing, audit_integrity, finish, open_text
-from serving.streams import batches
 
 __all__ = ["Pipeline", "deadline_in"]
 
@@ -69,8 +69,11 @@ class Pipeline:
             work, opener = await self._prepare(call, request)
 
             async def attempt() -> pb.GenerateResponse:
-                response: pb.GenerateResponse = await call.worker.Generate(work, timeout=_left(deadline))
-                return response
+                exchange = await call.worker.open(work, stream=False, deadline=deadline)
+                try:
+                    return await exchange.response()
+                finally:
+                    exchange.close()  # no-op once answered; cancels the worker's generation otherwise
 
             try:
                 response = await once_more(attempt, self._rekeyed(call))
@@ -93,25 +96,31 @@ class Pipeline:
             await ticket.admit(call.spec, request.ByteSize())
             work, opener = await self._prepare(call, request)
 
-            async def start() -> tuple[Any, Any]:
-                stream = call.worker.GenerateStream(work, timeout=_left(deadline))
-                return stream, await first_message(stream)
+            async def start() -> tuple[Exchange, list[pb.GenerateChunk]]:
+                exchange = await call.worker.open(work, stream=True, deadline=deadline)
+                try:
+                    return exchange, await exchange.chunks()
+                except BaseException:
+                    exchange.close()
+                    raise
 
-            stream: Any = None
+            exchange: Exchange | None = None
             try:
-                stream, first = await once_more(start, self._rekeyed(call))  # until the first chunk only
-                async for batch in batches(rest_of(first, stream), size=_sealed_size):
+                opened, batch = await once_more(start, self._rekeyed(call))  # until the first chunk only
+                exchange = opened
+                while batch:
                     # Sealed to the caller (end to end): each chunk as it is. Else what arrived
-                    # while the caller took the previous message goes as one (serving/streams.py).
+                    # while the caller took the previous message goes as one.
                     chunks = batch if opener is None else [self._opened(opener, batch, call.tenant)]
                     for chunk in chunks:
                         ticket.chunk(chunk)
                         yield chunk
+                    batch = await opened.chunks()
             except grpc.aio.AioRpcError as exc:
                 raise self._failed(call, exc) from None
             finally:
-                if stream is not None:
-                    stream.cancel()  # no-op when finished; aborts the engine when the caller went away
+                if exchange is not None:
+                    exchange.close()  # no-op when finished; aborts the engine when the caller went away
             if opener is not None:
                 finish(opener, call.tenant, self._audit)
 
@@ -137,7 +146,7 @@ class Pipeline:
         work.request.request_id, work.request.model = spec.request_id, spec.model
         work.request.params.CopyFrom(spec.sampling.to_proto())
         if not self.sealing.is_end_to_end(request):
-            await self.sealing.ensure_released(call.tenant, call.model, call.worker)
+            await self.sealing.ensure_released(call.tenant, call.model, call.worker.stub)
         return work, self.sealing.seal(call.tenant, spec, request, work.request)
 
     def _rekeyed(self, call: Generation) -> Callable[[AirlockError], Awaitable[bool]]:
@@ -148,7 +157,7 @@ class Pipeline:
             if err.reason != "KEYS_MISSING":
                 return False
             self.sealing.forget(call.tenant, call.model)
-            await self.sealing.ensure_released(call.tenant, call.model, call.worker)
+            await self.sealing.ensure_released(call.tenant, call.model, call.worker.stub)
             return True
 
         return recover
@@ -168,10 +177,6 @@ class Pipeline:
         chunk.text = "".join(texts)
         chunk.tokens = sum(c.tokens for c in batch)
         return chunk
-
-
-def _sealed_size(chunk: pb.GenerateChunk) -> int:
-    return len(chunk.sealed_text.ciphertext)
 
 
 _PASS_THROUGH = {

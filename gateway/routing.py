@@ -1,9 +1,11 @@
 """Which worker serves a (tenant, model), and which of them are ready right now.
 
 One mTLS channel per worker address (a shared worker's tenants share it); gRPC reconnects it by
-itself, quickly, when a worker is restarted on the same address. Each worker's health is watched
-(the standard health service), so the gateway reports SERVING only while every tenant it serves has
-a ready worker, and per tenant as `tenant/<name>`. A route to a shared worker is used only while the
+itself, quickly, when a worker is restarted on the same address. Generations travel on a few
+long-lived streams over it (gateway/channel.py). Each worker's health is watched (the standard
+health service) and its streams kept open, so the gateway reports SERVING only while every tenant it
+serves has a worker that says it is ready and whose streams are open, and per tenant as
+`tenant/<name>`. A route to a shared worker is used only while the
 policy in service opts its tenant in to shared isolation; otherwise the call fails closed, audited.
 """
 
@@ -20,8 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
-from airlock.v1 import worker_pb2_grpc
 from gateway.audit import AuditLog
+from gateway.channel import WorkerChannel
 from serving.logs import current_request_id
 
 __all__ = ["TENANT_HEALTH_PREFIX", "ClientTls", "Route", "Router", "tenant_health_name"]
@@ -80,7 +82,9 @@ class Router:
         *,
         audit: AuditLog,
         may_share: Callable[[str], bool] | None = None,
+        max_message_bytes: int = 4 << 20,
     ) -> None:
+        self._max_message_bytes = max_message_bytes
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca.read_bytes(),
             private_key=tls.key.read_bytes(),
@@ -89,32 +93,38 @@ class Router:
         self.may_share = may_share or (lambda _tenant: False)
         self._audit = audit
         self._channels: dict[str, grpc.aio.Channel] = {}  # by worker address
+        self._workers: dict[str, WorkerChannel] = {}  # by worker address: the streams on its channel
         self._ready: dict[str, bool] = {}  # by worker address
         self._watching: tuple[asyncio.Event, Callable[[], Awaitable[None]]] | None = None
-        self._watches: dict[str, asyncio.Task[None]] = {}  # by worker address, while watching
+        self._watches: dict[str, list[asyncio.Task[None]]] = {}  # by worker address, while watching
         self._install(routes)
 
-    def _install(self, routes: list[Route]) -> list[grpc.aio.Channel]:
+    def _install(self, routes: list[Route]) -> list[tuple[grpc.aio.Channel, WorkerChannel]]:
         """Make `routes` the table, in one step; returns the channels no route uses any more."""
         table: dict[tuple[str, str], Route] = {}
-        stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
         defaults: dict[str, str] = {}
         channels: dict[str, grpc.aio.Channel] = {}
+        workers: dict[str, WorkerChannel] = {}
+        # workers are launched with the gateway's message limit (gRPC's default is 4 MiB)
+        receive = ("grpc.max_receive_message_length", max(self._max_message_bytes, 4 << 20))
         for route in routes:
-            key = (route.tenant, route.model)
-            channel = channels.get(route.address) or self._channels.get(route.address)
-            if channel is None:
-                channel = grpc.aio.secure_channel(route.address, self._credentials, options=_CHANNEL_OPTIONS)
-            channels[route.address] = channel
-            table[key] = route
-            stubs[key] = worker_pb2_grpc.WorkerStub(channel)
+            address = route.address
+            if address not in channels:
+                channel, worker = self._channels.get(address), self._workers.get(address)
+                if channel is None or worker is None:
+                    options = (*_CHANNEL_OPTIONS, receive)
+                    channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+                    where = {"tenant": ",".join(r.tenant for r in routes if r.address == address)}
+                    worker = WorkerChannel(channel, where, max_message_bytes=self._max_message_bytes)
+                channels[address], workers[address] = channel, worker
+            table[(route.tenant, route.model)] = route
             defaults.setdefault(route.tenant, route.model)
-        gone = [c for address, c in self._channels.items() if address not in channels]
+        gone = [(c, self._workers[a]) for a, c in self._channels.items() if a not in channels]
         # Readers run on the same event loop and never await between reads: each name is swapped
         # whole, before anything below awaits.
-        self.routes, self._routes, self._stubs, self._defaults = list(routes), table, stubs, defaults
+        self.routes, self._routes, self._defaults = list(routes), table, defaults
         self._ready = {address: self._ready.get(address, False) for address in channels}
-        self._channels = channels
+        self._channels, self._workers = channels, workers
         return gone
 
     async def set_routes(self, routes: list[Route], *, drain_seconds: float) -> None:
@@ -124,14 +134,13 @@ class Router:
         before = set(self._channels)
         gone = self._install(routes)
         for address in before - set(self._channels):
-            task = self._watches.pop(address, None)
-            if task is not None:
+            for task in self._watches.pop(address, []):
                 task.cancel()
         if self._watching is not None:
             stop, changed = self._watching
             for address in set(self._channels) - before:
-                self._watches[address] = asyncio.create_task(self._watch_one(address, stop, changed))
-        await asyncio.gather(*(channel.close(grace=drain_seconds) for channel in gone))
+                self._watches[address] = self._follow(address, stop, changed)
+        await asyncio.gather(*(_retire(channel, worker, drain_seconds) for channel, worker in gone))
 
     def address_ready(self, address: str) -> bool:
         return self._ready.get(address, False)
@@ -149,21 +158,21 @@ class Router:
 
     def resolve(
         self, tenant: str, model: str, *, may_use: Callable[[str], bool] | None = None
-    ) -> tuple[str, worker_pb2_grpc.WorkerStub]:
+    ) -> tuple[str, WorkerChannel]:
         """The model's name (the tenant's default when `model` is empty) and its worker. An unknown
         model's error names the models the caller may use (`may_use`; all of the tenant's without)."""
         if tenant not in self._defaults:
             raise PermissionDeniedError(f"tenant {tenant!r} is not served here", reason="TENANT_NOT_SERVED")
         name = model or self._defaults[tenant]
-        stub = self._stubs.get((tenant, name))
-        if stub is None:
+        route = self._routes.get((tenant, name))
+        if route is None:
             usable = [r.model for r in self.models(tenant) if may_use is None or may_use(r.model)]
             raise InvalidRequestError(
                 f"unknown model {name!r}; the models you may use: {', '.join(usable) or 'none'}",
                 reason="UNKNOWN_MODEL",
                 field="model",
             )
-        if self._routes[(tenant, name)].shared and not self.may_share(tenant):
+        if route.shared and not self.may_share(tenant):
             # Fail closed: the security team withdrew (or never gave) this tenant's opt-in.
             self._audit.record("isolation", decision="refused", tenant=tenant, model=name,
                                reason="ISOLATION_NOT_ALLOWED", request_id=current_request_id())  # fmt: skip
@@ -172,26 +181,35 @@ class Router:
                 "to shared isolation",
                 reason="ISOLATION_NOT_ALLOWED",
             )
-        return name, stub
+        return name, self._workers[route.address]
 
     def tenant_ready(self, tenant: str) -> bool:
-        """At least one of the tenant's workers reports SERVING."""
-        return any(self._ready[r.address] for r in self.routes if r.tenant == tenant)
+        """At least one of the tenant's workers reports SERVING and has its channel open."""
+        return any(self._ready[r.address] and self._workers[r.address].is_open
+                   for r in self.routes if r.tenant == tenant)  # fmt: skip
 
     def all_ready(self) -> bool:
         return all(self.tenant_ready(t) for t in self._defaults)
 
     async def watch(self, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
-        """Follow every worker's health until `stop` (workers added later too); await `changed()`
-        whenever readiness flips."""
+        """Follow every worker's health and keep its streams open until `stop` (workers added later
+        too); await `changed()` whenever readiness flips. Open streams stay open for the calls in
+        flight (until `close`)."""
         self._watching = (stop, changed)
         for address in self._channels:
-            self._watches[address] = asyncio.create_task(self._watch_one(address, stop, changed))
+            self._watches[address] = self._follow(address, stop, changed)
         await stop.wait()
-        tasks, self._watches, self._watching = list(self._watches.values()), {}, None
+        tasks = [task for tasks in self._watches.values() for task in tasks]
+        self._watches, self._watching = {}, None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _follow(
+        self, address: str, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]
+    ) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(self._watch_one(address, stop, changed)),
+                asyncio.create_task(self._workers[address].keep_open(stop, changed))]  # fmt: skip
 
     async def _watch_one(self, key: str, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
         """Follow one worker's health until `stop`. Nothing ends it early: a lost worker, or anything
@@ -231,8 +249,18 @@ class Router:
         await changed()
 
     async def close(self) -> None:
+        for worker in self._workers.values():
+            await worker.close()
         for channel in self._channels.values():
             await channel.close()
+
+
+async def _retire(channel: grpc.aio.Channel, worker: WorkerChannel, drain_seconds: float) -> None:
+    """Close a worker no route names any more, once the requests on its streams ended (at most
+    `drain_seconds`; those still running then fail)."""
+    await worker.drain(drain_seconds)
+    await worker.close()
+    await channel.close(grace=1)
 
 
 def _logged(message: str, exc: Exception, failing: str, where: dict[str, str]) -> str:

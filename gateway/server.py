@@ -63,7 +63,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         call = current_call(Routed)
         try:
             ask = worker_pb2.EvidenceRequest(nonce=request.nonce, tenant=call.tenant)  # shared: per tenant
-            evidence = await call.worker.GetEvidence(ask, timeout=context.time_remaining())
+            evidence = await call.worker.stub.GetEvidence(ask, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as exc:
             raise worker_error(exc) from None
         return pb.Attestation(model=call.model, evidence=evidence)

@@ -10,10 +10,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
+# google/rpc/status.proto (the worker channel's error frames) ships with googleapis-common-protos
+GOOGLEAPIS = Path(status_pb2.__file__).resolve().parents[2]
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -24,6 +27,7 @@ def generate(out_dir: Path) -> list[Path]:
         "protoc",
         f"-I{PROTO_DIR}",
         f"-I{include}",
+        f"-I{GOOGLEAPIS}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -18,11 +18,13 @@ from importlib import resources
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2, json_format
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 RELEASES = PROTO_DIR / "releases"
+GOOGLEAPIS = Path(status_pb2.__file__).resolve().parents[2]  # google/rpc/status.proto
 
 FileSet = descriptor_pb2.FileDescriptorSet
 Field = descriptor_pb2.FieldDescriptorProto
@@ -34,7 +36,7 @@ def current() -> FileSet:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.binpb"
         include = str(resources.files("grpc_tools") / "_proto")
-        args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", "--include_source_info",
+        args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"-I{GOOGLEAPIS}", "--include_source_info",
                 f"--descriptor_set_out={out}", *protos]  # fmt: skip
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")

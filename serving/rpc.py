@@ -39,6 +39,7 @@ __all__ = [
     "abort_with",
     "caller_error",
     "header_value",
+    "logged_error",
     "new_server",
     "reflection_pool",
     "request_id_of",
@@ -239,13 +240,19 @@ def caller_error(exc: BaseException, request_id: str = "") -> AirlockError:
     return AirlockError(f"internal error (request id {request_id or 'unknown'})")
 
 
-async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> None:
+def logged_error(exc: BaseException, request_id: str) -> AirlockError:
+    """`caller_error(exc)`; an unexpected error's details go to the log, never to the caller (the
+    request id ties the two)."""
     err = caller_error(exc, request_id)
-    if err is not exc:  # the details go to the log, never to the caller; the request id ties the two
+    if err is not exc and not isinstance(exc, asyncio.CancelledError | GeneratorExit):
         _log.error(
             "internal error", exc_info=exc, extra={"request_id": request_id, "error_type": type(exc).__name__}
         )
-    await abort_with(context, err, request_id)
+    return err
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> None:
+    await abort_with(context, logged_error(exc, request_id), request_id)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

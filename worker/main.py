@@ -143,7 +143,8 @@ async def serve(settings: WorkerSettings, ready_file: Path | None = None) -> Non
     state, cuda_canaries = _domain_memory(settings)
     first = attestors.pop(settings.tenant)
     service = WorkerService(settings.tenant, settings.model, engine, settings.limits.limits(), first, state,
-                            others=attestors, isolation=settings.isolation)  # fmt: skip
+                            others=attestors, isolation=settings.isolation,
+                            max_message_bytes=settings.limits.max_message_bytes)  # fmt: skip
     server, port, health = await create_server(
         service, settings.listen, tls_of(settings), max_message_bytes=settings.limits.max_message_bytes
     )
@@ -158,6 +159,7 @@ async def serve(settings: WorkerSettings, ready_file: Path | None = None) -> Non
     await stopping.wait()
     _log.info("worker stopping", extra={"tenant": settings.tenant})
     await health.enter_graceful_shutdown()
+    service.drain()  # channels take no new request and end once theirs are answered
     await server.stop(settings.grace_seconds)
     await engine.close()
     del cuda_canaries  # held until here on purpose: the scrubber must not find them later

@@ -2,7 +2,8 @@
 
 A worker serves one tenant, or several when its isolation level is `shared`. Only the gateway may
 call it: TLS requires a client certificate from the deployment's CA, and the peer interceptor admits
-only the gateway's certificate name.
+only the gateway's certificate name. The gateway sends generations on a few long-lived `Channel`
+streams (worker/channel.py); `Generate` and `GenerateStream` answer the same requests one call each.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from grpc_health.v1 import health
 from airlock.envelope import Opener, Sealer, SealError
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from airlock.sealing import E2E_KEY_ID, e2e_info, open_prompt, request_key, response_key
-from airlock.types import FINISH_CODES, GenerationSpec, Limits, check_messages, check_sampling
+from airlock.types import GenerationSpec, Limits, check_messages, check_sampling
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from serving.logs import current_request_id
 from serving.rpc import ErrorInterceptor, bind, new_server
 from serving.streams import batches
+from worker.answers import fill_chunk, fill_response, text_size
 from worker.attestation import WorkerAttestor
-from worker.engine import Engine, EngineOutput
+from worker.channel import ChannelSession
+from worker.engine import Engine
 from worker.isolation.arena import RequestState
 
 __all__ = ["WorkerService", "WorkerTls", "create_server"]
@@ -58,6 +61,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         *,
         others: Mapping[str, WorkerAttestor] | None = None,
         isolation: str = "dedicated",
+        max_message_bytes: int = 4 << 20,
     ) -> None:
         self.attestors = {tenant: attestor, **(others or {})}
         if any(name != a.tenant for name, a in self.attestors.items()):
@@ -70,6 +74,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.isolation = isolation
         self.state = state  # the domain arena that holds request state, zeroed per the scrub mode
         self.requests_started = 0
+        self.max_message_bytes = max_message_bytes  # the server's: no channel frame may be larger
+        self._sessions: set[ChannelSession] = set()
+        self._draining = False
 
     def _attestor(self, tenant: str) -> WorkerAttestor:
         # Defence in depth: the gateway routes by tenant; the worker still refuses any other.
@@ -78,12 +85,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise PermissionDeniedError("this worker serves another tenant", reason="WRONG_TENANT")
         return attestor
 
-    def _hold(self, tenant: str, prompt: pb.SealedPrompt) -> contextlib.AbstractContextManager[None]:
+    def hold(self, tenant: str, prompt: pb.SealedPrompt) -> contextlib.AbstractContextManager[None]:
+        """The request state held in the domain arena while the request runs, zeroed after it."""
         if self.state is None:
             return contextlib.nullcontext()
         return self.state.hold(tenant, prompt.SerializeToString())
 
-    def _admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer, pb.SealedPrompt]:
+    def admit(self, request: worker_pb2.WorkerRequest) -> tuple[GenerationSpec, Sealer, pb.SealedPrompt]:
         """Check and open a request (the gateway's message is only read): the prompt only ever
         arrives sealed, under a tenant key this worker was released or an end-to-end request key
         sealed to its attested HPKE key. Returns the spec, the sealer for the answer (same key, the
@@ -99,7 +107,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if inner.messages:
             raise SealError("a request is either sealed or plain, not both", reason="SEAL_MIXED")
-        request_id = current_request_id()  # the interceptor's: the inner id, checked once
+        request_id = current_request_id()  # the interceptor's (or the channel's): the inner id, checked once
         key_id = Opener.header_of(inner.sealed_messages).key_id
         if inner.HasField("end_to_end"):
             if inner.end_to_end.worker_id != attestor.hpke.worker_id or key_id != E2E_KEY_ID:
@@ -120,41 +128,46 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        spec, sealer, prompt = self._admit(request)
-        parts: list[str] = []
-        response = pb.GenerateResponse(request_id=spec.request_id, model=self.model)
-        with self._hold(request.tenant, prompt):
-            async for out in self.engine.generate(spec, tenant=request.tenant):
-                parts.append(out.text)
-                if out.finish_reason is not None:
-                    response.finish_reason = FINISH_CODES[out.finish_reason]
-                    response.usage.prompt_tokens = out.prompt_tokens
-                    response.usage.completion_tokens = out.completion_tokens
-        response.sealed_text.CopyFrom(sealer.seal("".join(parts).encode(), final=True))
+        spec, sealer, prompt = self.admit(request)
+        response = pb.GenerateResponse()
+        with self.hold(request.tenant, prompt):
+            await fill_response(response, spec, sealer, self.engine.generate(spec, tenant=request.tenant))
         return response
 
     async def GenerateStream(
         self, request: worker_pb2.WorkerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
-        spec, sealer, prompt = self._admit(request)
+        spec, sealer, prompt = self.admit(request)
         outputs = self.engine.generate(spec, tenant=request.tenant)
-        with self._hold(request.tenant, prompt):
+        with self.hold(request.tenant, prompt):
             try:
                 # What the engine produced while the previous chunk was being sent goes as one
                 # chunk (serving/streams.py); only the last output of a stream has a finish reason.
-                async for batch in batches(outputs, size=_text_size):
-                    out = batch[-1]
-                    final = out.finish_reason is not None
-                    text = "".join(o.text for o in batch)
-                    chunk = pb.GenerateChunk(request_id=spec.request_id, tokens=sum(o.tokens for o in batch))
-                    chunk.sealed_text.CopyFrom(sealer.seal(text.encode(), final=final))
-                    if out.finish_reason is not None:
-                        chunk.finish_reason = FINISH_CODES[out.finish_reason]
-                        chunk.usage.prompt_tokens = out.prompt_tokens
-                        chunk.usage.completion_tokens = out.completion_tokens
+                async for batch in batches(outputs, size=text_size):
+                    chunk = pb.GenerateChunk()
+                    fill_chunk(chunk, spec, sealer, batch)
                     yield chunk
             finally:
                 await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def Channel(
+        self, requests: AsyncIterator[worker_pb2.GatewayFrames], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerFrames]:
+        """Many requests on one long-lived stream from the gateway (worker/channel.py)."""
+        session = ChannelSession(self, requests, draining=self._draining)
+        self._sessions.add(session)
+        try:
+            async for batch in session.run():
+                yield batch
+        finally:
+            self._sessions.discard(session)
+
+    def drain(self) -> None:
+        """Stop taking requests on channels (they are refused UNAVAILABLE) and end each channel once
+        its requests are answered; unary calls are drained by the server's own stop."""
+        self._draining = True
+        for session in self._sessions:
+            session.drain()
 
     async def GetEvidence(
         self, request: worker_pb2.EvidenceRequest, context: grpc.aio.ServicerContext
@@ -185,10 +198,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             tenants=list(self.attestors),
             isolation=self.isolation,
         )
-
-
-def _text_size(out: EngineOutput) -> int:
-    return len(out.text)
 
 
 class PeerGuard:

@@ -23,9 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from airlock.v1 import inference_pb2 as airlock_dot_v1_dot_inference__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61irlock/v1/worker.proto\x12\nairlock.v1\x1a\x1a\x61irlock/v1/inference.proto\"0\n\x0f\x45videnceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"S\n\nKeyRelease\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bsealed_keys\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\"\x80\x01\n\nTenantKeys\x12.\n\x04keys\x18\x01 \x03(\x0b\x32 .airlock.v1.TenantKeys.KeysEntry\x12\x15\n\ractive_key_id\x18\x02 \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\"\n\x0fKeyReleaseReply\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"M\n\rWorkerRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.airlock.v1.GenerateRequest\"\x13\n\x11WorkerInfoRequest\"\xaf\x01\n\nWorkerInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x18\n\x10requests_started\x18\x05 \x01(\x03\x12\x17\n\x0fproduced_tokens\x18\x06 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x07 \x01(\x05\x12\x0f\n\x07tenants\x18\x08 \x03(\t\x12\x11\n\tisolation\x18\t \x01(\t2\xdc\x02\n\x06Worker\x12\x43\n\x08Generate\x12\x19.airlock.v1.WorkerRequest\x1a\x1c.airlock.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x19.airlock.v1.WorkerRequest\x1a\x19.airlock.v1.GenerateChunk0\x01\x12=\n\x04Info\x12\x1d.airlock.v1.WorkerInfoRequest\x1a\x16.airlock.v1.WorkerInfo\x12@\n\x0bGetEvidence\x12\x1b.airlock.v1.EvidenceRequest\x1a\x14.airlock.v1.Evidence\x12\x42\n\x0bReleaseKeys\x12\x16.airlock.v1.KeyRelease\x1a\x1b.airlock.v1.KeyReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61irlock/v1/worker.proto\x12\nairlock.v1\x1a\x1a\x61irlock/v1/inference.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"0\n\x0f\x45videnceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"S\n\nKeyRelease\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bsealed_keys\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\"\x80\x01\n\nTenantKeys\x12.\n\x04keys\x18\x01 \x03(\x0b\x32 .airlock.v1.TenantKeys.KeysEntry\x12\x15\n\ractive_key_id\x18\x02 \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\"\n\x0fKeyReleaseReply\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"M\n\rWorkerRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.airlock.v1.GenerateRequest\"\x13\n\x11WorkerInfoRequest\"\xaf\x01\n\nWorkerInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x18\n\x10requests_started\x18\x05 \x01(\x03\x12\x17\n\x0fproduced_tokens\x18\x06 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x07 \x01(\x05\x12\x0f\n\x07tenants\x18\x08 \x03(\t\x12\x11\n\tisolation\x18\t \x01(\t\"9\n\rGatewayFrames\x12(\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x18.airlock.v1.GatewayFrame\"\xa5\x01\n\x0cGatewayFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x04open\x18\x02 \x01(\x0b\x32\x17.airlock.v1.ChannelOpenH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.airlock.v1.ChannelCancelH\x00\x12+\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x19.airlock.v1.ChannelCreditH\x00\x42\x06\n\x04kind\"\x85\x01\n\x0b\x43hannelOpen\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.airlock.v1.WorkerRequest\x12\x0e\n\x06stream\x18\x02 \x01(\x08\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63redit\x18\x04 \x01(\r\"\x0f\n\rChannelCancel\"\x1e\n\rChannelCredit\x12\r\n\x05\x62ytes\x18\x01 \x01(\r\"7\n\x0cWorkerFrames\x12\'\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x17.airlock.v1.WorkerFrame\"\xa4\x01\n\x0bWorkerFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.airlock.v1.GenerateChunkH\x00\x12\x30\n\x08response\x18\x03 \x01(\x0b\x32\x1c.airlock.v1.GenerateResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x06\n\x04kind2\xa0\x03\n\x06Worker\x12\x43\n\x08Generate\x12\x19.airlock.v1.WorkerRequest\x1a\x1c.airlock.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x19.airlock.v1.WorkerRequest\x1a\x19.airlock.v1.GenerateChunk0\x01\x12=\n\x04Info\x12\x1d.airlock.v1.WorkerInfoRequest\x1a\x16.airlock.v1.WorkerInfo\x12@\n\x0bGetEvidence\x12\x1b.airlock.v1.EvidenceRequest\x1a\x14.airlock.v1.Evidence\x12\x42\n\x0bReleaseKeys\x12\x16.airlock.v1.KeyRelease\x1a\x1b.airlock.v1.KeyReleaseReply\x12\x42\n\x07\x43hannel\x12\x19.airlock.v1.GatewayFrames\x1a\x18.airlock.v1.WorkerFrames(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENANTKEYS_KEYSENTRY']._loaded_options = None
   _globals['_TENANTKEYS_KEYSENTRY']._serialized_options = b'8\001'
-  _globals['_EVIDENCEREQUEST']._serialized_start=67
-  _globals['_EVIDENCEREQUEST']._serialized_end=115
-  _globals['_KEYRELEASE']._serialized_start=117
-  _globals['_KEYRELEASE']._serialized_end=200
-  _globals['_TENANTKEYS']._serialized_start=203
-  _globals['_TENANTKEYS']._serialized_end=331
-  _globals['_TENANTKEYS_KEYSENTRY']._serialized_start=288
-  _globals['_TENANTKEYS_KEYSENTRY']._serialized_end=331
-  _globals['_KEYRELEASEREPLY']._serialized_start=333
-  _globals['_KEYRELEASEREPLY']._serialized_end=367
-  _globals['_WORKERREQUEST']._serialized_start=369
-  _globals['_WORKERREQUEST']._serialized_end=446
-  _globals['_WORKERINFOREQUEST']._serialized_start=448
-  _globals['_WORKERINFOREQUEST']._serialized_end=467
-  _globals['_WORKERINFO']._serialized_start=470
-  _globals['_WORKERINFO']._serialized_end=645
-  _globals['_WORKER']._serialized_start=648
-  _globals['_WORKER']._serialized_end=996
+  _globals['_EVIDENCEREQUEST']._serialized_start=124
+  _globals['_EVIDENCEREQUEST']._serialized_end=172
+  _globals['_KEYRELEASE']._serialized_start=174
+  _globals['_KEYRELEASE']._serialized_end=257
+  _globals['_TENANTKEYS']._serialized_start=260
+  _globals['_TENANTKEYS']._serialized_end=388
+  _globals['_TENANTKEYS_KEYSENTRY']._serialized_start=345
+  _globals['_TENANTKEYS_KEYSENTRY']._serialized_end=388
+  _globals['_KEYRELEASEREPLY']._serialized_start=390
+  _globals['_KEYRELEASEREPLY']._serialized_end=424
+  _globals['_WORKERREQUEST']._serialized_start=426
+  _globals['_WORKERREQUEST']._serialized_end=503
+  _globals['_WORKERINFOREQUEST']._serialized_start=505
+  _globals['_WORKERINFOREQUEST']._serialized_end=524
+  _globals['_WORKERINFO']._serialized_start=527
+  _globals['_WORKERINFO']._serialized_end=702
+  _globals['_GATEWAYFRAMES']._serialized_start=704
+  _globals['_GATEWAYFRAMES']._serialized_end=761
+  _globals['_GATEWAYFRAME']._serialized_start=764
+  _globals['_GATEWAYFRAME']._serialized_end=929
+  _globals['_CHANNELOPEN']._serialized_start=932
+  _globals['_CHANNELOPEN']._serialized_end=1065
+  _globals['_CHANNELCANCEL']._serialized_start=1067
+  _globals['_CHANNELCANCEL']._serialized_end=1082
+  _globals['_CHANNELCREDIT']._serialized_start=1084
+  _globals['_CHANNELCREDIT']._serialized_end=1114
+  _globals['_WORKERFRAMES']._serialized_start=1116
+  _globals['_WORKERFRAMES']._serialized_end=1171
+  _globals['_WORKERFRAME']._serialized_start=1174
+  _globals['_WORKERFRAME']._serialized_end=1338
+  _globals['_WORKER']._serialized_start=1341
+  _globals['_WORKER']._serialized_end=1757
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,11 @@ class WorkerStub:
                 request_serializer=airlock_dot_v1_dot_worker__pb2.KeyRelease.SerializeToString,
                 response_deserializer=airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.FromString,
                 _registered_method=True)
+        self.Channel = channel.stream_stream(
+                '/airlock.v1.Worker/Channel',
+                request_serializer=airlock_dot_v1_dot_worker__pb2.GatewayFrames.SerializeToString,
+                response_deserializer=airlock_dot_v1_dot_worker__pb2.WorkerFrames.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -104,6 +109,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Channel(self, request_iterator, context):
+        """Many generations at once on one long-lived stream: the gateway keeps a few of these open to
+        each worker and sends every request as frames on one of them, each request with its own id,
+        deadline, cancellation and flow control (docs/protocol.md, "The worker channel"). The worker's
+        first message carries no frame: it says the channel is open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +146,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ReleaseKeys,
                     request_deserializer=airlock_dot_v1_dot_worker__pb2.KeyRelease.FromString,
                     response_serializer=airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.SerializeToString,
+            ),
+            'Channel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Channel,
+                    request_deserializer=airlock_dot_v1_dot_worker__pb2.GatewayFrames.FromString,
+                    response_serializer=airlock_dot_v1_dot_worker__pb2.WorkerFrames.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +290,33 @@ class Worker:
             '/airlock.v1.Worker/ReleaseKeys',
             airlock_dot_v1_dot_worker__pb2.KeyRelease.SerializeToString,
             airlock_dot_v1_dot_worker__pb2.KeyReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Channel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/airlock.v1.Worker/Channel',
+            airlock_dot_v1_dot_worker__pb2.GatewayFrames.SerializeToString,
+            airlock_dot_v1_dot_worker__pb2.WorkerFrames.FromString,
             options,
             channel_credentials,
             insecure,
