@@ -8,18 +8,25 @@ outcome once: counters, latency, tokens and one audit line. A generation the gua
 authorizing it (a bad request, an unknown model) is recorded the same way (`refused`). Nothing here
 ever sees or records a prompt or a completion.
 
+What the end costs, per call: the outcome record is submitted to the audit trail's group commit and
+awaited (written, and fsynced as `audit.fsync` says, before the caller hears the answer); a store
+that releases without waiting (the memory store) is released in place, so no task and no shield
+are needed for a release that cancellation can't interrupt anyway; the tenant's metric series are
+bound once (`Metrics.tenant`).
+
 Earlier still, `Admission.gate` charges every authenticated call (any method, refused or not) one
 request of its home tenant's request rate in this replica, before the guard authorizes or audits
 it: refusals can't be sprayed for free, and what a tenant's callers can make this replica write to
-its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md).
+its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md). A
+gateway of N processes splits that bound between them (`Share`): together they write no more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -33,7 +40,7 @@ from gateway.audit import AuditLog
 from gateway.auth.identity import Principal
 from gateway.call import Call, Generation
 from gateway.metrics import Metrics
-from gateway.quota import RATE_LIMITED, Bucket, QuotaLimits, QuotaStore, quota_error
+from gateway.quota import RATE_LIMITED, WHOLE, Bucket, QuotaLimits, QuotaStore, Share, quota_error
 from serving.rpc import caller_error
 
 __all__ = ["Admission", "Ticket"]
@@ -54,8 +61,10 @@ class Admission:
         audit: AuditLog,
         tracer: Any = None,  # an OpenTelemetry Tracer when tracing is on (gateway.telemetry)
         clock: Callable[[], float] = time.monotonic,
+        share: Share = WHOLE,  # this process's part of each request rate (gateway.processes)
     ) -> None:
         self.store = store
+        self.share = share
         self.limits_for = limits_for
         self.metrics = metrics
         self.audit = audit
@@ -89,21 +98,31 @@ class Admission:
         limits = self.limits_for(tenant)
         if limits is None or not limits.requests_per_second:
             return  # not limited (an unknown tenant is refused by the policy, or at admission)
-        now, size = self._clock(), limits.bucket
+        share, now = self.share, self._clock()
+        size, rate = float(share.part(int(limits.bucket))), share.rate(limits.requests_per_second)
         bucket = self._gates.setdefault(tenant, Bucket(size, now))
-        level = bucket.refill(now, limits.requests_per_second, size)
+        level = bucket.refill(now, rate, size)
         if level < 1:
             refused, _ = self._gated.get(tenant, (0, ""))
             self._gated[tenant] = (refused + 1, principal.policy_subject)
-            self.metrics.quota_rejections.labels(tenant, RATE_LIMITED).inc()
-            raise quota_error(RATE_LIMITED, (1 - level) / limits.requests_per_second, tenant)
+            self.metrics.tenant(tenant).quota_rejections[RATE_LIMITED].inc()
+            raise quota_error(RATE_LIMITED, (1 - level) / rate, tenant)
         bucket.level -= 1
         if (gated := self._gated.get(tenant)) is not None:
             self.audit.record("rate_limited", tenant=tenant, refused=gated[0], last_subject=gated[1])
             del self._gated[tenant]
 
-    def _release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> asyncio.Task[None]:
-        # A task of its own: a second cancellation of the call can't interrupt the release.
+    def _release(
+        self, tenant: str, limits: QuotaLimits, lease: str, refund: int
+    ) -> asyncio.Task[None] | None:
+        """Release `lease`: in place when the store can without waiting (None: done), else in a task
+        of its own, so that a second cancellation of the call can't interrupt the release."""
+        try:
+            if self.store.release_now(tenant, limits, lease, refund):
+                return None
+        except Exception:
+            _log.exception("quota release failed", extra={"tenant": tenant})
+            return None
         task = asyncio.ensure_future(self._release_logged(tenant, limits, lease, refund))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
@@ -127,6 +146,7 @@ class Ticket:
         self.subject = call.principal.policy_subject
         self.quota = quota  # the tenant's, as the call was resolved; None: not in the policy
         self.label = call.tenant if quota is not None else "other"  # only the policy's tenants: no new series
+        self.series = admission.metrics.tenant(self.label)
         self.request_id = ""
         self.model = ""
         self.max_tokens = 0
@@ -152,14 +172,14 @@ class Ticket:
         self.request_bytes = request_bytes
         if self.quota is None:  # fail closed: a tenant without settings has no quota to spend
             raise PermissionDeniedError("tenant is not in the policy", reason="TENANT_UNKNOWN")
-        lease = uuid.uuid4().hex
+        lease = os.urandom(16).hex()  # unique among every replica's leases (they may share Redis)
         try:
             await self.admission.store.acquire(self.tenant, self.quota, self.max_tokens, lease)
         except QuotaExceededError as exc:
-            self.admission.metrics.quota_rejections.labels(self.label, exc.reason).inc()
+            self.series.quota_rejections[exc.reason].inc()
             raise
         self._reserved, self._lease = self.quota, lease
-        self.admission.metrics.concurrent_streams.labels(self.label).inc()
+        self.series.streams.inc()
 
     def usage(self, usage: pb.Usage) -> None:
         self.prompt_tokens = usage.prompt_tokens
@@ -177,13 +197,24 @@ class Ticket:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        release = self.end(exc)
-        if release is not None:
-            # Shielded: cancelled again while waiting, the release still finishes in its own task.
-            await asyncio.shield(release)
+        release, written = self._end(exc, self.admission.audit.submit)
+        try:
+            if written is not None:
+                await written  # the outcome record, written (and fsynced per policy) with its group
+        finally:
+            if release is not None:
+                # Shielded: cancelled again while waiting, the release still finishes in its own task.
+                await asyncio.shield(release)
 
     def end(self, exc: BaseException | None) -> asyncio.Task[None] | None:
-        """Record the outcome (`exc` None: OK) and start releasing what was reserved, if anything."""
+        """Record the outcome (`exc` None: OK), written when this returns, and start releasing what
+        was reserved, if anything."""
+        release, _ = self._end(exc, self.admission.audit.record)
+        return release
+
+    def _end(
+        self, exc: BaseException | None, write: Callable[..., Any]
+    ) -> tuple[asyncio.Task[None] | None, Any]:
         release = None
         if self._reserved is not None:
             # Tokens not generated go back. Without a final usage (error, cancel) only what was seen
@@ -191,19 +222,29 @@ class Ticket:
             seen = self.completion_tokens if (self.finished or self.method == "stream") else self.max_tokens
             refund = max(0, self.max_tokens - seen)
             release = self.admission._release(self.tenant, self._reserved, self._lease, refund)
-            self.admission.metrics.concurrent_streams.labels(self.label).dec()
+            self.series.streams.dec()
         err = None if exc is None else caller_error(exc)  # what the caller is told, as the interceptor does
-        self._record(grpc.StatusCode.OK if err is None else err.code, "" if err is None else err.reason)
-        return release
+        code, reason = (grpc.StatusCode.OK, "") if err is None else (err.code, err.reason)
+        # Should the record fail (the audit trail is down), a release task goes on by itself.
+        return release, self._record(code, reason, write)
 
-    def _record(self, code: grpc.StatusCode, reason: str) -> None:
+    def _record(self, code: grpc.StatusCode, reason: str, write: Callable[..., Any]) -> Any:
         seconds = time.perf_counter() - self._start
-        m = self.admission.metrics
-        m.requests.labels(self.label, self.method, code.name).inc()
-        m.request_seconds.labels(self.label, self.method).observe(seconds)
-        m.tokens.labels(self.label, "prompt").inc(self.prompt_tokens)
-        m.tokens.labels(self.label, "completion").inc(self.completion_tokens)
-        self.admission.audit.record(
+        series = self.series
+        series.requests[self.method, code.name].inc()
+        series.seconds[self.method].observe(seconds)
+        series.tokens["prompt"].inc(self.prompt_tokens)
+        series.tokens["completion"].inc(self.completion_tokens)
+        if self._span is not None:
+            self._span.set_attributes({
+                "airlock.tenant": self.tenant, "airlock.method": self.method,
+                "airlock.request_id": self.request_id, "airlock.model": self.model,
+                "rpc.grpc.status_code": code.value[0], "airlock.reason": reason,
+                "airlock.prompt_tokens": self.prompt_tokens,
+                "airlock.completion_tokens": self.completion_tokens,
+            })  # fmt: skip
+            self._span.end()
+        return write(
             "request",
             tenant=self.tenant,
             subject=self.subject,
@@ -221,12 +262,3 @@ class Ticket:
             completion_tokens=self.completion_tokens,
             latency_ms=round(seconds * 1000, 3),
         )
-        if self._span is not None:
-            self._span.set_attributes({
-                "airlock.tenant": self.tenant, "airlock.method": self.method,
-                "airlock.request_id": self.request_id, "airlock.model": self.model,
-                "rpc.grpc.status_code": code.value[0], "airlock.reason": reason,
-                "airlock.prompt_tokens": self.prompt_tokens,
-                "airlock.completion_tokens": self.completion_tokens,
-            })  # fmt: skip
-            self._span.end()

@@ -8,6 +8,16 @@ signatures go to a sidecar file (`<path>.sig`) so truncating the log is caught b
 that points past its end. `airlock audit verify` (control/audit_verify.py) checks all of it; the
 format is documented in docs/operations.md.
 
+Writing is cheap where it can be: each record is JSON-encoded once and hashed as encoded (the hash
+is appended as the line's last member), and the lines of a group go to the file in one gather
+write, never joined into one buffer. A
+decision about to take effect can be `submit`ted instead of `record`ed: with `fsync = "always"`, the
+records submitted while the previous group was being fsynced are written and fsynced together by
+one committer thread (a group commit) and each caller awaits its group; with the other policies a
+submitted record is written at once, as `record` does (one system call; batching it would cost the
+caller an event-loop turn). Either way a record is written, and fsynced as the policy says, before
+its caller goes on: a crash never loses a decision that took effect.
+
 A log that can't be written fails closed: the failing record and every later one raise
 `UnavailableError` ("audit log unavailable"), so no decision goes unrecorded. Because a full disk
 stops every tenant, no record is ever longer than `MAX_RECORD_BYTES`: strings are cut to
@@ -17,7 +27,9 @@ long has its largest fields replaced by a marker (docs/operations.md, "Audit lim
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -27,7 +39,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +77,14 @@ _HASH_SUFFIX = len(',"hash":"') + 64 + len('"}\n') - 1  # what a body grows by o
 _log = logging.getLogger("airlock.audit")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+_BODY_BUDGET = MAX_RECORD_BYTES - _HASH_SUFFIX  # a record's canonical JSON, before its hash is added
+_IOV_MAX = 1024  # buffers one writev takes (Linux)
+
+
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes a record's hash covers: sorted keys, no spaces, ASCII only."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+    return _ENCODER.encode(record).encode()
 
 
 def bounded(value: Any, depth: int = 0) -> Any:
@@ -94,6 +111,25 @@ def bounded(value: Any, depth: int = 0) -> Any:
     except Exception:  # a value that can't even say what it is: its type will do
         text = f"<{type(value).__name__}>"
     return bounded(text, depth)
+
+
+def _field(value: Any) -> Any:
+    """`bounded(value)`, without the walk for what records mostly hold (short strings, numbers)."""
+    kind = type(value)
+    if kind is str:
+        return value if len(value) <= MAX_STRING_CHARS else bounded(value)
+    if kind is int:
+        return value if -(1 << 63) <= value < 1 << 64 else bounded(value)
+    if value is None or kind is float or kind is bool:
+        return value
+    return bounded(value)
+
+
+def _encode(entry: dict[str, Any]) -> bytes:
+    """The canonical JSON of `entry` (already bounded), at most `_BODY_BUDGET` bytes: encoded once,
+    and again only for the rare record that has to be cut (`_fit`)."""
+    body = canonical(entry)
+    return body if len(body) <= _BODY_BUDGET else canonical(_fit(entry, _BODY_BUDGET))
 
 
 def _fit(entry: dict[str, Any], budget: int) -> dict[str, Any]:
@@ -166,16 +202,40 @@ def _set_aside_legacy(path: Path) -> dict[str, Any] | None:
 
 
 def _write_whole(fd: int, line: bytes, end: int, what: str) -> None:
-    """Append one whole line or nothing: a short write (a full disk) is cut off again at `end`, so
-    the file still ends on a whole record and, once there is room, a restarted gateway continues
-    the chain instead of refusing to start on a partial record. Called with the file lock held."""
-    written = os.write(fd, line)
-    if written != len(line):
-        try:
-            os.ftruncate(fd, end)
-        except OSError as exc:
-            _log.error("audit log: cannot remove a partial record from %s: %s", what, exc.strerror)
-        raise OSError(errno.EIO, f"short write to {what} ({written} of {len(line)} bytes)")
+    """Append one whole line or nothing (see `_write_all`)."""
+    _write_all(fd, [line], end, what)
+
+
+def _write_all(fd: int, lines: list[bytes], end: int, what: str) -> None:
+    """Append whole lines, gathered in one write (nothing is copied into one buffer), or nothing:
+    a short write (a full disk) is cut off again at `end`, so the file still ends on a whole record
+    and, once there is room, a restarted gateway continues the chain instead of refusing to start on
+    a partial record. Called with the file lock held."""
+    size = written = 0
+    try:
+        for i in range(0, len(lines), _IOV_MAX):
+            part = lines[i : i + _IOV_MAX]
+            wanted = sum(len(line) for line in part)
+            size += wanted
+            done = os.write(fd, part[0]) if len(part) == 1 else os.writev(fd, part)
+            written += done
+            if done != wanted:
+                size += sum(len(line) for line in lines[i + _IOV_MAX :])
+                break
+    except OSError:
+        if written:  # an earlier part went in: take it out again
+            _truncate(fd, end, what)
+        raise
+    if written != size:
+        _truncate(fd, end, what)
+        raise OSError(errno.EIO, f"short write to {what} ({written} of {size} bytes)")
+
+
+def _truncate(fd: int, end: int, what: str) -> None:
+    try:
+        os.ftruncate(fd, end)
+    except OSError as exc:
+        _log.error("audit log: cannot remove a partial record from %s: %s", what, exc.strerror)
 
 
 def _last_line(path: Path) -> bytes | None:
@@ -197,10 +257,16 @@ def _last_line(path: Path) -> bytes | None:
     return data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
 
 
+# A record as its caller made it, before the chain gives it a place: (ts, event, bounded fields).
+_Entry = tuple[float, str, dict[str, Any]]
+# A submitted record waiting for the committer: the entry, its caller's future and that one's loop.
+_Waiting = tuple[_Entry, "asyncio.Future[None]", asyncio.AbstractEventLoop]
+
+
 class AuditLog:
     """Appends chained records to `path` (mode 0600); with no path, records go to the `airlock.audit`
     logger. Several processes may share one path: a lock file serialises them and each appends after
-    whatever the others wrote last."""
+    whatever the others wrote last (the gateway's own processes each keep a chain of their own)."""
 
     def __init__(
         self,
@@ -212,7 +278,7 @@ class AuditLog:
         self.path = path
         self.config = config or AuditConfig()
         self._key = signing_key
-        self._lock = threading.Lock()  # policy reloads write from a worker thread
+        self._lock = threading.Lock()  # the chain and the file; policy reloads write from a worker thread
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._failed: str | None = None
@@ -223,6 +289,12 @@ class AuditLog:
         self._dirty = False  # written but not fsynced
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        # Group commit (fsync "always"): records submitted and not yet written, in order, and the
+        # thread that writes and fsyncs each group. The queue has its own lock so that submitting
+        # never waits for an fsync in progress.
+        self._queue: list[_Waiting] = []
+        self._queued = threading.Condition(threading.Lock())
+        self._committer: threading.Thread | None = None
         # Called once, with the reason, when the log fails (the gateway stops reporting SERVING).
         self.on_failure: Callable[[str], None] | None = None
         # Called (with the lock held: it must only wake someone) after a head is signed or the log
@@ -254,54 +326,136 @@ class AuditLog:
     # --- writing ---------------------------------------------------------------------------------
 
     def record(self, event: str, **fields: Any) -> None:
-        if RESERVED & fields.keys():
-            raise ValueError(f"audit fields may not be named {sorted(RESERVED & fields.keys())}")
-        event = str(bounded(event))
-        fields = {str(bounded(name)): bounded(value) for name, value in fields.items()}
+        """Append one record: written, and fsynced as `audit.fsync` says, when this returns."""
+        entry = _entry(event, fields)
         if self.path is None:
-            entry = _fit({"ts": round(time.time(), 6), "event": event, **fields}, MAX_RECORD_BYTES - 1)
-            _log.info(json.dumps(entry))
+            _log.info(json.dumps(_fit({"ts": entry[0], "event": entry[1], **entry[2]}, MAX_RECORD_BYTES - 1)))
             return
-        with self._lock:
+        self._write_now(entry)
+
+    def submit(self, event: str, **fields: Any) -> Awaitable[None] | None:
+        """Append the record of a decision about to take effect, from the event loop, and say what to
+        await before it does: None when it is written already (as `record` writes it), or (fsync
+        "always") a future done once it is written and fsynced with the others of its group, or
+        failed with `UnavailableError` like `record`. A caller cancelled while it waits loses
+        nothing: the record is written all the same."""
+        entry = _entry(event, fields)
+        if self.path is None:
+            self.record(event, **fields)
+            return None
+        if self.config.fsync != "always" or self._stop.is_set():
+            self._write_now(entry)  # one write; grouping it would cost the caller an event-loop turn
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_now(entry)
+            return None
+        if self._failed is not None:
             self._refuse_if_failed()
-            try:
-                with self._locked():
-                    self._append(event, fields)
-                    self._maybe_sign()
-                    self._maybe_rotate()
-            except (OSError, ValueError) as exc:
-                self._fail(exc)
+        future = loop.create_future()
+        with self._queued:
+            self._queue.append((entry, future, loop))
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_groups, name="audit-commit", daemon=True
+                )
+                self._committer.start()
+            self._queued.notify()
+        return future
 
     def sign(self, reason: str = "requested") -> None:
         """Sign the current chain head now (no-op without a key or when nothing is unsigned)."""
         if self.path is None or self._key is None:
             return
         with self._lock:
-            self._refuse_if_failed()
+            waiting = self._take_queue()
             try:
-                with self._locked():
-                    self._sign(reason)
-            except OSError as exc:
-                self._fail(exc)
+                self._refuse_if_failed()
+                try:
+                    with self._locked():
+                        self._append([w[0] for w in waiting])
+                        self._sign(reason)
+                except (OSError, ValueError) as exc:
+                    self._fail(exc)
+            except UnavailableError as exc:
+                _settle(waiting, exc)
+                raise
+            _settle(waiting, None)
 
     def close(self) -> None:
         self._stop.set()
-        if self._timer is not None:
-            self._timer.join(timeout=5)
+        with self._queued:
+            self._queued.notify()
+        for thread in (self._timer, self._committer):
+            if thread is not None:
+                thread.join(timeout=5)
         with self._lock:
+            waiting = self._take_queue()
             if self._fd is not None and self._failed is None:
                 try:
                     with self._locked():
+                        self._append([w[0] for w in waiting])
                         self._sign("close")
                         os.fsync(self._fd)
-                except OSError as exc:
-                    _log.error("audit log: final signature failed: %s", exc.strerror)
+                    _settle(waiting, None)
+                except (OSError, ValueError) as exc:
+                    _log.error("audit log: final signature failed: %s", getattr(exc, "strerror", None) or exc)
+                    _settle(waiting, UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE"))
+            else:
+                _settle(waiting, UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE"))
             for fd in (self._fd, self._lock_fd):
                 if fd is not None:
                     os.close(fd)
             self._fd = self._lock_fd = None
 
     # --- internals (called with self._lock held) ---------------------------------------------------
+
+    def _write_now(self, entry: _Entry) -> None:
+        """Write `entry` now, after whatever was submitted before it (in one write with them)."""
+        with self._lock:
+            waiting = self._take_queue()
+            try:
+                self._write([*(w[0] for w in waiting), entry])
+            except UnavailableError as exc:
+                _settle(waiting, exc)
+                raise
+            _settle(waiting, None)
+
+    def _take_queue(self) -> list[_Waiting]:
+        with self._queued:
+            waiting, self._queue = self._queue, []
+        return waiting
+
+    def _commit_groups(self) -> None:
+        """The committer (fsync "always"): whatever was submitted while the previous group was being
+        written and fsynced is the next group, written in one write and fsynced once."""
+        while True:
+            with self._queued:
+                while not self._queue and not self._stop.is_set():
+                    self._queued.wait()
+                if not self._queue:
+                    return  # stopping, and nothing left (close() writes what comes after)
+            with self._lock:  # taken before the queue: groups reach the file in the order submitted
+                waiting = self._take_queue()
+                error: UnavailableError | None = None
+                try:
+                    self._write([w[0] for w in waiting])
+                except UnavailableError as exc:
+                    error = exc
+            _settle(waiting, error)
+
+    def _write(self, entries: list[_Entry]) -> None:
+        if not entries:
+            return
+        self._refuse_if_failed()
+        try:
+            with self._locked():
+                self._append(entries)
+                self._maybe_sign()
+                self._maybe_rotate()
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
 
     def _locked(self) -> _FileLock:
         assert self._lock_fd is not None  # only called for file-backed logs
@@ -325,22 +479,29 @@ class AuditLog:
                 break
         self._end = os.fstat(self._fd).st_size
 
-    def _append(self, event: str, fields: dict[str, Any]) -> None:
+    def _append(self, entries: list[_Entry]) -> None:
+        """Chain `entries` after the last record on disk and write them in one write; fsync once when
+        the policy says so. Called with the file lock held."""
+        if not entries:
+            return
         assert self.path is not None and self._fd is not None
-        st = os.fstat(self._fd)
-        if st.st_ino != _inode(self.path):  # another writer rotated the file
-            self._open()
-        elif st.st_size != self._end:  # another writer appended
-            self._resume()
-        entry = {"seq": self._seq + 1, "ts": round(time.time(), 6), "event": event, **fields,
-                 "prev": self._head}  # fmt: skip
-        body = canonical(_fit(entry, MAX_RECORD_BYTES - _HASH_SUFFIX))
-        digest = hashlib.sha256(body).hexdigest()
-        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'  # encoded once: hash goes last
-        _write_whole(self._fd, line, self._end, "the log")
-        self._seq, self._head = entry["seq"], digest
-        self._end += len(line)  # under the lock, and we appended at the end we had just checked
-        self._unsigned += 1
+        # Another writer on this path always appends before it rotates, so a file that is still
+        # as long as we left it was neither appended to nor rotated: one fstat is enough.
+        if os.fstat(self._fd).st_size != self._end:
+            if os.fstat(self._fd).st_ino != _inode(self.path):  # another writer rotated the file
+                self._open()
+            else:  # another writer appended
+                self._resume()
+        seq, head, lines = self._seq, self._head, []
+        for ts, event, fields in entries:
+            seq += 1
+            body = _encode({"seq": seq, "ts": ts, "event": event, **fields, "prev": head})
+            head = hashlib.sha256(body).hexdigest()  # of the encoding itself: the hash goes last
+            lines.append(body[:-1] + b',"hash":"' + head.encode() + b'"}\n')
+        _write_all(self._fd, lines, self._end, "the log")
+        self._seq, self._head = seq, head
+        self._end += sum(len(line) for line in lines)  # under the lock, at the end we had just checked
+        self._unsigned += len(lines)
         self._dirty = True
         now = time.monotonic()
         if self.config.fsync == "always" or (
@@ -436,6 +597,36 @@ class AuditLog:
             self.on_failure(why)
         if raise_:
             raise UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE") from exc
+
+
+def _entry(event: str, fields: dict[str, Any]) -> _Entry:
+    """A record's own part, bounded and timed as its caller made it."""
+    if RESERVED & fields.keys():
+        raise ValueError(f"audit fields may not be named {sorted(RESERVED & fields.keys())}")
+    bounded_fields = {
+        (name if type(name) is str and len(name) <= MAX_STRING_CHARS else str(bounded(name))): _field(value)
+        for name, value in fields.items()
+    }
+    return round(time.time(), 6), str(_field(event)), bounded_fields
+
+
+def _settle(waiting: list[_Waiting], error: UnavailableError | None) -> None:
+    """Tell each waiting caller, on its own loop, that its group was written (or failed)."""
+    loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for _, future, loop in waiting:
+        loops.setdefault(loop, []).append(future)
+    for loop, futures in loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, futures, error)
+
+
+def _resolve(futures: list[asyncio.Future[None]], error: UnavailableError | None) -> None:
+    for future in futures:
+        if not future.done():  # a caller that went away cancelled its own
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(UnavailableError("audit log unavailable", reason="AUDIT_UNAVAILABLE"))
 
 
 class _FileLock:

@@ -1,14 +1,47 @@
 """Prometheus metrics of one gateway process, on a registry of its own (passed explicitly).
 
 Labels are bounded: tenants come from the configuration, reasons and decisions from fixed sets;
-never a subject, a token or anything else a caller chooses.
+never a subject, a token or anything else a caller chooses. A gateway of several processes
+(`gateway.processes`) has one registry, and one metrics port, per process; Prometheus sums them.
+
+A call's series are looked up once per tenant label (`Metrics.tenant`), not once per call and
+metric: `labels()` takes a lock and hashes the label tuple every time, and a call touches ~8 series.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "TenantSeries"]
+
+
+class _Children(dict[Any, Any]):
+    """One metric's children for one tenant, by their other labels, each looked up once."""
+
+    def __init__(self, metric: Any, tenant: str) -> None:
+        super().__init__()
+        self.metric, self.tenant = metric, tenant
+
+    def __missing__(self, key: Any) -> Any:
+        labels = key if isinstance(key, tuple) else (key,)
+        child = self[key] = self.metric.labels(self.tenant, *labels)
+        return child
+
+
+class TenantSeries:
+    """The series of one tenant label (a tenant of the policy, or "other"), bound once: each of
+    its dictionaries is keyed by a metric's remaining labels (fixed sets: methods, status code
+    names, decisions, reasons, token kinds)."""
+
+    def __init__(self, metrics: Metrics, tenant: str) -> None:
+        self.requests = _Children(metrics.requests, tenant)  # (method, code)
+        self.seconds = _Children(metrics.request_seconds, tenant)  # method
+        self.tokens = _Children(metrics.tokens, tenant)  # "prompt" | "completion"
+        self.quota_rejections = _Children(metrics.quota_rejections, tenant)  # reason
+        self.authz = _Children(metrics.authz_decisions, tenant)  # "allow" | "deny"
+        self.streams = metrics.concurrent_streams.labels(tenant)
 
 
 class Metrics:
@@ -60,6 +93,15 @@ class Metrics:
             "airlock_concurrent_streams", "Generation calls in flight (holding a quota slot), by tenant",
             ["tenant"], registry=r,
         )  # fmt: skip
+
+        self._tenants: dict[str, TenantSeries] = {}
+
+    def tenant(self, label: str) -> TenantSeries:
+        """The series of a tenant label; `label` must already be bounded (a policy tenant or "other")."""
+        series = self._tenants.get(label)
+        if series is None:
+            series = self._tenants[label] = TenantSeries(self, label)
+        return series
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on (host, port); return the bound port (port 0 picks one)."""

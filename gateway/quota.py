@@ -3,8 +3,13 @@
 A request reserves everything it may use in one atomic step at admission (one request, its
 `max_tokens`, one concurrency slot) or nothing at all, so concurrent requests can't overrun a
 budget; at the end the slot is released and the unused tokens are refunded. `MemoryQuotaStore`
-serves one replica; `RedisQuotaStore` shares the state of several through Redis, with each step
-one Lua script (atomic on the server, timed by the server's clock so replicas agree).
+serves one process; `RedisQuotaStore` shares the state of several (replicas, and the processes of
+one gateway) through Redis, with each step one Lua script (atomic on the server, timed by the
+server's clock so replicas agree).
+
+A gateway of N processes (`gateway.processes`) on the memory store splits every tenant's budget
+(`Share`): each process gets rate/N and its part of burst, tokens per minute and concurrent
+streams, the parts adding up to the policy's, never more. A part of 0 refuses in that process.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ __all__ = [
     "CONCURRENCY_LIMITED",
     "RATE_LIMITED",
     "TOKEN_QUOTA_EXCEEDED",
+    "WHOLE",
     "Bucket",
     "MemoryQuotaStore",
     "QuotaLimits",
     "QuotaStore",
     "RedisQuotaStore",
+    "Share",
     "quota_error",
 ]
 
@@ -59,6 +66,30 @@ class QuotaLimits:
         return not (self.requests_per_second or self.tokens_per_minute or self.concurrent_streams)
 
 
+@dataclass(frozen=True)
+class Share:
+    """This process's part of every tenant's budget when `count` gateway processes split it (the
+    memory store, and each process's request gate): rates are divided by `count`; whole amounts are
+    split so that the parts add up to the whole, the first `whole % count` processes taking one more.
+    Never more than the policy in total; a process whose part of a limited amount is 0 refuses."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"process {self.index} of {self.count}")
+
+    def rate(self, per_second: float) -> float:
+        return per_second / self.count
+
+    def part(self, whole: int) -> int:
+        quotient, remainder = divmod(whole, self.count)
+        return quotient + (1 if self.index < remainder else 0)
+
+
+WHOLE = Share()  # one process: the whole budget
+
 _MESSAGES = {
     RATE_LIMITED: "request rate quota exceeded for this tenant",
     TOKEN_QUOTA_EXCEEDED: "token quota exceeded for this tenant",
@@ -80,14 +111,22 @@ class QuotaStore(Protocol):
     async def release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> None:
         """Free the slot of `lease` and give back `refund` unused tokens."""
 
+    def release_now(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> bool:
+        """`release`, done before this returns when the store needs no waiting for it (True);
+        False: nothing was done, await `release`."""
+
     async def close(self) -> None: ...
 
 
-def _too_large(tenant: str, limits: QuotaLimits, tokens: int) -> QuotaExceededError | None:
+def _too_large(
+    tenant: str, limits: QuotaLimits, tokens: int, share: Share | None = None
+) -> QuotaExceededError | None:
     """A request asking for more than a whole minute's tokens can never pass: no retry hint."""
-    if limits.tokens_per_minute and tokens > limits.tokens_per_minute:
+    tpm, share = limits.tokens_per_minute, share or WHOLE
+    if tpm and tokens > share.part(tpm):
+        mine = "" if share.count == 1 else f"; {share.part(tpm)}/min of it in this gateway process"
         return QuotaExceededError(
-            f"max_tokens {tokens} exceeds this tenant's token quota ({limits.tokens_per_minute}/min)",
+            f"max_tokens {tokens} exceeds this tenant's token quota ({tpm}/min{mine})",
             reason=TOKEN_QUOTA_EXCEEDED,
             subject=f"tenant:{tenant}",
         )
@@ -115,30 +154,34 @@ class _TenantState:
 
 
 class MemoryQuotaStore:
-    """Quota state of one gateway process; every method runs without awaiting, so it is atomic
-    on the event loop."""
+    """Quota state of one gateway process (its `share` of each budget when several split it); every
+    method runs without awaiting, so it is atomic on the event loop."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, share: Share | None = None) -> None:
         self._clock = clock
+        self.share = share or WHOLE
         self._tenants: dict[str, _TenantState] = {}
 
     def _now(self) -> float:
         return self._clock()
 
     async def acquire(self, tenant: str, limits: QuotaLimits, tokens: int, lease: str) -> None:
-        if (refusal := _too_large(tenant, limits, tokens)) is not None:
+        share = self.share
+        if (refusal := _too_large(tenant, limits, tokens, share)) is not None:
             raise refusal
         now = self._now()
         state = self._tenants.setdefault(tenant, _TenantState())
-        if limits.concurrent_streams and len(state.leases) >= limits.concurrent_streams:
+        if limits.concurrent_streams and len(state.leases) >= share.part(limits.concurrent_streams):
             raise quota_error(CONCURRENCY_LIMITED, CONCURRENCY_RETRY_SECONDS, tenant)
-        rps, tpm = limits.requests_per_second, limits.tokens_per_minute
+        # Rates and sizes are this process's part; whether a dimension is limited is the policy's.
+        rps, tpm = share.rate(limits.requests_per_second), share.part(limits.tokens_per_minute)
         if rps:
-            state.requests = state.requests or Bucket(limits.bucket, now)
-            level = state.requests.refill(now, rps, limits.bucket)
+            size = float(share.part(int(limits.bucket)))
+            state.requests = state.requests or Bucket(size, now)
+            level = state.requests.refill(now, rps, size)
             if level < 1:
                 raise quota_error(RATE_LIMITED, (1 - level) / rps, tenant)
-        if tpm:
+        if limits.tokens_per_minute:  # a part of 0 admits only what asks for no tokens (_too_large)
             state.tokens = state.tokens or Bucket(float(tpm), now)
             level = state.tokens.refill(now, tpm / 60, tpm)
             if level < tokens:
@@ -151,14 +194,18 @@ class MemoryQuotaStore:
             state.leases.add(lease)
 
     async def release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> None:
+        self.release_now(tenant, limits, lease, refund)
+
+    def release_now(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> bool:
         state = self._tenants.get(tenant)
         if state is None:
-            return
+            return True
         state.leases.discard(lease)
-        tpm = limits.tokens_per_minute
+        tpm = self.share.part(limits.tokens_per_minute)
         if refund > 0 and tpm and state.tokens is not None:
             state.tokens.refill(self._now(), tpm / 60, tpm)
             state.tokens.level = min(float(tpm), state.tokens.level + refund)
+        return True
 
     def in_flight(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
@@ -264,6 +311,9 @@ class RedisQuotaStore:
         if reason:
             seconds = float(wait)
             raise quota_error(reason, CONCURRENCY_RETRY_SECONDS if seconds < 0 else seconds, tenant)
+
+    def release_now(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> bool:
+        return limits.unlimited  # nothing was reserved; anything else is a round trip to Redis
 
     async def release(self, tenant: str, limits: QuotaLimits, lease: str, refund: int) -> None:
         if limits.unlimited:

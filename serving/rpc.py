@@ -175,9 +175,13 @@ def wrap_handler(
 class Guard(Protocol):
     """Decides whether a call may run; refuses by raising an `AirlockError`.
 
-    For client-streaming methods `request` is the request iterator, not a message."""
+    For client-streaming methods `request` is the request iterator, not a message. What `check`
+    returns, when not None, is awaited before the servicer runs (the gateway's write-ahead audit
+    record of the decision, written with others in one group)."""
 
-    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None: ...
+    def check(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> Awaitable[None] | None: ...
 
 
 def header_value(metadata: Any, name: str) -> str | None:
@@ -343,7 +347,7 @@ async def _refuse_malformed(context: grpc.aio.ServicerContext) -> None:
     await abort_with(context, err, request_id)
 
 
-Check = Callable[[str, Any, grpc.aio.ServicerContext], None]
+Check = Callable[[str, Any, grpc.aio.ServicerContext], Awaitable[None] | None]
 
 
 def _map_unary(method: str, check: Check) -> Callable[[Behavior], Behavior]:
@@ -354,7 +358,8 @@ def _map_unary(method: str, check: Check) -> Callable[[Behavior], Behavior]:
             request = _screen(request, context)
             request_id = await _begin(request, context)
             try:
-                check(method, request, context)
+                if (written := check(method, request, context)) is not None:
+                    await written
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -374,7 +379,8 @@ def _map_stream(method: str, check: Check) -> Callable[[Behavior], Behavior]:
             request = _screen(request, context)
             request_id = await _begin(request, context)
             try:
-                check(method, request, context)
+                if (written := check(method, request, context)) is not None:
+                    await written
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:

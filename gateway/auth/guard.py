@@ -12,7 +12,10 @@ Lockouts (gateway/auth/lockout.py): a verified identity for its own policy denia
 failed authentications, which never refuses a credential that verifies.
 
 Both front doors call the same `resolve`: the gRPC door through the interceptor (`check`), the
-HTTP door (gateway/http/) directly. A door only says what it knows of the call before anything is
+HTTP door (gateway/http/) directly. An allowed call's authorization record is submitted to the audit
+trail's group commit (gateway/audit.py): `resolve` returns it with the call, and the door awaits it
+before the call goes on (it is written, and fsynced as `audit.fsync` says, by then). Refusals are
+written before they are raised. A door only says what it knows of the call before anything is
 checked (a `Knock`: its name, the request's headers, the client's address, the TLS auth context);
 every decision after that is this module's, the same for both, and audited with the door's name.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +41,14 @@ from gateway.policy.authz import Authorizer
 from serving.logs import current_request_id
 from serving.rpc import header_value
 
-__all__ = ["TENANT_HEADER", "CallGuard", "Knock", "grpc_knock"]
+__all__ = ["TENANT_HEADER", "CallGuard", "Knock", "Written", "grpc_knock"]
 
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Charges a verified caller's call against its home tenant's request rate, or raises (gateway.admission)
 Gate = Callable[[Principal], None]
+# What a door awaits before an allowed call goes on: its authorization record written (None: it is)
+Written = Awaitable[None] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +91,16 @@ class CallGuard:
         self.metrics = metrics
         self.audit = audit
 
-    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
-        """The gRPC door's guard (`serving.rpc.Guard`): the resolved call becomes the RPC's."""
-        enter(self.resolve(grpc_knock(context), method, request))
+    def check(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Written:
+        """The gRPC door's guard (`serving.rpc.Guard`): the resolved call becomes the RPC's; the
+        interceptor awaits what is returned (its authorization record written) before the servicer."""
+        call, written = self.resolve(grpc_knock(context), method, request)
+        enter(call)
+        return written
 
-    def resolve(self, knock: Knock, method: str, request: Any) -> Call:
-        """The call, authenticated, authorized and resolved, or a typed refusal (both doors).
+    def resolve(self, knock: Knock, method: str, request: Any) -> tuple[Call, Written]:
+        """The call, authenticated, authorized and resolved, or a typed refusal (both doors), and
+        what to await before it goes on: its authorization record written (None: written already).
 
         `method` is the `Inference` method the call is (the HTTP door names the one it maps to),
         `request` its message: only read."""
@@ -109,9 +118,8 @@ class CallGuard:
                 reason="TENANT_INVALID",
             )
         call = self.calls.ask(method, request, principal, tenant, knock.door)
-        if call.action:
-            self._authorize(call, method=method, peer=knock.peer, key=key)
-        return self.calls.resolve(call, request)
+        written = self._authorize(call, method=method, peer=knock.peer, key=key) if call.action else None
+        return self.calls.resolve(call, request), written
 
     def authenticate(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         """`identify` for a gRPC call (the health service's tenant statuses)."""
@@ -171,15 +179,19 @@ class CallGuard:
             raise AuthenticationError("missing bearer token", reason="TOKEN_MISSING")
         return self.verifier.verify(token)
 
-    def _authorize(self, call: Call, *, method: str, peer: str, key: str) -> None:
+    def _authorize(self, call: Call, *, method: str, peer: str, key: str) -> Written:
         principal, tenant, resource, action = call.principal, call.tenant, call.resource, call.action
         start = time.perf_counter()
         decision = self.authorizer.decide(principal.policy_subject, tenant, resource, action)
         label = tenant if tenant in self.authorizer.policy.tenants else "other"  # bounded labels
-        self.metrics.authz_decisions.labels(label, "allow" if decision.allowed else "deny").inc()
-        self.audit.record(
+        verdict = "allow" if decision.allowed else "deny"
+        self.metrics.tenant(label).authz[verdict].inc()
+        # Allowed: submitted (written with the others that arrive together; the door awaits it).
+        # Denied: written before the refusal is raised.
+        write = self.audit.submit if decision.allowed else self.audit.record
+        written = write(
             "authorization",
-            decision="allow" if decision.allowed else "deny",
+            decision=verdict,
             subject=principal.policy_subject,
             method=principal.method,
             home_tenant=principal.tenant,
@@ -195,7 +207,7 @@ class CallGuard:
             request_id=call.request_id,
         )
         if decision.allowed:
-            return
+            return written
         if self.lockout.failure(key):
             self.metrics.lockouts.labels("authorization").inc()
             self.audit.record("lockout", kind="authorization", key=key, subject=principal.policy_subject,

@@ -132,7 +132,7 @@ class HttpDoor:
             await _error(send, _logged(exc, request_id), request_id)
 
     async def _models(self, knock: Knock, send: Send, request_id: str) -> None:
-        call = self.guard.resolve(knock, LIST, pb.ListModelsRequest())
+        call = await self._admitted(knock, LIST, pb.ListModelsRequest())
         body = models_list(self.pipeline.models(call), call.tenant)
         await _answer(send, 200, body, request_id)
 
@@ -145,7 +145,7 @@ class HttpDoor:
         deadline = deadline_in(self.limits.timeout)
         at = asyncio.get_running_loop().time() + self.limits.timeout + DEADLINE_SLACK_S
         if not chat.stream:
-            call = self._resolve(knock, GENERATE, chat.request)
+            call = await self._resolve(knock, GENERATE, chat.request)
             async with asyncio.timeout_at(at):
                 response = await self.pipeline.generate(call, chat.request, deadline)
             await _answer(send, 200, completion(response, call.model), request_id)
@@ -154,14 +154,21 @@ class HttpDoor:
             raise UnavailableError("too many open streams; retry later", reason="TOO_MANY_STREAMS")
         self.streams += 1
         try:
-            call = self._resolve(knock, STREAM, chat.request)
+            call = await self._resolve(knock, STREAM, chat.request)
             await self._stream(call, chat, send, request_id, deadline, at)
         finally:
             self.streams -= 1
 
-    def _resolve(self, knock: Knock, method: str, request: pb.GenerateRequest) -> Generation:
-        call: Call = self.guard.resolve(knock, method, request)
+    async def _resolve(self, knock: Knock, method: str, request: pb.GenerateRequest) -> Generation:
+        call = await self._admitted(knock, method, request)
         assert isinstance(call, Generation)
+        return call
+
+    async def _admitted(self, knock: Knock, method: str, request: Any) -> Call:
+        """The guard's resolved call, once its authorization record is written."""
+        call, written = self.guard.resolve(knock, method, request)
+        if written is not None:
+            await written
         return call
 
     async def _stream(

@@ -21,7 +21,7 @@ from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
 from gateway.auth.lockout import Lockout
 from gateway.call import Calls
-from gateway.config import AuthConfig, KeysConfig, LockoutConfig
+from gateway.config import AuditConfig, AuthConfig, KeysConfig, LockoutConfig
 from gateway.keys import ensure_tenant_keys, open_keystore
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
@@ -58,12 +58,14 @@ class Site:
 
 @asynccontextmanager
 async def gateway_site(
-    tmp_path: Path, service_class: type[InferenceService] = InferenceService
+    tmp_path: Path,
+    service_class: type[InferenceService] = InferenceService,
+    audit_config: AuditConfig | None = None,
 ) -> AsyncIterator[Site]:
     pki = ensure_dev_pki(tmp_path / "pki")
     metrics, auth = Metrics(), AuthConfig()
     audit_path = tmp_path / "audit.jsonl"
-    audit = AuditLog(audit_path)
+    audit = AuditLog(audit_path, config=audit_config)
     authorizer = Authorizer.from_directory(make_policy_dir(tmp_path / "policy"), metrics=metrics, audit=audit)
 
     attest = worker_attestation_cert(pki, "acme")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ from gateway.admission import Admission
 from gateway.audit import AuditLog
 from gateway.auth.identity import Principal
 from gateway.call import Call, Generation
-from gateway.config import TelemetryConfig
+from gateway.config import AuditConfig, TelemetryConfig
 from gateway.metrics import Metrics
-from gateway.quota import MemoryQuotaStore, QuotaLimits
+from gateway.quota import MemoryQuotaStore, QuotaLimits, Share
 from gateway.telemetry import make_tracer
 
 LIMITS = {"acme": QuotaLimits(tokens_per_minute=100, concurrent_streams=1), "globex": QuotaLimits()}
@@ -291,3 +293,96 @@ def test_the_gate_passes_tenants_without_a_request_rate(tmp_path: Path) -> None:
         admission.gate(Principal("carol", "globex", (), "jwt"))
         admission.gate(Principal("x", "initech", (), "jwt"))  # not in the policy: refused elsewhere
     assert not audit.exists() or not records(audit)
+
+
+async def test_the_memory_store_is_released_in_place_without_a_task(tmp_path: Path) -> None:
+    admission, store, _audit = make(tmp_path)
+    made: list[object] = []
+    real = asyncio.ensure_future
+    asyncio.ensure_future = lambda *a, **kw: (made.append(a), real(*a, **kw))[1]  # type: ignore[assignment]
+    try:
+        call = generation("generate", 60)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
+            ticket.usage(pb.Usage(prompt_tokens=1, completion_tokens=1))
+    finally:
+        asyncio.ensure_future = real
+    assert store.in_flight("acme") == 0 and made == [] and not admission._releases
+
+
+async def test_a_call_cancelled_while_its_outcome_is_being_written_still_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path = MemoryQuotaStore(), tmp_path / "audit.jsonl"
+    audit = AuditLog(path, config=AuditConfig(fsync="always", sign_every_seconds=0))
+    admission = Admission(store, LIMITS.get, metrics=Metrics(), audit=audit)
+    syncing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        syncing.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def unary() -> None:
+        call = generation("generate", 60)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
+
+    task = asyncio.create_task(unary())
+    await asyncio.to_thread(syncing.wait, 10)  # the outcome is being fsynced; the call waits for it
+    assert store.in_flight("acme") == 0  # released already: nothing left for a cancellation to lose
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    audit.close()
+    assert store.in_flight("acme") == 0
+    [record] = records(path)
+    assert record["event"] == "request"  # written all the same
+
+
+async def test_a_tenants_series_are_looked_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    admission, _store, _audit = make(tmp_path)
+    looked_up: list[tuple[str, ...]] = []
+    for metric in (admission.metrics.requests, admission.metrics.request_seconds, admission.metrics.tokens,
+                   admission.metrics.concurrent_streams):  # fmt: skip
+        real = metric.labels
+        monkeypatch.setattr(metric, "labels", lambda *a, real=real: (looked_up.append(a), real(*a))[1])
+    for _ in range(5):
+        call = generation("generate", 10)
+        async with admission.call(call) as ticket:
+            await ticket.admit(call.spec, 100)
+            ticket.usage(pb.Usage(prompt_tokens=1, completion_tokens=1))
+    # concurrent streams, requests (generate, OK), duration (generate), tokens prompt and completion
+    assert len(looked_up) == 5
+    labels = {"tenant": "acme", "method": "generate", "code": "OK"}
+    assert sample(admission, "airlock_requests_total", labels) == 5
+
+
+def test_several_processes_split_the_gate_and_never_pass_more_than_the_policy(tmp_path: Path) -> None:
+    limits = {"acme": QuotaLimits(requests_per_second=10, burst=5)}
+    passed = []
+    for index in range(2):
+        clock = Clock()
+        admission = Admission(MemoryQuotaStore(), limits.get, metrics=Metrics(),
+                              audit=AuditLog(tmp_path / f"audit-{index}.jsonl"), clock=clock,
+                              share=Share(index, 2))  # fmt: skip
+        count = 0
+        for _ in range(20):
+            try:
+                admission.gate(BOB)
+                count += 1
+            except QuotaExceededError:
+                pass
+        clock.now += 1.0  # one second refills this process's half of the rate (5), up to its part
+        for _ in range(20):
+            try:
+                admission.gate(BOB)
+                count += 1
+            except QuotaExceededError:
+                pass
+        passed.append(count)
+    assert passed == [3 + 3, 2 + 2]  # bursts 3 + 2 = 5; refills capped by each part

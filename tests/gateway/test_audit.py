@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -412,3 +413,139 @@ def test_records_without_a_file_are_bounded_too(caplog: pytest.LogCaptureFixture
         AuditLog(None).record("authorization", resource="x" * 100_000)
     [message] = [r.getMessage() for r in caplog.records]
     assert len(message) < MAX_RECORD_BYTES and "more characters]" in message
+
+
+# --- group commit: records submitted by decisions about to take effect --------------------------
+
+
+class GatedFsync:
+    """os.fsync that records what the file held when it ran, and can be held at its next call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, log_path: Path) -> None:
+        self.real, self.path = os.fsync, str(log_path)
+        self.synced: list[int] = []  # the log's size at each of its fsyncs
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == self.path:
+            self.entered.set()
+            self.release.wait(10)
+            self.synced.append(os.fstat(fd).st_size)
+        self.real(fd)
+
+
+async def test_submitted_records_that_arrive_together_share_one_write_and_one_fsync(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync="always", sign_every_seconds=0), signing_key=KEY)
+    fsync = GatedFsync(monkeypatch, log_path)
+    fsync.release.clear()  # the first group's fsync takes its time: the next ones pile up meanwhile
+    first = log.submit("authorization", decision="allow", subject="first")
+    assert first is not None
+    await asyncio.to_thread(fsync.entered.wait, 10)
+    later = [log.submit("authorization", decision="allow", subject=f"u{i}") for i in range(20)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in [first, *later] if isinstance(w, asyncio.Future))  # none synced yet
+    writes: list[int] = []
+    real_writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: (writes.append(len(bufs)), real_writev(fd, bufs))[1])
+    fsync.release.set()
+    await asyncio.gather(first, *[w for w in later if w is not None])
+    size = log_path.stat().st_size
+    assert writes == [20]  # the 20 that waited: one write
+    assert len(fsync.synced) == 2 and fsync.synced[-1] == size  # and one fsync, covering all of them
+    log.close()
+    monkeypatch.undo()
+    report = verify_log(log_path, PUB)
+    assert report.ok and report.records == 21, report.problems
+    subjects = [json.loads(line)["subject"] for line in lines(log_path)]
+    assert subjects == ["first"] + [f"u{i}" for i in range(20)]  # in the order submitted
+
+
+async def test_a_submitted_record_is_fsynced_before_its_caller_goes_on(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync="always", sign_every_seconds=0))
+    fsync = GatedFsync(monkeypatch, log_path)
+    for i in range(5):
+        written = log.submit("authorization", decision="allow", subject=f"u{i}")
+        assert written is not None
+        await written
+        end = log_path.stat().st_size
+        assert fsync.synced and fsync.synced[-1] == end  # the fsync came after the record was written
+    log.close()
+
+
+@pytest.mark.parametrize("policy", ["interval", "never"])
+async def test_without_fsync_always_a_submitted_record_is_written_at_once(
+    log_path: Path, policy: str
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync=policy, sign_every_seconds=0))
+    assert log.submit("authorization", decision="allow") is None  # nothing to await: it is written
+    assert len(lines(log_path)) == 1
+    log.close()
+
+
+async def test_a_record_written_now_goes_after_those_submitted_before_it(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync="always", sign_every_seconds=0), signing_key=KEY)
+    fsync = GatedFsync(monkeypatch, log_path)
+    fsync.release.clear()
+    first = log.submit("authorization", subject="a")
+    await asyncio.to_thread(fsync.entered.wait, 10)
+    second = log.submit("authorization", subject="b")  # waits for the next group
+    fsync.release.set()
+    await asyncio.to_thread(log.record, "lockout", subject="c")  # written with (after) b, at once
+    assert first is not None and second is not None
+    await asyncio.gather(first, second)
+    log.close()
+    assert [json.loads(line)["subject"] for line in lines(log_path)] == ["a", "b", "c"]
+    assert verify_log(log_path, PUB).ok
+
+
+async def test_a_caller_that_goes_away_while_it_waits_still_has_its_record_written(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync="always", sign_every_seconds=0))
+    fsync = GatedFsync(monkeypatch, log_path)
+    fsync.release.clear()
+    written = log.submit("authorization", subject="gone")
+    assert written is not None
+    waiter = asyncio.ensure_future(written)
+    await asyncio.to_thread(fsync.entered.wait, 10)
+    waiter.cancel()
+    fsync.release.set()
+    log.close()
+    assert [json.loads(line)["subject"] for line in lines(log_path)] == ["gone"]
+
+
+async def test_a_failed_group_fails_every_caller_in_it_and_the_log_stays_closed(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AuditLog(log_path, config=AuditConfig(fsync="always", sign_every_seconds=0), signing_key=KEY)
+    fsync = GatedFsync(monkeypatch, log_path)
+    fsync.release.clear()
+    first = log.submit("authorization", subject="ok")
+    await asyncio.to_thread(fsync.entered.wait, 10)
+    group = [log.submit("authorization", subject=f"u{i}") for i in range(3)]
+    real_writev = os.writev
+
+    def full(fd: int, buffers: list[bytes]) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(log_path):
+            raise OSError(28, "No space left on device")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", full)
+    fsync.release.set()
+    assert first is not None
+    await first
+    results = await asyncio.gather(*[w for w in group if w is not None], return_exceptions=True)
+    assert all(isinstance(r, UnavailableError) and r.reason == "AUDIT_UNAVAILABLE" for r in results)
+    with pytest.raises(UnavailableError):
+        log.submit("authorization", subject="later")  # closed until an operator restarts it
+    assert "No space left on device" in caplog.text
+    log.close()
+    assert [json.loads(line)["subject"] for line in lines(log_path)] == ["ok"]

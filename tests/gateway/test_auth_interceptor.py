@@ -5,6 +5,9 @@ model exists)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from airlock.rpcstatus import from_rpc_error
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import inference_pb2_grpc
 from gateway.call import Call, Generation, current_call
+from gateway.config import AuditConfig
 from gateway.server import InferenceService
 from tests.gateway.inprocess import LIMITS, Site, gateway_site
 
@@ -134,3 +138,47 @@ async def test_a_refused_generation_is_audited_as_a_request_of_the_authorized_ca
     }  # fmt: skip
     labels = {"tenant": "acme", "method": "generate", "code": "INVALID_ARGUMENT"}
     assert site.metrics.registry.get_sample_value("airlock_requests_total", labels) == 1
+
+
+class WriteAheadSpy(InferenceService):
+    """A servicer that looks, when it runs, at what the audit trail holds and has fsynced."""
+
+    path: Path
+    seen: list[tuple[bool, bool]]  # (its authorization record is in the file, and was fsynced)
+    synced: list[int]  # the log's size at each of its fsyncs
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        call = current_call(Generation)
+        data, end = self.path.read_bytes(), 0
+        for line in data.splitlines(keepends=True):
+            end += len(line)
+            record = json.loads(line)
+            if record["event"] == "authorization" and record["request_id"] == call.request_id:
+                self.seen.append((True, max(self.synced, default=0) >= end))
+                break
+        else:
+            self.seen.append((False, False))
+        return pb.GenerateResponse(request_id=call.request_id, text="ok")
+
+
+async def test_with_fsync_always_an_allowed_call_runs_only_once_its_authorization_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    WriteAheadSpy.path, WriteAheadSpy.seen, WriteAheadSpy.synced = tmp_path / "audit.jsonl", [], []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(WriteAheadSpy.path):
+            WriteAheadSpy.synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    config = AuditConfig(fsync="always", sign_every_seconds=0)
+    async with (
+        gateway_site(tmp_path, WriteAheadSpy, audit_config=config) as site,
+        AsyncClient(site.address, token=site.token(), ca_cert=site.pki.ca_cert) as client,
+    ):
+        await asyncio.gather(*(client.generate("hi", request_id=f"req-{i}") for i in range(8)))
+    assert WriteAheadSpy.seen == [(True, True)] * 8

@@ -21,6 +21,7 @@ from gateway.quota import (
     QuotaLimits,
     QuotaStore,
     RedisQuotaStore,
+    Share,
 )
 
 SLOW = 1e-6  # a refill rate that adds nothing during a test
@@ -209,3 +210,56 @@ async def test_an_unreachable_redis_fails_closed() -> None:
         await store.release("acme", QuotaLimits(requests_per_second=5), lease(), 0)  # logged, no raise
     finally:
         await store.close()
+
+
+async def test_release_now_frees_a_memory_slot_at_once_and_leaves_redis_to_await(store: QuotaStore) -> None:
+    limits = QuotaLimits(concurrent_streams=1, tokens_per_minute=100)
+    held = lease()
+    await store.acquire("acme", limits, 10, held)
+    done = store.release_now("acme", limits, held, 10)
+    assert done == isinstance(store, MemoryQuotaStore)  # Redis needs a round trip: `release`
+    if not done:
+        await store.release("acme", limits, held, 10)
+    await store.acquire("acme", limits, 100, lease())  # the slot and the 10 tokens came back
+    assert store.release_now("acme", QuotaLimits(), lease(), 0)  # nothing reserved: nothing to wait for
+
+
+@pytest.mark.parametrize(
+    ("limits", "tokens", "expect"),
+    [
+        (QuotaLimits(concurrent_streams=5), 1, [3, 2]),  # 5 slots: 3 + 2
+        (QuotaLimits(concurrent_streams=1), 1, [1, 0]),  # 1 slot: the second process refuses
+        (QuotaLimits(requests_per_second=SLOW, burst=7), 1, [4, 3]),
+        (QuotaLimits(tokens_per_minute=10), 1, [5, 5]),
+        (QuotaLimits(tokens_per_minute=11), 2, [3, 2]),  # 6 and 5 tokens: whole calls of 2
+    ],
+)
+async def test_processes_on_the_memory_store_split_each_budget_never_passing_more(
+    limits: QuotaLimits, tokens: int, expect: list[int]
+) -> None:
+    admitted = []
+    for index in range(2):
+        store = MemoryQuotaStore(clock=Clock(), share=Share(index, 2))
+        count = 0
+        for _ in range(20):
+            try:
+                await store.acquire("acme", limits, tokens, lease())
+                count += 1
+            except QuotaExceededError:
+                pass
+        admitted.append(count)
+    assert admitted == expect
+
+
+async def test_a_call_larger_than_this_processs_share_of_tokens_says_so() -> None:
+    store = MemoryQuotaStore(clock=Clock(), share=Share(1, 2))
+    err = await refused(store, "acme", QuotaLimits(tokens_per_minute=100), 60)
+    assert err.reason == TOKEN_QUOTA_EXCEEDED and err.retry_after is None
+    assert "100/min; 50/min of it in this gateway process" in str(err)
+
+
+def test_a_share_names_a_process_of_the_gateway() -> None:
+    assert [Share(i, 3).part(10) for i in range(3)] == [4, 3, 3]
+    assert Share(2, 3).rate(9.0) == 3.0
+    with pytest.raises(ValueError):
+        Share(2, 2)
