@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,25 +65,18 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(1)
 
 
-class BareEcho:
-    """The bare echo server as a child process, for the benchmarks (a context manager)."""
+class BenchChild:
+    """A bench server script run as a child process until it wrote its ready file (a context
+    manager): `script` with `args`, logging to `<run_dir>/<name>.log`."""
 
-    def __init__(self, cert: Path, key: Path, run_dir: Path, env: dict[str, str]) -> None:
-        self.ready = run_dir / "bare-echo.ready"
-        self.log = run_dir / "bare-echo.log"
+    def __init__(self, script: str, name: str, args: list[Any], run_dir: Path, env: dict[str, str]) -> None:
+        self.ready = run_dir / f"{name}.ready"
+        self.log = run_dir / f"{name}.log"
         self.ready.unlink(missing_ok=True)
+        command = [sys.executable, script, *args, "--ready-file", self.ready]
         with self.log.open("ab") as fh:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--cert",
-                    str(cert),
-                    "--key",
-                    str(key),
-                    "--ready-file",
-                    str(self.ready),
-                ],
+                [str(part) for part in command],
                 stdin=subprocess.DEVNULL,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
@@ -93,7 +87,7 @@ class BareEcho:
         while not self.ready.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise SystemExit(f"bare echo server did not start: {self.log.read_text()[-2000:]}")
+                raise SystemExit(f"{name} did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
         self.port = int(json.loads(self.ready.read_text())["port"])
         self.pid = self.process.pid
@@ -107,11 +101,18 @@ class BareEcho:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> BareEcho:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BareEcho(BenchChild):
+    """The bare echo server as a child process, for the benchmarks (a context manager)."""
+
+    def __init__(self, cert: Path, key: Path, run_dir: Path, env: dict[str, str]) -> None:
+        super().__init__(__file__, "bare-echo", ["--cert", cert, "--key", key], run_dir, env)
 
 
 def main() -> None:

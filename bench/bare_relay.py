@@ -20,17 +20,15 @@ import itertools
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from bare_echo import BenchChild  # noqa: E402
 
 from serving.rpc import bind, new_server  # noqa: E402
 
@@ -70,49 +68,14 @@ async def serve(args: argparse.Namespace) -> None:
         await channel.close()
 
 
-class BareRelay:
+class BareRelay(BenchChild):
     """The bare relay as a child process, for the benchmarks (a context manager)."""
 
     def __init__(
         self, cert: Path, key: Path, ca: Path, upstream: str, run_dir: Path, env: dict[str, str]
     ) -> None:
-        self.ready = run_dir / "bare-relay.ready"
-        self.log = run_dir / "bare-relay.log"
-        self.ready.unlink(missing_ok=True)
-        command: list[Any] = [sys.executable, __file__, "--cert", cert, "--key", key, "--ca", ca,
-                              "--upstream", upstream, "--ready-file", self.ready]  # fmt: skip
-        with self.log.open("ab") as fh:
-            self.process = subprocess.Popen(
-                [str(part) for part in command],
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise SystemExit(f"bare relay did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.port = int(json.loads(self.ready.read_text())["port"])
-        self.pid = self.process.pid
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> BareRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        args = ["--cert", cert, "--key", key, "--ca", ca, "--upstream", upstream]
+        super().__init__(__file__, "bare-relay", args, run_dir, env)
 
 
 def main() -> None:

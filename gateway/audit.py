@@ -266,7 +266,7 @@ _Waiting = tuple[_Entry, "asyncio.Future[None]", asyncio.AbstractEventLoop]
 class AuditLog:
     """Appends chained records to `path` (mode 0600); with no path, records go to the `airlock.audit`
     logger. Several processes may share one path: a lock file serialises them and each appends after
-    whatever the others wrote last (the gateway's own processes each keep a chain of their own)."""
+    whatever the others wrote last."""
 
     def __init__(
         self,

@@ -1,8 +1,7 @@
 """Prometheus metrics of one gateway process, on a registry of its own (passed explicitly).
 
 Labels are bounded: tenants come from the configuration, reasons and decisions from fixed sets;
-never a subject, a token or anything else a caller chooses. A gateway of several processes
-(`gateway.processes`) has one registry, and one metrics port, per process; Prometheus sums them.
+never a subject, a token or anything else a caller chooses.
 
 A call's series are looked up once per tenant label (`Metrics.tenant`), not once per call and
 metric: `labels()` takes a lock and hashes the label tuple every time, and a call touches ~8 series.

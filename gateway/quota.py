@@ -7,9 +7,10 @@ serves one process; `RedisQuotaStore` shares the state of several (replicas, and
 one gateway) through Redis, with each step one Lua script (atomic on the server, timed by the
 server's clock so replicas agree).
 
-A gateway of N processes (`gateway.processes`) on the memory store splits every tenant's budget
-(`Share`): each process gets rate/N and its part of burst, tokens per minute and concurrent
-streams, the parts adding up to the policy's, never more. A part of 0 refuses in that process.
+`Share` splits every tenant's budget between N processes on the memory store: each gets rate/N
+and its part of burst, tokens per minute and concurrent streams, the parts adding up to the
+policy's, never more; a part of 0 refuses in that process. Nothing starts several gateway
+processes yet (`gateway.processes` is not built): every gateway runs with the whole budget.
 """
 
 from __future__ import annotations
