@@ -36,9 +36,9 @@ typecheck: venv
 
 ## Benchmarks: every row of docs/benchmarks.md against its same-run baseline (gateway overhead vs
 ## direct and a bare gRPC hop, the HTTP door against the gRPC door, paced-stream capacity against direct
-## and a bare relay, bundled-model tokens/s, authorization at 10k tenants / 100k lines, policy reload
-## under load, sealing, scrub, a model bundle streamed from a local Ceph RGW), plus quota admission and
-## audit costs.
+## and a bare relay, a gateway of two processes against one, bundled-model tokens/s, authorization at
+## 10k tenants / 100k lines, policy reload under load, sealing, scrub, a model bundle streamed from a
+## local Ceph RGW), plus quota admission and audit costs.
 ## JSON in bench/results/, then the table on stdout and in docs/benchmarks.md.
 ## BENCH_FLAGS=--quick for a smoke run of each (seconds; not measurements): its JSON goes to a scratch
 ## directory and the table is only printed; bench/results and docs/benchmarks.md stay as measured.
@@ -47,6 +47,7 @@ bench: venv
 	$(PY) bench/overhead.py $(BENCH_FLAGS)
 	$(PY) bench/http_door.py $(BENCH_FLAGS)
 	$(PY) bench/capacity.py $(BENCH_FLAGS)
+	$(PY) bench/processes.py $(BENCH_FLAGS)
 	$(PY) bench/model_tokens.py $(BENCH_FLAGS)
 	$(PY) bench/authz.py $(BENCH_FLAGS)
 	$(PY) bench/reload.py $(BENCH_FLAGS)

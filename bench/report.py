@@ -45,6 +45,7 @@ EXPECTED = {
     "11b": ("storage", "cached bundle verified again vs a plain read of the same files"),
     "12a": ("capacity", "paced streams (30 tokens/s, Poisson arrivals) within inter-token p99 + 5 ms"),
     "12b": ("capacity", "gateway CPU per 1,000 relayed tokens, paced streams"),
+    "13": ("processes", "requests/s, gateway.processes = 2, 64 in flight"),
 }
 
 

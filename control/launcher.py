@@ -547,8 +547,10 @@ class Stack:
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                 except grpc.RpcError as exc:
                     status = exc.code().name
-                if time.monotonic() > deadline:
-                    raise StackError(f"gateway not serving ({status}); its log ({self.gateway.log}) ends "
+                exited = self.gateway.process.poll()
+                if time.monotonic() > deadline or exited is not None:
+                    why = f"exited ({exited})" if exited is not None else f"not serving ({status})"
+                    raise StackError(f"gateway {why}; its log ({self.gateway.log}) ends "
                                      f"with:\n{self.gateway.log_tail()}")  # fmt: skip
                 time.sleep(0.1)
 

@@ -9,6 +9,10 @@ start-up; a stale one is replaced. Its clients: `airlock lockout list|clear` (co
 
 Every clear and every route change is audited before it takes effect: if the audit trail can't be
 written, nothing changes. Status and routes are the running gateway's (gateway/live.py).
+
+In a gateway of several processes (gateway/group.py) each has an admin socket; the lead's forwards
+route changes and lockout clears to every process (each audits its own), merges their lockout
+tables and lists them all in its status. A forwarded call that fails says which process it was.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from airlock.v1 import admin_pb2, admin_pb2_grpc
 from gateway.audit import AuditLog
 from gateway.auth.lockout import Lockout, peer_key, subject_key
 from gateway.config import MAX_UNIX_PATH_BYTES
+from gateway.group import ADMIN_TIMEOUT_S, merge_lockouts
 from serving.logs import current_request_id
 from serving.rpc import ErrorInterceptor
 
 if TYPE_CHECKING:
+    from gateway.group import Group
     from gateway.live import LiveGateway
 
 __all__ = ["MAX_TARGET_CHARS", "AdminService", "AdminSocketError", "create_admin_server", "remove_socket"]
@@ -45,10 +51,15 @@ class AdminSocketError(Exception):
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, lockout: Lockout, audit: AuditLog, live: LiveGateway | None = None) -> None:
+    def __init__(
+        self, lockout: Lockout, audit: AuditLog, live: LiveGateway | None = None, *, index: int = 0,
+        group: Group | None = None,
+    ) -> None:  # fmt: skip
         self.lockout = lockout
         self.audit = audit
         self.live = live  # None: a lockout-only service (tests); Status and SetRoutes are unavailable
+        self.index = index  # this process's among the gateway's
+        self.group = group  # the lead's other processes, which it forwards to; None: none
 
     def _live(self) -> LiveGateway:
         if self.live is None:
@@ -58,22 +69,35 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Status(
         self, request: admin_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.StatusResponse:
-        return self._live().status()
+        status = self._live().status()
+        status.processes.append(admin_pb2.GatewayProcess(
+            index=self.index, pid=status.pid, uptime_seconds=status.uptime_seconds, serving=status.serving,
+            metrics_port=status.metrics_port,
+        ))  # fmt: skip
+        if self.group is not None:
+            status.processes.extend(await self.group.statuses())
+        return status
 
     async def SetRoutes(
         self, request: admin_pb2.SetRoutesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SetRoutesResponse:
-        return await self._live().set_routes(request)
+        response = await self._live().set_routes(request)  # checks the request: a bad one goes no further
+        if self.group is not None:
+            await self.group.each("SetRoutes", request, ADMIN_TIMEOUT_S + request.ready_seconds)
+        return response
 
     async def ListLockouts(
         self, request: admin_pb2.ListLockoutsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListLockoutsResponse:
-        return admin_pb2.ListLockoutsResponse(
+        mine = admin_pb2.ListLockoutsResponse(
             lockouts=[
                 admin_pb2.Lockout(key=e.key, kind=e.kind, seconds_left=e.seconds_left, failures=e.failures)
                 for e in self.lockout.entries()
             ]
         )
+        if self.group is None:
+            return mine
+        return merge_lockouts([mine, *await self.group.each("ListLockouts", request)])
 
     async def ClearLockouts(
         self, request: admin_pb2.ClearLockoutsRequest, context: grpc.aio.ServicerContext
@@ -85,6 +109,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             request_id=current_request_id(),
         )  # fmt: skip
         self.lockout.clear(keys)
+        if self.group is not None:
+            others = await self.group.each("ClearLockouts", request)
+            keys = sorted({*keys, *(key for other in others for key in other.cleared)})
         return admin_pb2.ClearLockoutsResponse(cleared=keys)
 
 

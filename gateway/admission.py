@@ -17,8 +17,9 @@ bound once (`Metrics.tenant`).
 Earlier still, `Admission.gate` charges every authenticated call (any method, refused or not) one
 request of its home tenant's request rate in this replica, before the guard authorizes or audits
 it: refusals can't be sprayed for free, and what a tenant's callers can make this replica write to
-its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md). Given
-a `Share`, it gates at that process's part of the bound.
+its audit trail is bounded by the tenant's `requests_per_second` and `burst` (docs/quotas.md). A
+gateway of N processes (`gateway.processes`) splits that bound between them (`Share`): together
+they write no more.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Admission:
         audit: AuditLog,
         tracer: Any = None,  # an OpenTelemetry Tracer when tracing is on (gateway.telemetry)
         clock: Callable[[], float] = time.monotonic,
-        share: Share = WHOLE,  # this process's part of each request rate (see quota.Share)
+        share: Share = WHOLE,  # this process's part of each request rate (gateway.processes)
     ) -> None:
         self.store = store
         self.share = share

@@ -266,7 +266,7 @@ _Waiting = tuple[_Entry, "asyncio.Future[None]", asyncio.AbstractEventLoop]
 class AuditLog:
     """Appends chained records to `path` (mode 0600); with no path, records go to the `airlock.audit`
     logger. Several processes may share one path: a lock file serialises them and each appends after
-    whatever the others wrote last."""
+    whatever the others wrote last (the processes of one gateway, `gateway.processes`, do: one chain)."""
 
     def __init__(
         self,

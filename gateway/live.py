@@ -30,7 +30,7 @@ from gateway.routing import Route, Router
 from gateway.sealing import GatewaySealing
 from serving.logs import current_request_id
 
-__all__ = ["MAX_ROUTES", "LiveGateway", "Ports"]
+__all__ = ["MAX_ROUTES", "LiveGateway", "Ports", "route_proto"]
 
 MAX_ROUTES = 4096
 MAX_DRAIN_SECONDS = 600.0
@@ -110,7 +110,7 @@ class LiveGateway:
     def _route_status(self) -> list[admin_pb2.RouteStatus]:
         return [
             admin_pb2.RouteStatus(
-                route=_to_proto(r),
+                route=route_proto(r),
                 ready=self.router.address_ready(r.address),
                 is_default=self.router.default_model(r.tenant) == r.model,
             )
@@ -183,8 +183,8 @@ class LiveGateway:
             await drained
             await self.publish()
         return admin_pb2.SetRoutesResponse(
-            added=[_to_proto(r) for r in added],
-            removed=[_to_proto(r) for r in removed],
+            added=[route_proto(r) for r in added],
+            removed=[route_proto(r) for r in removed],
             routes=self._route_status(),
         )
 
@@ -235,7 +235,7 @@ def _name(route: Route) -> str:
     return f"{route.tenant}/{route.model}"
 
 
-def _to_proto(route: Route) -> admin_pb2.Route:
+def route_proto(route: Route) -> admin_pb2.Route:
     return admin_pb2.Route(
         tenant=route.tenant,
         model=route.model,

@@ -34,6 +34,17 @@ from gateway.auth.guard import CallGuard
 from gateway.auth.identity import JwtVerifier, ServiceIdentity
 from gateway.auth.lockout import Lockout
 from gateway.call import Calls
+from gateway.group import (
+    LEAD,
+    Group,
+    GroupError,
+    Place,
+    admin_socket_of,
+    format_route,
+    metrics_listen_of,
+    parse_place,
+    watch_lead,
+)
 from gateway.http.app import HttpDoor, HttpLimits
 from gateway.http.server import HttpServer
 from gateway.keys import KeystoreError, open_keystore
@@ -118,13 +129,21 @@ def check_files(cfg: config_mod.Config) -> config_mod.TlsFiles:
 
 
 def build(
-    cfg: config_mod.Config, routes: list[Route], listen: str, mtls_listen: str, http_listen: str | None = None
+    cfg: config_mod.Config,
+    routes: list[Route],
+    listen: str,
+    mtls_listen: str,
+    http_listen: str | None = None,
+    place: Place = LEAD,
 ) -> Gateway:
-    """Wire the gateway from its configuration: certificates, policy, identities, guard, server."""
+    """Wire the gateway from its configuration: certificates, policy, identities, guard, server.
+    `place`: this process among the gateway's (gateway/group.py): its share of the quotas, shared
+    ports; the lead alone ships the audit trail to the archive."""
     tls_files = check_files(cfg)
     metrics = Metrics()
+    metrics.process.labels(str(place.index), str(place.count)).set(1)
     audit = AuditLog(cfg.audit_path, config=cfg.audit, signing_key=load_signing_key(cfg.audit_signing_key))
-    archiver = build_archiver(cfg, audit, metrics)
+    archiver = build_archiver(cfg, audit, metrics) if place.lead else None
     authorizer = Authorizer.from_directory(
         cfg.policy_dir, required_tenants=[r.tenant for r in routes], metrics=metrics, audit=audit
     )
@@ -140,7 +159,7 @@ def build(
     tls = ClientTls(ca=tls_files.worker_ca, cert=tls_files.cert, key=tls_files.key)
     router = Router(routes, tls, may_share=shared_opt_in(authorizer), audit=audit,
                     max_message_bytes=cfg.gateway.max_message_bytes)  # fmt: skip
-    admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit)
+    admission, tracer_provider = build_admission(cfg, authorizer, metrics, audit, place)
     attestation_ca = tls_files.attestation_ca.read_bytes()
     sealing = build_sealing(cfg, authorizer, audit, attestation_ca, {r.tenant for r in routes})
     pipeline = Pipeline(router, authorizer, admission=admission, sealing=sealing, audit=audit)
@@ -171,10 +190,12 @@ def build(
         tls=server_tls,
         max_message_bytes=cfg.gateway.max_message_bytes,
         mtls_listen=mtls_listen,
+        reuse_port=place.count > 1,
     )
     http = build_http(
-        cfg, guard, pipeline, cfg.http.listen if http_listen is None else http_listen, tls_files
-    )
+        cfg, guard, pipeline, cfg.http.listen if http_listen is None else http_listen, tls_files,
+        reuse_port=place.count > 1,
+    )  # fmt: skip
     return Gateway(
         authorizer, verifier, metrics, audit, router, server, health, port, mtls_port,
         admission, sealing, lockout, tracer_provider, http, archiver,
@@ -182,7 +203,12 @@ def build(
 
 
 def build_http(
-    cfg: config_mod.Config, guard: CallGuard, pipeline: Pipeline, listen: str, tls: config_mod.TlsFiles
+    cfg: config_mod.Config,
+    guard: CallGuard,
+    pipeline: Pipeline,
+    listen: str,
+    tls: config_mod.TlsFiles,
+    reuse_port: bool = False,
 ) -> HttpServer | None:
     """The OpenAI-compatible door (gateway/http/) on the same guard and pipeline, bound; None when
     disabled. Its certificate is the gRPC door's."""
@@ -193,7 +219,7 @@ def build_http(
                         body_timeout=http.body_timeout_seconds,
                         timeout=http.timeout_seconds, max_streams=http.max_streams)  # fmt: skip
     return HttpServer.bind(HttpDoor(guard, pipeline, limits), http, cert=tls.cert, key=tls.key,
-                           grace_seconds=cfg.gateway.grace_seconds)  # fmt: skip
+                           grace_seconds=cfg.gateway.grace_seconds, reuse_port=reuse_port)  # fmt: skip
 
 
 def build_archiver(cfg: config_mod.Config, audit: AuditLog, metrics: Metrics) -> Archiver | None:
@@ -252,10 +278,11 @@ def build_sealing(
 
 
 def build_admission(
-    cfg: config_mod.Config, authorizer: Authorizer, metrics: Metrics, audit: AuditLog
+    cfg: config_mod.Config, authorizer: Authorizer, metrics: Metrics, audit: AuditLog, place: Place = LEAD
 ) -> tuple[Admission, Any]:
-    """Quotas from the policy in service (reloaded with it), their state store, and tracing."""
-    store: QuotaStore = MemoryQuotaStore()
+    """Quotas from the policy in service (reloaded with it), their state store, and tracing; this
+    process's share of each budget in memory (all of it in a gateway of one process)."""
+    store: QuotaStore = MemoryQuotaStore(share=place.share)
     if cfg.quota.backend == "redis":
         store = RedisQuotaStore(
             cfg.quota.redis_url, key_prefix=cfg.quota.key_prefix, lease_seconds=cfg.quota.lease_seconds
@@ -266,7 +293,8 @@ def build_admission(
         return settings.quota if settings is not None else None
 
     tracer, provider = make_tracer(cfg.telemetry)
-    return Admission(store, limits_for, metrics=metrics, audit=audit, tracer=tracer), provider
+    admission = Admission(store, limits_for, metrics=metrics, audit=audit, tracer=tracer, share=place.share)
+    return admission, provider
 
 
 async def watch_jwks(
@@ -309,12 +337,17 @@ async def serve(
     admin_socket: Path | None = None,
     http_listen: str | None = None,
     metrics_listen: str | None = None,
+    place: Place = LEAD,
+    relaunch: list[str] | None = None,
 ) -> None:
+    """Serve until SIGTERM, then drain. `place`: this process among the gateway's; the lead of
+    several starts the others with `relaunch` (its --config, --state-dir and --log-level)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    lead_pid = os.getppid()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    gw = build(cfg, routes, listen, mtls_listen, http_listen)
+    gw = build(cfg, routes, listen, mtls_listen, http_listen, place)
     metrics_port = None
     metrics_listen = cfg.gateway.metrics_listen if metrics_listen is None else metrics_listen
     if metrics_listen:
@@ -331,6 +364,11 @@ async def serve(
                 await gw.health.set(tenant_health_name(gone), health_pb2.HealthCheckResponse.NOT_SERVING)
             published = set(gw.router.tenants)
 
+    group = None
+    if place.lead and place.count > 1:
+        group = _group(cfg, gw, place.count, (listen, mtls_listen, http_listen, metrics_listen), admin_socket,
+                       relaunch or [])  # fmt: skip
+
     admin = None
     if admin_socket is not None:
         live = LiveGateway(
@@ -338,7 +376,9 @@ async def serve(
             metrics=gw.metrics, audit=gw.audit, ports=Ports(gw.port, gw.mtls_port, metrics_port),
             grace_seconds=cfg.gateway.grace_seconds, publish=readiness_changed,
         )  # fmt: skip
-        admin = create_admin_server(admin_socket, AdminService(gw.lockout, gw.audit, live))
+        admin = create_admin_server(
+            admin_socket, AdminService(gw.lockout, gw.audit, live, index=place.index, group=group)
+        )
 
     keystore_errors = gw.metrics.watch_errors.labels("keystore").inc
     watchers = [
@@ -347,6 +387,8 @@ async def serve(
         asyncio.create_task(gw.router.watch(stopping, readiness_changed)),
         asyncio.create_task(gw.sealing.watch(stopping, on_error=keystore_errors)),
     ]
+    if not place.lead:
+        watchers.append(asyncio.create_task(watch_lead(lead_pid, stopping)))
 
     def audit_failed(_why: str) -> None:  # may run on a policy-reload thread
         asyncio.run_coroutine_threadsafe(_not_serving(gw), loop)
@@ -370,19 +412,35 @@ async def serve(
         gw.http.start()
     if admin is not None:
         await admin.start()
-    if ready_file is not None:
+    failed: GroupError | None = None
+    if group is not None:
+        try:
+            await group.start()
+        except GroupError as exc:
+            failed = exc
+            stopping.set()
+    if ready_file is not None and failed is None:
         tmp = ready_file.with_suffix(".tmp")
         info = {"port": gw.port, "mtls_port": gw.mtls_port, "metrics_port": metrics_port, "pid": os.getpid(),
                 "admin_socket": str(admin_socket) if admin is not None else None,
-                "http_port": gw.http.port if gw.http is not None else None}  # fmt: skip
+                "http_port": gw.http.port if gw.http is not None else None,
+                "gateway_process": place.index,
+                "processes": group.describe() if group is not None else []}  # fmt: skip
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
-    _log.info("gateway ready", extra={"port": gw.port, "mtls_port": gw.mtls_port})
+    if failed is None:
+        _log.info(
+            "gateway ready",
+            extra={"port": gw.port, "mtls_port": gw.mtls_port, "gateway_process": place.index},
+        )
     await stopping.wait()
-    _log.info("gateway draining", extra={"elapsed_s": cfg.gateway.grace_seconds})
+    _log.info(
+        "gateway draining", extra={"elapsed_s": cfg.gateway.grace_seconds, "gateway_process": place.index}
+    )
     await gw.health.enter_graceful_shutdown()
+    others = [group.stop(cfg.gateway.grace_seconds)] if group is not None and failed is None else []
     await asyncio.gather(
-        gw.server.stop(cfg.gateway.grace_seconds), *([gw.http.stop()] if gw.http is not None else [])
+        gw.server.stop(cfg.gateway.grace_seconds), *([gw.http.stop()] if gw.http is not None else []), *others
     )
     if admin is not None and admin_socket is not None:
         await admin.stop(None)
@@ -396,6 +454,36 @@ async def serve(
     if gw.archiver is not None:
         gw.archiver.on_health = None  # the loop is closing
         await asyncio.to_thread(gw.archiver.close)  # ships the closing signature, if the store lets it
+    if failed is not None:
+        raise failed
+
+
+def _group(
+    cfg: config_mod.Config, gw: Gateway, count: int, listens: tuple[str, str, str | None, str],
+    admin_socket: Path | None, relaunch: list[str],
+) -> Group:  # fmt: skip
+    """The lead's other processes: on the ports it bound (`listens`: what it was told to bind: the
+    TLS, mTLS, HTTP and metrics addresses), each with its own metrics port and admin socket; a
+    restart is counted and audited."""
+    listen, mtls_listen, http_listen, metrics_listen = listens
+    host = listen.rpartition(":")[0]
+    http = cfg.http.listen if http_listen is None else http_listen
+
+    def argv(index: int, ready_file: Path, routes: list[Route]) -> list[str]:
+        args = ["-m", "gateway", "--process", f"{index}/{count}", *relaunch, "--ready-file", str(ready_file),
+                "--listen", f"{host}:{gw.port}",
+                "--mtls-listen", f"{mtls_listen.rpartition(':')[0]}:{gw.mtls_port}" if gw.mtls_port else "",
+                "--http-listen", f"{http.rpartition(':')[0]}:{gw.http.port}" if gw.http is not None else "",
+                "--metrics-listen", metrics_listen_of(metrics_listen, index),
+                "--admin-socket", str(admin_socket_of(admin_socket, index)) if admin_socket else "",
+                ]  # fmt: skip
+        return args + [arg for route in routes for arg in ("--route", format_route(route))]
+
+    def restarted(index: int, returncode: int | None) -> None:
+        gw.metrics.process_restarts.inc()
+        gw.audit.record("gateway_process_restarted", process=index, returncode=returncode)
+
+    return Group(count, argv, lambda: list(gw.router.routes), on_restart=restarted)
 
 
 async def _not_serving(gw: Gateway) -> None:
@@ -415,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-listen", help='override gateway.metrics_listen ("" disables it)')
     p.add_argument("--ready-file", type=Path)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--process", help="I/N: process I of the gateway's N, started by its process 0")
     args = p.parse_args(argv)
     logs.configure("gateway", args.log_level)
     try:
@@ -427,8 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         admin = cfg.admin_socket if args.admin_socket is None else args.admin_socket
         admin_path = Path(admin).absolute() if admin else None
         listen = args.listen or cfg.gateway.listen
+        place = parse_place(args.process) if args.process else Place(0, cfg.gateway.processes)
+        relaunch = ["--log-level", args.log_level, "--state-dir", str(cfg.state_dir)]
+        relaunch += ["--config", str(args.config.absolute())] if args.config else []
         asyncio.run(serve(cfg, args.route, listen, mtls, args.ready_file, admin_path, args.http_listen,
-                          args.metrics_listen))  # fmt: skip
+                          args.metrics_listen, place, relaunch))  # fmt: skip
     except PolicyError as exc:
         _log.error("policy refused: %s", exc)
         return 2
@@ -443,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except AdminSocketError as exc:
         _log.error("admin socket refused: %s", exc)
+        return 2
+    except GroupError as exc:
+        _log.error("%s", exc)
         return 2
     except StorageError as exc:
         _log.error("audit archive refused: %s", exc)

@@ -1,7 +1,9 @@
 """Prometheus metrics of one gateway process, on a registry of its own (passed explicitly).
 
 Labels are bounded: tenants come from the configuration, reasons and decisions from fixed sets;
-never a subject, a token or anything else a caller chooses.
+never a subject, a token or anything else a caller chooses. A gateway of several processes
+(`gateway.processes`, gateway/group.py) has one registry and one metrics port per process, each with
+`airlock_gateway_process{index,count}`; Prometheus sums them across its scrape targets.
 
 A call's series are looked up once per tenant label (`Metrics.tenant`), not once per call and
 metric: `labels()` takes a lock and hashes the label tuple every time, and a call touches ~8 series.
@@ -91,6 +93,14 @@ class Metrics:
         self.concurrent_streams = Gauge(
             "airlock_concurrent_streams", "Generation calls in flight (holding a quota slot), by tenant",
             ["tenant"], registry=r,
+        )  # fmt: skip
+        self.process = Gauge(
+            "airlock_gateway_process", "1, labelled with this process's index and the gateway's count",
+            ["index", "count"], registry=r,
+        )  # fmt: skip
+        self.process_restarts = Counter(
+            "airlock_gateway_process_restarts", "Gateway processes that exited and were started again "
+            "(counted by process 0)", registry=r,
         )  # fmt: skip
 
         self._tenants: dict[str, TenantSeries] = {}

@@ -9,8 +9,8 @@ server's clock so replicas agree).
 
 `Share` splits every tenant's budget between N processes on the memory store: each gets rate/N
 and its part of burst, tokens per minute and concurrent streams, the parts adding up to the
-policy's, never more; a part of 0 refuses in that process. Nothing starts several gateway
-processes yet (`gateway.processes` is not built): every gateway runs with the whole budget.
+policy's, never more; a part of 0 refuses in that process. A gateway of N processes
+(`gateway.processes`, gateway/group.py) gives process I `Share(I, N)`; a gateway of one, the whole.
 """
 
 from __future__ import annotations

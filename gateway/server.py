@@ -92,14 +92,16 @@ def create_server(
     tls: ServerTls,
     max_message_bytes: int,
     mtls_listen: str = "",
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, int | None, health.aio.HealthServicer]:
     """Build (not start) the gateway server: a TLS port for token callers and, when `mtls_listen`
     is set, a port that requires a client certificate from the service CA. Returns the server,
     both ports (None when there is no mTLS port) and the health servicer. Reflection describes the
-    public `Inference` service (and health, reflection) only: never the internal worker API."""
+    public `Inference` service (and health, reflection) only: never the internal worker API.
+    `reuse_port`: the ports are shared with the gateway's other processes (gateway/group.py)."""
     server, health_servicer = new_server(
         [ErrorInterceptor(guard)], [SERVICE], max_message_bytes=max_message_bytes,
-        health_servicer=GatewayHealth(guard.authenticate),
+        health_servicer=GatewayHealth(guard.authenticate), reuse_port=reuse_port,
     )  # fmt: skip
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     identity = [(tls.key.read_bytes(), tls.cert.read_bytes())]

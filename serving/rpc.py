@@ -113,9 +113,11 @@ def new_server(
     max_message_bytes: int,
     max_metadata_bytes: int = 64 << 10,
     health_servicer: Health | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A server with message limits, the health service (`health_servicer`, or a plain `Health`)
-    and reflection for `services`.
+    and reflection for `services`. Its ports are its own unless `reuse_port` (SO_REUSEPORT: the
+    processes of one gateway, all of its user, share them; the kernel spreads connections).
 
     gRPC's default header limit (8 KiB, enforced at random above it) would refuse large tokens
     before our own size check could give them a stable reason, an audit record and a lockout
@@ -127,7 +129,7 @@ def new_server(
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_metadata_size", max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", max_metadata_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
             *KEEPALIVE_OPTIONS,
             *CONNECTION_LIMIT_OPTIONS,
         ],

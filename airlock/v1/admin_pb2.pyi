@@ -131,7 +131,7 @@ class TenantStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[KeyStatus, _Mapping]]] = ..., requests_per_second: _Optional[float] = ..., tokens_per_minute: _Optional[int] = ..., concurrent_streams: _Optional[int] = ..., in_flight: _Optional[int] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., quota_refusals: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., in_policy: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("pid", "uptime_seconds", "policy", "routes", "tenants", "lockouts", "lockout_failures", "port", "mtls_port", "metrics_port", "serving")
+    __slots__ = ("pid", "uptime_seconds", "policy", "routes", "tenants", "lockouts", "lockout_failures", "port", "mtls_port", "metrics_port", "serving", "processes")
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class StatusResponse(_message.Message):
     MTLS_PORT_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     pid: int
     uptime_seconds: float
     policy: PolicyStatus
@@ -154,7 +155,24 @@ class StatusResponse(_message.Message):
     mtls_port: int
     metrics_port: int
     serving: bool
-    def __init__(self, pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[RouteStatus, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStatus, _Mapping]]] = ..., lockouts: _Optional[int] = ..., lockout_failures: _Optional[int] = ..., port: _Optional[int] = ..., mtls_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[GatewayProcess]
+    def __init__(self, pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[RouteStatus, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStatus, _Mapping]]] = ..., lockouts: _Optional[int] = ..., lockout_failures: _Optional[int] = ..., port: _Optional[int] = ..., mtls_port: _Optional[int] = ..., metrics_port: _Optional[int] = ..., serving: _Optional[bool] = ..., processes: _Optional[_Iterable[_Union[GatewayProcess, _Mapping]]] = ...) -> None: ...
+
+class GatewayProcess(_message.Message):
+    __slots__ = ("index", "pid", "uptime_seconds", "serving", "metrics_port", "restarts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    uptime_seconds: float
+    serving: bool
+    metrics_port: int
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., serving: _Optional[bool] = ..., metrics_port: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class SetRoutesRequest(_message.Message):
     __slots__ = ("routes", "drain_seconds", "ready_seconds")

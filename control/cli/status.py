@@ -76,6 +76,8 @@ def _print_gateway(info: dict[str, Any], gw: admin_pb2.StatusResponse) -> None:
     if info.get("mtls_address"):
         ports.append(f"{info['mtls_address']} (mTLS)")
     print(f"gateway:  pid {gw.pid}, up {duration(gw.uptime_seconds)}, {serving}; {', '.join(ports)}")
+    if len(gw.processes) > 1:  # gateway.processes: the others, on the same ports
+        print(f"          {len(gw.processes)} processes: " + "; ".join(_process(p) for p in gw.processes))
     if info.get("metrics_url"):
         print(f"metrics:  {info['metrics_url']}")
     policy = gw.policy
@@ -89,6 +91,15 @@ def _print_gateway(info: dict[str, Any], gw: admin_pb2.StatusResponse) -> None:
           f"{policy.links} role links{lint}); {last}")  # fmt: skip
     print(f"lockouts: {gw.lockouts} locked, {gw.lockout_failures} with recent failures"
           + (" (`airlock lockout list`)" if gw.lockouts or gw.lockout_failures else ""))  # fmt: skip
+
+
+def _process(p: admin_pb2.GatewayProcess) -> str:
+    if not p.pid:
+        return f"#{p.index} not running (restarts {p.restarts})"
+    state = "serving" if p.serving else "NOT SERVING"
+    metrics = f", metrics :{p.metrics_port}" if p.metrics_port else ""
+    restarts = f", restarts {p.restarts}" if p.restarts else ""
+    return f"#{p.index} pid {p.pid} {state}{metrics}{restarts}"
 
 
 def _print_workers(info: dict[str, Any], gw: admin_pb2.StatusResponse | None) -> None:

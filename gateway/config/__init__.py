@@ -42,6 +42,7 @@ from gateway.config.schema import (
     ADMIN_SOCKET_NAME,
     ALLOWED_ALGORITHMS,
     ENGINES,
+    MAX_GATEWAY_PROCESSES,
     MAX_UNIX_PATH_BYTES,
     NAME,
     AuthConfig,
@@ -60,6 +61,7 @@ from gateway.config.schema import (
 
 __all__ = [
     "ADMIN_SOCKET_NAME",
+    "MAX_GATEWAY_PROCESSES",
     "MAX_UNIX_PATH_BYTES",
     "NAME",
     "AuditArchiveConfig",
@@ -178,7 +180,7 @@ class _Parser(Parser):
     def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
         keys = {
             "listen", "mtls_listen", "metrics_listen", "max_message_bytes", "grace_seconds", "max_tokens",
-            "default_max_tokens", "admin_socket",
+            "default_max_tokens", "admin_socket", "processes",
         }  # fmt: skip
         t = self.table(raw, "gateway", keys)
         d, dl = GatewayConfig(), Limits()
@@ -191,6 +193,9 @@ class _Parser(Parser):
         grace = self.get(t, "gateway.grace_seconds", float, d.grace_seconds)
         if grace < 0:
             raise self.fail("gateway.grace_seconds", "must be >= 0")
+        processes = self.get(t, "gateway.processes", int, d.processes)
+        if not 1 <= processes <= MAX_GATEWAY_PROCESSES:
+            raise self.fail("gateway.processes", f"must be between 1 and {MAX_GATEWAY_PROCESSES}")
         return GatewayConfig(
             listen=listen,
             mtls_listen=self.address(t, "gateway.mtls_listen", d.mtls_listen, optional=True),
@@ -199,6 +204,7 @@ class _Parser(Parser):
             grace_seconds=grace,
             limits=Limits(max_tokens=max_tokens, default_max_tokens=default_max),
             admin_socket=self.admin_socket(t),
+            processes=processes,
         )
 
     def admin_socket(self, table: dict[str, Any]) -> str | None:

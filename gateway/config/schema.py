@@ -40,6 +40,7 @@ ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS2
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ADMIN_SOCKET_NAME = "gateway-admin.sock"
 MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes with its terminating NUL
+MAX_GATEWAY_PROCESSES = 64
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class GatewayConfig:
     # The operators' Admin service (a Unix socket; its filesystem permissions are its authentication).
     # None: STATE_DIR/run/gateway-admin.sock; "": no admin socket. `Config.admin_socket` resolves it.
     admin_socket: str | None = None
+    # Gateway processes on the same ports (SO_REUSEPORT, one event loop each; gateway/group.py).
+    processes: int = 1
 
 
 @dataclass(frozen=True)

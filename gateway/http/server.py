@@ -41,7 +41,14 @@ class HttpServer:
 
     @classmethod
     def bind(
-        cls, app: HttpDoor, http: HttpConfig, *, cert: Path, key: Path, grace_seconds: float
+        cls,
+        app: HttpDoor,
+        http: HttpConfig,
+        *,
+        cert: Path,
+        key: Path,
+        grace_seconds: float,
+        reuse_port: bool = False,
     ) -> HttpServer:
         host, _, port = http.listen.rpartition(":")
         host = host.strip("[]")
@@ -49,6 +56,8 @@ class HttpServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # the gateway's other processes listen here too (gateway/group.py)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, int(port)))
         except OSError:
             sock.close()

@@ -27,6 +27,7 @@ ROWS = {
     "overhead": {"1a", "1b", "2", "3", "4"},
     "http_door": {"10a", "10b", "10c", "10d", "10e"},
     "capacity": {"12a", "12b"},
+    "processes": {"13"},
     "model_tokens": {"5"},
     "authz": {"6a", "6b"},
     "reload": {"7a", "7b"},

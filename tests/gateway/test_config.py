@@ -162,6 +162,14 @@ def test_the_admin_socket_defaults_to_the_run_directory_and_can_be_moved_or_disa
     assert load(off, state_dir=tmp_path).admin_socket is None
 
 
+def test_gateway_processes_default_to_one_and_can_be_raised(tmp_path: Path) -> None:
+    assert load(write(tmp_path, MINIMAL), state_dir=tmp_path).gateway.processes == 1
+    assert (
+        load(write(tmp_path, "[gateway]\nprocesses = 4\n" + MINIMAL), state_dir=tmp_path).gateway.processes
+        == 4
+    )
+
+
 def test_the_new_auth_and_lockout_keys_are_parsed(tmp_path: Path) -> None:
     text = "[auth]\nmax_token_lifetime_seconds = 3600\n[lockout]\nmax_auth_failures_per_peer = 0\n" + MINIMAL
     cfg = load(write(tmp_path, text), state_dir=tmp_path)
@@ -301,6 +309,9 @@ def test_a_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
             "name must be lowercase",
         ),
         (MINIMAL + "[tenants.globex]\n", "tenants.globex.models", "must list at least one model"),
+        ("[gateway]\nprocesses = 0\n" + MINIMAL, "gateway.processes", "between 1 and 64"),
+        ("[gateway]\nprocesses = 65\n" + MINIMAL, "gateway.processes", "between 1 and 64"),
+        ("[gateway]\nprocesses = '2'\n" + MINIMAL, "gateway.processes", "must be int"),
     ],
 )
 def test_bad_files_name_the_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
