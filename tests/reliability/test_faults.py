@@ -329,7 +329,8 @@ async def test_redis_outage_refuses_then_recovers(
             f'key_prefix = "rel:{uuid.uuid4().hex}"\n' + STACK
         )
         async with Load(live) as load:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(2.0)
+            stopping = time.monotonic()
             redis.stop()
             down = time.monotonic()
             await wait_until(lambda: load.errors(since=down), 30, "a refusal while Redis is down")
@@ -340,7 +341,10 @@ async def test_redis_outage_refuses_then_recovers(
             await wait_until(lambda: load.ok(since=up), 30, "a served call after Redis is back")
             recovered = time.monotonic()
             await asyncio.sleep(2.0)
-        assert not load.errors(until=down) and len(load.ok(until=down)) > 0
+        # While Redis was up, nothing was refused. A call that started while it was being stopped
+        # (or just before: its admission runs a moment after it starts) may be refused (CI saw one).
+        healthy = stopping - 1.0
+        assert not load.errors(until=healthy) and len(load.ok(until=healthy)) > 0
         # Never unmetered: no call made while Redis was down was served before Redis was back (a
         # call may wait out the client's reconnect backoff, and is then admitted and metered).
         unmetered = [o for o in load.ok(since=down) if o.finished < restarting]
