@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from bench_policy import bench_policy_dir  # noqa: E402
 from common import RESULTS, Row, print_rows, write_report  # noqa: E402
-from overhead import cpu_seconds, prompt  # noqa: E402
+from overhead import cpu_seconds, load, prompt  # noqa: E402
 
 from airlock.v1 import inference_pb2 as pb  # noqa: E402
 from airlock.v1 import inference_pb2_grpc  # noqa: E402
@@ -82,24 +82,14 @@ async def client(concurrency: int) -> None:
             metadata[command["address"]] = (("authorization", f"Bearer {command['token']}"),)
             print(json.dumps({"ok": True}), flush=True)
             continue
-        address, seconds = command["to"], command["seconds"]
-        done = errors = 0
-        end = time.perf_counter() + seconds
+        address = command["to"]
+        turns = itertools.cycle(stubs[address])  # the loops take the connections in turn
 
-        async def one(stub: Any, address: str = address, end: float = end) -> None:
-            nonlocal done, errors
-            while time.perf_counter() < end:
-                try:
-                    await stub.Generate(request, metadata=metadata[address], timeout=30)
-                    done += 1
-                except grpc.aio.AioRpcError:
-                    errors += 1
+        async def call(address: str = address, turns: Any = turns) -> object:
+            return await next(turns).Generate(request, metadata=metadata[address], timeout=30)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one(stub) for stub in stubs[address]))
-        print(
-            json.dumps({"done": done, "errors": errors, "elapsed": time.perf_counter() - start}), flush=True
-        )
+        done, errors, elapsed = await load(call, command["seconds"], len(stubs[address]))
+        print(json.dumps({"done": done, "errors": errors, "elapsed": elapsed}), flush=True)
 
 
 class Clients:

@@ -45,7 +45,7 @@ from gateway.quota import Share
 from gateway.routing import Route
 
 __all__ = [
-    "LEAD", "Group", "GroupError", "Place", "admin_socket_of", "format_route", "merge_lockouts",
+    "LEAD", "Group", "GroupError", "Place", "admin_socket_of", "merge_lockouts",
     "metrics_listen_of", "parse_place", "watch_lead",
 ]  # fmt: skip
 
@@ -92,12 +92,6 @@ def parse_place(text: str) -> Place:
         return Place(int(index), int(count))
     except ValueError:
         raise ValueError(f"--process must be I/N with 0 <= I < N, got {text!r}") from None
-
-
-def format_route(route: Route) -> str:
-    """A route as `--route` takes it (the inverse of gateway.main.parse_route)."""
-    shared = "/shared" if route.shared else ""
-    return f"{route.tenant}/{route.model}/{route.engine}{shared}={route.address}"
 
 
 def admin_socket_of(lead_socket: Path, index: int) -> Path:
@@ -157,7 +151,6 @@ class Group:
         on_restart: Callable[[int, int | None], None] = lambda index, returncode: None,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
-        self.count = count
         self._argv = argv  # (index, ready file, routes) -> the process's arguments after the interpreter
         self._routes = routes  # the routes in service now
         self._on_restart = on_restart
@@ -241,7 +234,6 @@ class Group:
     async def each(self, method: str, request: Message, timeout: float = ADMIN_TIMEOUT_S) -> list[Any]:
         """`method` on every other process's admin service; UnavailableError naming any that failed
         (one not running now included)."""
-        members = self.members
 
         async def one(member: _Member) -> Any:
             if member.admin_socket is None:
@@ -251,7 +243,7 @@ class Group:
             except grpc.aio.AioRpcError as exc:
                 raise UnavailableError(f"gateway process {member.index}: {exc.details()}") from None
 
-        results = await asyncio.gather(*(one(m) for m in members), return_exceptions=True)
+        results = await asyncio.gather(*(one(m) for m in self.members), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise UnavailableError("; ".join(str(f) for f in failed))

@@ -40,7 +40,6 @@ from gateway.group import (
     GroupError,
     Place,
     admin_socket_of,
-    format_route,
     metrics_listen_of,
     parse_place,
     watch_lead,
@@ -83,6 +82,12 @@ def parse_route(text: str) -> Route:
             f"route must be TENANT/MODEL/ENGINE[/shared]=HOST:PORT, got {text!r}"
         )
     return Route(parts[0], parts[1], parts[2], address, shared=shared)
+
+
+def format_route(route: Route) -> str:
+    """A route as `--route` takes it (the inverse of `parse_route`)."""
+    shared = "/shared" if route.shared else ""
+    return f"{route.tenant}/{route.model}/{route.engine}{shared}={route.address}"
 
 
 @dataclass(frozen=True)
@@ -466,14 +471,17 @@ def _group(
     TLS, mTLS, HTTP and metrics addresses), each with its own metrics port and admin socket; a
     restart is counted and audited."""
     listen, mtls_listen, http_listen, metrics_listen = listens
-    host = listen.rpartition(":")[0]
     http = cfg.http.listen if http_listen is None else http_listen
+
+    def bound(address: str, port: int | None) -> str:
+        """`address`'s host on the port the lead bound there; "" (off) when it bound none."""
+        return f"{address.rpartition(':')[0]}:{port}" if port else ""
 
     def argv(index: int, ready_file: Path, routes: list[Route]) -> list[str]:
         args = ["-m", "gateway", "--process", f"{index}/{count}", *relaunch, "--ready-file", str(ready_file),
-                "--listen", f"{host}:{gw.port}",
-                "--mtls-listen", f"{mtls_listen.rpartition(':')[0]}:{gw.mtls_port}" if gw.mtls_port else "",
-                "--http-listen", f"{http.rpartition(':')[0]}:{gw.http.port}" if gw.http is not None else "",
+                "--listen", bound(listen, gw.port),
+                "--mtls-listen", bound(mtls_listen, gw.mtls_port),
+                "--http-listen", bound(http, gw.http.port if gw.http is not None else None),
                 "--metrics-listen", metrics_listen_of(metrics_listen, index),
                 "--admin-socket", str(admin_socket_of(admin_socket, index)) if admin_socket else "",
                 ]  # fmt: skip

@@ -13,13 +13,12 @@ from airlock.v1 import admin_pb2
 from gateway.group import (
     Place,
     admin_socket_of,
-    format_route,
     merge_lockouts,
     metrics_listen_of,
     parse_place,
     watch_lead,
 )
-from gateway.main import parse_route
+from gateway.main import format_route, parse_route
 from gateway.quota import Share
 from gateway.routing import Route
 
