@@ -108,8 +108,11 @@ def metrics_listen_of(lead_listen: str, index: int) -> str:
 
 
 async def ask(socket_path: Path, method: str, request: Message, timeout: float = ADMIN_TIMEOUT_S) -> Any:
-    """One call to a process's admin service."""
-    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+    """One call to a process's admin service, on a connection of its own: gRPC's shared subchannel
+    for the path would still be backing off from a refusal of the process that was there before a
+    restart, and would refuse the new one's socket without trying it."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}", options=options) as channel:
         return await getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=timeout)
 
 
@@ -199,10 +202,8 @@ class Group:
             if self._stopping:
                 return
             member.info = None
-            _log.error(
-                "gateway process exited; starting it again",
-                extra={"gateway_process": member.index, "returncode": returncode, "after_s": backoff},
-            )
+            _log.error("gateway process exited; starting it again in %.0f s", backoff,
+                       extra={"gateway_process": member.index, "returncode": returncode})  # fmt: skip
             try:
                 self._on_restart(member.index, returncode)
             except Exception:  # the audit trail down, say: the process still comes back
@@ -215,8 +216,8 @@ class Group:
                 await self._start(member)
                 await self._sync_routes(member)
             except Exception as exc:
-                _log.error("gateway process did not start again",
-                           extra={"gateway_process": member.index, "error": str(exc)[:500]})  # fmt: skip
+                _log.error("gateway process did not start again: %.500s", exc,
+                           extra={"gateway_process": member.index})  # fmt: skip
                 if member.process is not None and member.process.returncode is None:
                     member.process.kill()  # never left serving routes that are no longer in service
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -44,6 +44,8 @@ _FIELDS = (
     "issuer",
     "keys",
     "mtls_port",
+    "gateway_process",  # which of a gateway's processes (gateway/group.py)
+    "returncode",
 )
 
 
