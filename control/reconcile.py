@@ -131,7 +131,10 @@ def set_routes(stack: Stack, routes: list[Route], *, ready_seconds: float = 30.0
         drain_seconds=drain,
         ready_seconds=ready_seconds,
     )
-    with grpc.insecure_channel(f"unix:{socket}") as channel:
+    # A connection of its own: the launcher lives long, and gRPC's shared subchannel for the path
+    # backs off after a refusal (a gateway not listening yet) and would fail the next call untried.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"unix:{socket}", options=options) as channel:
         try:
             reply = admin_pb2_grpc.AdminStub(channel).SetRoutes(request, timeout=drain + ready_seconds + 30)
         except grpc.RpcError as exc:
