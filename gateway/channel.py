@@ -33,13 +33,18 @@ from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from serving.frames import BATCH_BYTES, FRAME_OVERHEAD, Outbox
 
-__all__ = ["CREDIT", "STREAMS", "Exchange", "WorkerChannel"]
+__all__ = ["CREDIT", "STREAMS", "TOKEN_CHANNEL_OPTIONS", "TOKEN_WINDOW", "Exchange", "WorkerChannel"]
 
 _log = logging.getLogger("airlock.channel")
 
 STREAMS = 2  # long-lived Channel streams per worker; requests take them in turn
 CREDIT = 64 << 10  # chunk bytes a worker may send for one stream request before its caller takes them
 MERGE_BYTES = 16 << 10  # chunks handed to a caller at once: what arrived, up to this much past the first
+TOKEN_WINDOW = 512  # bytes: a token stream's receive window (gRPC's lookahead), about one message of tokens
+# gRPC arguments of a `tokens` channel: each stream's window is TOKEN_WINDOW, not grown by BDP probing
+# (which opens it to megabytes on loopback). A message larger than the window waits one round trip for
+# the rest of its room; the tokens made meanwhile go in the next message.
+TOKEN_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", TOKEN_WINDOW), ("grpc.http2.bdp_probe", 0))
 CONNECT_SECONDS = 10.0  # for a stream to open (the worker's first message)
 _RETRY = (0.1, 1.0)  # seconds: first and longest pause before keep_open tries a lost worker again
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -282,22 +287,35 @@ class _Stream:
 
 class WorkerChannel:
     """Everything the gateway says to one worker: its unary RPCs (`stub`: evidence, key release, info)
-    and the generations, on `STREAMS` long-lived Channel streams (`open`)."""
+    and the generations, on `STREAMS` long-lived Channel streams (`open`). With `tokens`, streamed
+    generations take `STREAMS` streams of their own on that channel (closed with this one): a
+    channel whose flow-control window holds about one message (`TOKEN_WINDOW`) lets a worker have
+    one message of tokens on its way at a time, so what its engine makes while the gateway is busy
+    goes as one message instead of a message each (what made one fast stream cost 0.5 of direct),
+    while whole answers keep a window that never makes them wait."""
 
     def __init__(
         self,
         channel: grpc.aio.Channel,
         where: Mapping[str, str] | None = None,
         *,
+        tokens: grpc.aio.Channel | None = None,
         streams: int = STREAMS,
         max_message_bytes: int = 4 << 20,
     ) -> None:
         self.stub = worker_pb2_grpc.WorkerStub(channel)
+        self._tokens = tokens
         self._where = dict(where or {})
         self._max_frame = max_message_bytes - FRAME_OVERHEAD  # the worker's limit is the gateway's
-        self._streams: list[_Stream | None] = [None] * streams
-        self._dialing: list[asyncio.Task[_Stream] | None] = [None] * streams
-        self._turn = 0
+        stubs = [self.stub] * streams
+        if tokens is not None:
+            stubs += [worker_pb2_grpc.WorkerStub(tokens)] * streams
+        self._stubs = stubs
+        self._streams: list[_Stream | None] = [None] * len(stubs)
+        self._dialing: list[asyncio.Task[_Stream] | None] = [None] * len(stubs)
+        # The streams each kind of request takes (by index), and where it takes up next.
+        self._lanes = {False: range(streams), True: range(len(stubs) - streams, len(stubs))}
+        self._turns = {False: 0, True: 0}
         self._lost_one: asyncio.Event | None = None
         self._closed = False
 
@@ -316,16 +334,16 @@ class WorkerChannel:
         size = work.ByteSize() + 32  # the frame: ids, flags, credit, timeout
         if size > self._max_frame:
             raise _error(grpc.StatusCode.RESOURCE_EXHAUSTED, "the request is larger than the worker's limit")
-        count = len(self._streams)
-        for _ in range(count):
-            i = self._turn
-            self._turn = (i + 1) % count
+        lane = self._lanes[stream]
+        for _ in lane:
+            i = lane[self._turns[stream] % len(lane)]
+            self._turns[stream] += 1
             s = self._streams[i]
             if s is not None and s.open:
                 return s.exchange(work, size, stream, deadline)
             if self._dialing[i] is None and any(self._streams):
                 self._dial_soon(i)  # a lost or unopened one: opened meanwhile, for the next requests
-        s = await self._connect(self._turn, deadline)
+        s = await self._connect(lane[self._turns[stream] % len(lane)], deadline)
         return s.exchange(work, size, stream, deadline)
 
     async def keep_open(self, stop: asyncio.Event, changed: Callable[[], Awaitable[None]]) -> None:
@@ -375,6 +393,8 @@ class WorkerChannel:
         for s in self._streams:
             if s is not None:
                 s.close()
+        if self._tokens is not None:
+            await self._tokens.close(grace=1)
 
     def _dial_soon(self, i: int) -> asyncio.Task[_Stream]:
         task = self._dialing[i]
@@ -402,7 +422,7 @@ class WorkerChannel:
     async def _dial(self, i: int) -> _Stream:
         if self._closed:
             raise _error(grpc.StatusCode.UNAVAILABLE, "the worker channel is closed")
-        call = self.stub.Channel()
+        call = self._stubs[i].Channel()
         try:
             async with asyncio.timeout(CONNECT_SECONDS):
                 hello = await call.read()

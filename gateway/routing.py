@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airlock.errors import AttestationError, InvalidRequestError, PermissionDeniedError
 from gateway.audit import AuditLog
-from gateway.channel import WorkerChannel
+from gateway.channel import TOKEN_CHANNEL_OPTIONS, WorkerChannel
 from serving.logs import current_request_id
 
 __all__ = ["TENANT_HEALTH_PREFIX", "ClientTls", "Route", "Router", "tenant_health_name"]
@@ -114,8 +114,13 @@ class Router:
                 if channel is None or worker is None:
                     options = (*_CHANNEL_OPTIONS, receive)
                     channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+                    tokens = grpc.aio.secure_channel(
+                        address, self._credentials, options=(*options, *TOKEN_CHANNEL_OPTIONS)
+                    )  # a connection of its own: its arguments differ
                     where = {"tenant": ",".join(r.tenant for r in routes if r.address == address)}
-                    worker = WorkerChannel(channel, where, max_message_bytes=self._max_message_bytes)
+                    worker = WorkerChannel(
+                        channel, where, tokens=tokens, max_message_bytes=self._max_message_bytes
+                    )
                 channels[address], workers[address] = channel, worker
             table[(route.tenant, route.model)] = route
             defaults.setdefault(route.tenant, route.model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from airlock.v1 import inference_pb2 as pb
 from airlock.v1 import worker_pb2, worker_pb2_grpc
 from control.pki import ensure_dev_pki
-from gateway.channel import CREDIT, Exchange, WorkerChannel
+from gateway.channel import CREDIT, TOKEN_CHANNEL_OPTIONS, Exchange, WorkerChannel
 from serving.rpc import bind, new_server
 from tests.worker.served import Served, served_worker, words
 from worker.channel import MERGE_BYTES
@@ -41,13 +42,28 @@ async def paced(tmp_path: Path) -> AsyncIterator[Served]:
         yield s
 
 
-async def test_a_slow_reader_holds_up_only_its_own_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lane", ["shared", "tokens"])
+async def test_a_slow_reader_holds_up_only_its_own_request(tmp_path: Path, lane: str) -> None:
     async with served_worker(tmp_path) as served:  # an engine that never waits: only flow control does
-        await slow_next_to_fast(served)
+        if lane == "shared":
+            await slow_next_to_fast(served, WorkerChannel(served.channel, streams=1))
+        else:  # the gateway's: streams on a channel whose window holds about one message
+            async with token_channel(served) as tokens:
+                await slow_next_to_fast(served, WorkerChannel(served.channel, tokens=tokens, streams=1))
 
 
-async def slow_next_to_fast(served: Served) -> None:
-    channel = WorkerChannel(served.channel, streams=1)  # both requests on the same stream
+@asynccontextmanager
+async def token_channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
+    pki = served.pki
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
+    )
+    async with grpc.aio.secure_channel(served.address, credentials, options=TOKEN_CHANNEL_OPTIONS) as tokens:
+        yield tokens
+
+
+async def slow_next_to_fast(served: Served, channel: WorkerChannel) -> None:
+    # both requests on the same stream; chunks of up to MERGE_BYTES, many times the token window
     long = "s" + "x" * 40  # 3000 words of ~45 bytes: more than the credit and the worker's bound
     slow_work, slow_opener = served.work(words(3000, long))
     fast_work, fast_opener = served.work(words(600, "f"))
@@ -107,6 +123,8 @@ class Scripted(worker_pb2_grpc.WorkerServicer):
     def __init__(self) -> None:
         self.calls: list[asyncio.Queue[worker_pb2.WorkerFrames | None]] = []
         self.opened: list[tuple[int, int]] = []  # (call, frame id)
+        self.peers: list[str] = []  # of each call: which connection it came on
+        self.address = ""
 
     async def Channel(
         self, requests: AsyncIterator[worker_pb2.GatewayFrames], context: grpc.aio.ServicerContext
@@ -114,6 +132,7 @@ class Scripted(worker_pb2_grpc.WorkerServicer):
         n = len(self.calls)
         script: asyncio.Queue[worker_pb2.WorkerFrames | None] = asyncio.Queue()
         self.calls.append(script)
+        self.peers.append(context.peer())
 
         async def read() -> None:
             async for message in requests:
@@ -140,6 +159,7 @@ async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, grpc.aio.Cha
         root_certificates=pki.ca_cert.read_bytes(), require_client_auth=True,
     )  # fmt: skip
     port = bind(server, "127.0.0.1:0", credentials)
+    worker.address = f"127.0.0.1:{port}"
     await server.start()
     client = grpc.ssl_channel_credentials(
         pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
@@ -243,3 +263,24 @@ async def test_a_request_larger_than_the_workers_limit_is_refused_alone(
     await until(lambda: worker.opened, "the open frame did not arrive")
     assert worker.opened == [(0, small.id)]  # the large one was never sent
     await channel.close()
+
+
+async def test_streams_take_the_token_channel_and_answers_the_other(
+    scripted: tuple[Scripted, grpc.aio.Channel], tmp_path: Path
+) -> None:
+    worker, grpc_channel = scripted
+    pki = ensure_dev_pki(tmp_path)
+    client = grpc.ssl_channel_credentials(
+        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
+    )
+    tokens = grpc.aio.secure_channel(worker.address, client, options=TOKEN_CHANNEL_OPTIONS)
+    channel = WorkerChannel(grpc_channel, tokens=tokens, streams=1)
+    work = worker_pb2.WorkerRequest(tenant="acme")
+    answer = await channel.open(work, stream=False, deadline=None)
+    streamed = await channel.open(work, stream=True, deadline=None)
+    another = await channel.open(work, stream=True, deadline=None)
+    await until(lambda: len(worker.opened) == 3, "the open frames did not arrive")
+    assert sorted(worker.opened) == [(0, answer.id), (1, streamed.id), (1, another.id)]
+    assert worker.peers[0] != worker.peers[1]  # two connections
+    await channel.close()
+    assert tokens.get_state() == grpc.ChannelConnectivity.SHUTDOWN  # closed with the worker channel
