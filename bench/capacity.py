@@ -351,7 +351,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
-    parser.add_argument("--ladder", default="16,32,64,96,128,192,256,320,384,512",
+    parser.add_argument("--ladder", default="16,32,64,96,128,160,192,224,256,320,384,512",
                         help="stream counts, lightest first")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per path and step")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds to reach N streams before measuring")
