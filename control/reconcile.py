@@ -32,6 +32,7 @@ from gateway.config import Config, TenantConfig
 from gateway.config.isolation import SHARED
 from gateway.keys import ensure_tenant_keys, open_keystore
 from gateway.routing import Route
+from serving.rpc import OWN_CONNECTION
 from serving.settings import WorkerSettings
 
 __all__ = ["Reconciled", "reconcile", "set_routes"]
@@ -131,10 +132,9 @@ def set_routes(stack: Stack, routes: list[Route], *, ready_seconds: float = 30.0
         drain_seconds=drain,
         ready_seconds=ready_seconds,
     )
-    # A connection of its own: the launcher lives long, and gRPC's shared subchannel for the path
-    # backs off after a refusal (a gateway not listening yet) and would fail the next call untried.
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    with grpc.insecure_channel(f"unix:{socket}", options=options) as channel:
+    # A connection of its own: the launcher lives long, and a refusal (a gateway not listening yet)
+    # must not fail its next call.
+    with grpc.insecure_channel(f"unix:{socket}", options=[OWN_CONNECTION]) as channel:
         try:
             reply = admin_pb2_grpc.AdminStub(channel).SetRoutes(request, timeout=drain + ready_seconds + 30)
         except grpc.RpcError as exc:

@@ -43,6 +43,7 @@ from airlock.v1 import admin_pb2, admin_pb2_grpc
 from gateway.live import route_proto
 from gateway.quota import Share
 from gateway.routing import Route
+from serving.rpc import OWN_CONNECTION
 
 __all__ = [
     "LEAD", "Group", "GroupError", "Place", "admin_socket_of", "merge_lockouts",
@@ -111,8 +112,7 @@ async def ask(socket_path: Path, method: str, request: Message, timeout: float =
     """One call to a process's admin service, on a connection of its own: gRPC's shared subchannel
     for the path would still be backing off from a refusal of the process that was there before a
     restart, and would refuse the new one's socket without trying it."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    async with grpc.aio.insecure_channel(f"unix:{socket_path}", options=options) as channel:
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}", options=[OWN_CONNECTION]) as channel:
         return await getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=timeout)
 
 

@@ -33,6 +33,7 @@ from airlock.types import REQUEST_ID_HEADER, check_request_id, new_request_id
 from serving.logs import bind_request_id
 
 __all__ = [
+    "OWN_CONNECTION",
     "ErrorInterceptor",
     "Guard",
     "Health",
@@ -50,6 +51,12 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _log = logging.getLogger("airlock.rpc")
+
+# A client channel argument: the channel gets a connection of its own instead of gRPC's subchannel
+# shared per target in the process, which after a refusal keeps backing off and would fail a later
+# call to a server now listening on that target without trying it (admin sockets of restarted or
+# late processes).
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 
 # Clients may ping an idle connection every 10 s at most (the SDK pings every 30 s); faster pings
 # count as strikes and two strikes close the connection, so a misbehaving client can't keep the

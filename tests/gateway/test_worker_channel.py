@@ -18,7 +18,7 @@ from airlock.v1 import worker_pb2, worker_pb2_grpc
 from control.pki import ensure_dev_pki
 from gateway.channel import CREDIT, TOKEN_CHANNEL_OPTIONS, Exchange, WorkerChannel
 from serving.rpc import bind, new_server
-from tests.worker.served import Served, served_worker, words
+from tests.worker.served import Served, gateway_credentials, served_worker, words
 from worker.channel import MERGE_BYTES
 
 
@@ -54,10 +54,7 @@ async def test_a_slow_reader_holds_up_only_its_own_request(tmp_path: Path, lane:
 
 @asynccontextmanager
 async def token_channel(served: Served) -> AsyncIterator[grpc.aio.Channel]:
-    pki = served.pki
-    credentials = grpc.ssl_channel_credentials(
-        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-    )
+    credentials = gateway_credentials(served.pki)
     async with grpc.aio.secure_channel(served.address, credentials, options=TOKEN_CHANNEL_OPTIONS) as tokens:
         yield tokens
 
@@ -161,9 +158,7 @@ async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Scripted, grpc.aio.Cha
     port = bind(server, "127.0.0.1:0", credentials)
     worker.address = f"127.0.0.1:{port}"
     await server.start()
-    client = grpc.ssl_channel_credentials(
-        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-    )
+    client = gateway_credentials(pki)
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", client) as channel:
         yield worker, channel
     await server.stop(None)
@@ -238,9 +233,7 @@ async def test_a_worker_that_sends_past_its_credit_fails_that_request(
 
 async def test_a_worker_that_is_not_there_is_unavailable(tmp_path: Path) -> None:
     pki = ensure_dev_pki(tmp_path)
-    client = grpc.ssl_channel_credentials(
-        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-    )
+    client = gateway_credentials(pki)
     async with grpc.aio.secure_channel("127.0.0.1:9", client) as grpc_channel:
         channel = WorkerChannel(grpc_channel)
         with pytest.raises(grpc.aio.AioRpcError) as unavailable:
@@ -269,10 +262,7 @@ async def test_streams_take_the_token_channel_and_answers_the_other(
     scripted: tuple[Scripted, grpc.aio.Channel], tmp_path: Path
 ) -> None:
     worker, grpc_channel = scripted
-    pki = ensure_dev_pki(tmp_path)
-    client = grpc.ssl_channel_credentials(
-        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-    )
+    client = gateway_credentials(ensure_dev_pki(tmp_path))
     tokens = grpc.aio.secure_channel(worker.address, client, options=TOKEN_CHANNEL_OPTIONS)
     channel = WorkerChannel(grpc_channel, tokens=tokens, streams=1)
     work = worker_pb2.WorkerRequest(tenant="acme")

@@ -59,6 +59,13 @@ class Served:
         return work, opener
 
 
+def gateway_credentials(pki: DevPki) -> grpc.ChannelCredentials:
+    """A client's TLS credentials presenting the gateway's certificate (what a worker admits)."""
+    return grpc.ssl_channel_credentials(
+        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
+    )
+
+
 def words(n: int, prefix: str = "w") -> str:
     return " ".join(f"{prefix}{i}" for i in range(n))
 
@@ -82,10 +89,7 @@ async def served_worker(
     server, port, _ = await create_server(service, "127.0.0.1:0", WorkerTls(pki.worker_cert, pki.worker_key,
                                                                               pki.ca_cert))  # fmt: skip
     await server.start()
-    credentials = grpc.ssl_channel_credentials(
-        pki.ca_cert.read_bytes(), pki.gateway_key.read_bytes(), pki.gateway_cert.read_bytes()
-    )
-    channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+    channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", gateway_credentials(pki))
     stub = worker_pb2_grpc.WorkerStub(channel)
     keystore = open_keystore(KeysConfig(), tmp_path)
     ensure_tenant_keys(keystore, ["acme"])
