@@ -21,6 +21,7 @@ from casbin.persist.adapters import FileAdapter
 
 from control.cli import main
 from gateway.policy import rules as policy_mod
+from gateway.policy import text as policy_text
 from gateway.policy.lint import lint, lint_directory
 from gateway.policy.rules import PolicyError, load_policy
 
@@ -43,6 +44,15 @@ def append(directory: Path, text: str, name: str = "policy.csv") -> int:
     assert data.endswith(b"\n")
     path.write_bytes(data + text.encode())
     return data.count(b"\n") + 1
+
+
+def comments(chars: int) -> str:
+    """Comment lines (each within the line limit) of exactly `chars` characters, newlines included."""
+    lines = []
+    while chars > 4001:
+        lines.append("#" * 3999 + "\n")
+        chars -= 4000
+    return "".join(lines) + ("#" * (chars - 1) + "\n" if chars else "")
 
 
 def refusal(directory: Path) -> tuple[str, int, str]:
@@ -110,6 +120,26 @@ def test_crlf_line_ends_are_accepted_and_read_as_casbin_does(policy_dir: Path) -
     policy = load_policy(policy_dir)
     assert policy.casbin_reads_differently() is None
     assert [str(r) for r in policy.rules] == [str(r) for r in load_policy(REPO_POLICY).rules]
+
+
+@pytest.mark.parametrize("shift", [-1, 0, 1])
+def test_characters_at_the_edge_of_a_scanned_slice_are_seen(policy_dir: Path, shift: int) -> None:
+    """The text is scanned a slice at a time (so a 100k-line reload never holds the GIL long): a
+    hidden character just before, at or after a slice's edge is refused as anywhere else, and a
+    CRLF split across the edge is still a line end."""
+    path = policy_dir / "policy.csv"
+    edge = policy_text._SLICE - len(path.read_text())  # characters to the first slice's edge
+    # Comment lines up to the edge: the next line's third character is `shift` after it.
+    padding = comments(edge - 2 + shift)
+    number = append(policy_dir, padding + HIDDEN_GRANT[:2] + "\x0c" + HIDDEN_GRANT[2:] + "\n")
+    _, line, reason = refusal(policy_dir)
+    assert line == number + padding.count("\n") and "FORM FEED" in reason and "column 3" in reason
+
+    shutil.copy(REPO_POLICY / "policy.csv", path)
+    crlf = comments(edge - 2 + shift)[:-1] + "\r\n"  # the \r and \n on either side of the edge at 0
+    append(policy_dir, crlf + "g, acme/zed, user, acme\n")
+    links = load_policy(policy_dir).links
+    assert ("acme", "acme/zed", "user") in {(g.tenant, g.member, g.role) for g in links}
 
 
 def test_a_byte_order_mark_is_refused_at_line_1(policy_dir: Path) -> None:
