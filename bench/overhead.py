@@ -14,7 +14,8 @@ direct / bare / gateway in rotating order, so the noise of this shared machine h
 - Row 3, requests/s at 64 in flight: gateway >= 50% of direct.
 - Row 4, streaming tokens/s (one stream of many EchoEngine tokens at a time): gateway >= 97% of direct.
 
-`--profile SVG` instead records a py-spy flame graph of the gateway under the 64-in-flight load.
+`--profile SVG` instead records a py-spy flame graph of the gateway under the 64-in-flight load (a
+`.txt` path: collapsed stacks, one line per stack with its sample count, as capacity.py writes).
 Writes bench/results/overhead.json.
 
     python bench/overhead.py [--quick] [--requests 2000] [--seconds 12] [--streams 12] [--profile SVG]
@@ -320,7 +321,7 @@ async def profile(call: Call, pid: int, args: argparse.Namespace) -> str:
             "--output",
             str(args.profile),
             "--format",
-            "flamegraph",
+            "raw" if args.profile.suffix == ".txt" else "flamegraph",  # raw: collapsed stacks, to count
             "--rate",
             "200",
             # Read the stacks without pausing the gateway: the profile then costs it little.
@@ -417,7 +418,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=12, help="streams per path (row 4)")
     parser.add_argument("--stream-bytes", type=int, default=24_000, help="prompt size: ~1 token per 8 bytes")
     parser.add_argument(
-        "--profile", type=Path, help="record a py-spy flame graph (SVG) of the gateway instead"
+        "--profile",
+        type=Path,
+        help="record a py-spy flame graph (SVG; a .txt path: collapsed stacks) of the gateway instead",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = parser.parse_args()
