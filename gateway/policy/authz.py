@@ -111,10 +111,11 @@ def _free_gradually(retired: list[_Generation]) -> None:
 
 
 def _drain(container: dict[Any, Any] | list[Any]) -> None:
-    while container:
-        if isinstance(container, dict):
+    if isinstance(container, dict):
+        while container:
             container.popitem()
-        else:
+    else:
+        while container:
             container.pop()
 
 
@@ -221,7 +222,7 @@ class Authorizer:
                 return False
             retired = [self._current]
             number = self.swap(policy)
-            # Freeing 100k lines and a full cache takes tens of ms: let a thread do it, not the loop.
+            # Freeing 100k lines and a full cache takes tens of ms: a thread does it a piece at a time.
             with _loop_first():
                 await loop.run_in_executor(_LOADER, _free_gradually, retired)
             self.metrics.policy_reloads.labels("accepted").inc()

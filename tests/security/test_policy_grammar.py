@@ -136,7 +136,7 @@ def test_characters_at_the_edge_of_a_scanned_slice_are_seen(policy_dir: Path, sh
     assert line == number + padding.count("\n") and "FORM FEED" in reason and "column 3" in reason
 
     shutil.copy(REPO_POLICY / "policy.csv", path)
-    crlf = comments(edge - 2 + shift)[:-1] + "\r\n"  # the \r and \n on either side of the edge at 0
+    crlf = comments(edge - 2 + shift)[:-1] + "\r\n"  # the \r and \n on either side of the edge at shift 1
     append(policy_dir, crlf + "g, acme/zed, user, acme\n")
     links = load_policy(policy_dir).links
     assert ("acme", "acme/zed", "user") in {(g.tenant, g.member, g.role) for g in links}
